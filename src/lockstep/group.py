@@ -1,0 +1,306 @@
+"""The group file: which hosts, networks and VMs make up a group (one config model).
+
+A group file is TOML::
+
+    name = "lab"
+
+    [tls]                       # the caller's credentials (``lockstep certs``)
+    ca = "certs/ca.pem"
+    cert = "certs/caller.pem"
+    key = "certs/caller.key"
+
+    [hosts.h1]
+    address = "10.123.0.1:7443"  # where its lockstep-execd listens
+
+    [networks.lan]
+    bridge = "lsvm"             # the VM bridge on every host
+
+    [vms.p1]
+    host = "h1"
+    memory = "256M"
+    kernel = "/var/cache/lockstep/images/.../vmlinuz"
+    initrd = ".../initrd.img"
+    cmdline = "console=ttyS0 root=/dev/vda"
+    disk = ".../rootfs.qcow2"   # the base image; never written
+    nics = [{ network = "lan", mac = "52:54:00:12:00:01" }]
+
+Relative paths are taken from the group file's folder. Every mistake is reported
+as one sentence naming the file, the key and what is wrong (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from lockstep.errors import ConfigError
+from lockstep.units import parse_size
+
+__all__ = [
+    "DEFAULT_GROUP_FILE",
+    "GroupSpec",
+    "HostSpec",
+    "NetworkSpec",
+    "NicSpec",
+    "TlsSpec",
+    "VmSpec",
+    "group_file_path",
+    "load_group",
+    "parse_group",
+    "validate_name",
+]
+
+DEFAULT_GROUP_FILE = "lockstep.toml"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+def validate_name(kind: str, value: str) -> str:
+    """Return ``value`` if it is a safe name for a VM, host, network or state.
+
+    Names reach file paths and command lines, so only letters, digits and
+    ``_ . -`` are allowed, starting with a letter or digit, at most 63 long.
+
+    Raises:
+        ValueError: the name is not allowed (the message says why).
+    """
+    if not _NAME.match(value) or ".." in value:
+        raise ValueError(
+            f"{kind} name {value!r} is not allowed (use letters, digits, '_', '.', '-';"
+            " start with a letter or digit; at most 63 characters; no '..')"
+        )
+    return value
+
+
+def _size(value: Any) -> Any:
+    return parse_size(value) if isinstance(value, str | int) else value
+
+
+Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSpec(_Model):
+    """The caller's certificate, key and the group's CA (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class HostSpec(_Model):
+    """A host of the group: where its execd listens, as ``HOST:PORT``."""
+
+    address: str
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{v!r} is not HOST:PORT")
+        return v
+
+
+class NetworkSpec(_Model):
+    """An L2 segment; on every host its VMs' taps join ``bridge``."""
+
+    bridge: str
+
+    @field_validator("bridge")
+    @classmethod
+    def _bridge(cls, v: str) -> str:
+        if not _IFNAME.match(v):
+            raise ValueError(f"{v!r} is not a link name (1-15 of letters, digits, '_.-')")
+        return v
+
+
+class NicSpec(_Model):
+    """One virtual NIC: the network it joins and its fixed MAC."""
+
+    network: str
+    mac: str
+    model: Literal["virtio-net-pci", "e1000"] = "virtio-net-pci"
+
+    @field_validator("mac", mode="before")
+    @classmethod
+    def _mac(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.lower()
+            if not _MAC.match(v):
+                raise ValueError(f"{v!r} is not a MAC address (like 52:54:00:12:34:56)")
+            if int(v[:2], 16) & 1:
+                raise ValueError(f"{v!r} is a multicast MAC; a NIC needs a unicast one")
+        return v
+
+
+class VmSpec(_Model):
+    """One VM: where it runs and how QEMU starts it."""
+
+    name: str = ""
+    host: str
+    vcpus: int = Field(default=1, ge=1, le=64)
+    memory: Size = 256 << 20
+    accel: Literal["tcg", "kvm"] = "tcg"
+    disk: Path | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = ""
+    nics: list[NicSpec] = Field(default_factory=list)
+    extra_args: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _boot(self) -> VmSpec:
+        if self.kernel is None and (self.initrd is not None or self.cmdline):
+            raise ValueError("initrd and cmdline need a kernel")
+        if self.kernel is None and self.disk is None:
+            raise ValueError("a VM needs a disk or a kernel to boot from")
+        return self
+
+
+class GroupSpec(_Model):
+    """A whole group: its hosts, networks and VMs."""
+
+    name: str = "group"
+    tls: TlsSpec | None = None
+    hosts: dict[str, HostSpec]
+    networks: dict[str, NetworkSpec] = Field(default_factory=dict)
+    vms: dict[str, VmSpec]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names(cls, data: Any) -> Any:
+        # The VM's name is its key; copy it in so a VmSpec stands alone.
+        if isinstance(data, dict) and isinstance(data.get("vms"), dict):
+            vms = {}
+            for key, vm in data["vms"].items():
+                vms[key] = {**vm, "name": key} if isinstance(vm, dict) else vm
+            data = {**data, "vms": vms}
+        return data
+
+    @model_validator(mode="after")
+    def _references(self) -> GroupSpec:
+        validate_name("group", self.name)
+        for kind, names in (("host", self.hosts), ("network", self.networks), ("VM", self.vms)):
+            for n in names:
+                validate_name(kind, n)
+        if not self.hosts:
+            raise ValueError("a group needs at least one host")
+        macs: dict[str, str] = {}
+        for vm in self.vms.values():
+            if vm.host not in self.hosts:
+                raise ValueError(
+                    f"VM {vm.name!r} is on unknown host {vm.host!r}"
+                    f" (hosts: {', '.join(sorted(self.hosts))})"
+                )
+            for nic in vm.nics:
+                if nic.network not in self.networks:
+                    raise ValueError(
+                        f"VM {vm.name!r} has a NIC on unknown network {nic.network!r}"
+                        f" (networks: {', '.join(sorted(self.networks)) or 'none'})"
+                    )
+                if nic.mac in macs:
+                    raise ValueError(
+                        f"MAC {nic.mac} is used twice (VMs {macs[nic.mac]!r} and {vm.name!r})"
+                    )
+                macs[nic.mac] = vm.name
+        return self
+
+    def vms_on(self, host: str) -> list[VmSpec]:
+        """The VMs placed on ``host``, in file order."""
+        return [vm for vm in self.vms.values() if vm.host == host]
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    parts = [str(p) for p in loc if not str(p).startswith("function-")]
+    return ".".join(parts)
+
+
+def _resolve(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative file paths absolute against ``base`` (the group file's folder)."""
+
+    def fix(p: Any) -> Any:
+        return str(base / p) if isinstance(p, str) and p and not os.path.isabs(p) else p
+
+    out = dict(data)
+    if isinstance(out.get("tls"), dict):
+        out["tls"] = {k: fix(v) for k, v in out["tls"].items()}
+    if isinstance(out.get("vms"), dict):
+        out["vms"] = {
+            name: (
+                {k: fix(v) if k in ("disk", "kernel", "initrd") else v for k, v in vm.items()}
+                if isinstance(vm, dict)
+                else vm
+            )
+            for name, vm in out["vms"].items()
+        }
+    return out
+
+
+def parse_group(data: dict[str, Any], source: str, *, check_files: bool = True) -> GroupSpec:
+    """Validate already-parsed TOML ``data``; ``source`` names it in errors.
+
+    Raises:
+        ConfigError: one sentence naming ``source``, the key and what is wrong.
+    """
+    try:
+        group = GroupSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = _loc(err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "is not a known key"
+        elif err["type"] == "missing":
+            msg = "is missing"
+        raise ConfigError(f"{source}: {where + ': ' if where else ''}{msg}") from exc
+    if check_files:
+        for vm in group.vms.values():
+            for key in ("disk", "kernel", "initrd"):
+                path = getattr(vm, key)
+                if path is not None and not path.is_file():
+                    raise ConfigError(f"{source}: vms.{vm.name}.{key}: no such file {path}")
+    return group
+
+
+def group_file_path(option: str | None) -> Path:
+    """The group file to use: ``-g``, else ``$LOCKSTEP_GROUP``, else ./lockstep.toml."""
+    return Path(option or os.environ.get("LOCKSTEP_GROUP") or DEFAULT_GROUP_FILE)
+
+
+def load_group(path: Path, *, check_files: bool = True) -> GroupSpec:
+    """Read and validate a group file.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or not a valid group.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{path}: no such group file (write one, or run `lockstep lab up` for the lab)"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read group file: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_group(_resolve(data, path.resolve().parent), str(path), check_files=check_files)
