@@ -138,6 +138,9 @@ class NicSpec(_Model):
     network: str
     mac: str
     model: Literal["virtio-net-pci", "e1000"] = "virtio-net-pci"
+    # The network's bridge on the VM's host; filled in from [networks] on load,
+    # so a VmSpec sent to an execd stands alone.
+    bridge: str | None = None
 
     @field_validator("mac", mode="before")
     @classmethod
@@ -175,6 +178,14 @@ class VmSpec(_Model):
         return self
 
 
+def _with_bridge(nic: Any, networks: Any) -> Any:
+    if isinstance(nic, dict) and "bridge" not in nic and isinstance(networks, dict):
+        net = networks.get(str(nic.get("network")))
+        if isinstance(net, dict) and isinstance(net.get("bridge"), str):
+            return {**nic, "bridge": net["bridge"]}
+    return nic
+
+
 class GroupSpec(_Model):
     """A whole group: its hosts, networks and VMs."""
 
@@ -187,13 +198,19 @@ class GroupSpec(_Model):
     @model_validator(mode="before")
     @classmethod
     def _names(cls, data: Any) -> Any:
-        # The VM's name is its key; copy it in so a VmSpec stands alone.
-        if isinstance(data, dict) and isinstance(data.get("vms"), dict):
-            vms = {}
-            for key, vm in data["vms"].items():
-                vms[key] = {**vm, "name": key} if isinstance(vm, dict) else vm
-            data = {**data, "vms": vms}
-        return data
+        # A VM's name is its key, and a NIC's bridge is its network's: copy them
+        # in so a VmSpec stands alone.
+        if not isinstance(data, dict) or not isinstance(data.get("vms"), dict):
+            return data
+        networks = data.get("networks") if isinstance(data.get("networks"), dict) else {}
+        vms = {}
+        for key, vm in data["vms"].items():
+            if isinstance(vm, dict):
+                vm = {**vm, "name": key}
+                if isinstance(vm.get("nics"), list):
+                    vm["nics"] = [_with_bridge(nic, networks) for nic in vm["nics"]]
+            vms[key] = vm
+        return {**data, "vms": vms}
 
     @model_validator(mode="after")
     def _references(self) -> GroupSpec:

@@ -88,7 +88,9 @@ def run(
             check=False,
         )
     except FileNotFoundError as exc:
-        raise CommandError(f"`{full[0]}` is not installed (run `make setup`)", full, None, "") from exc
+        raise CommandError(
+            f"`{full[0]}` is not installed (run `make setup`)", full, None, ""
+        ) from exc
     except subprocess.TimeoutExpired as exc:
         raise _failure(full, None, exc.stderr or b"", f"did not finish in {timeout} s") from exc
     if check and cp.returncode != 0:
@@ -120,7 +122,9 @@ async def arun(
             env=None if env is None else dict(env),
         )
     except FileNotFoundError as exc:
-        raise CommandError(f"`{full[0]}` is not installed (run `make setup`)", full, None, "") from exc
+        raise CommandError(
+            f"`{full[0]}` is not installed (run `make setup`)", full, None, ""
+        ) from exc
     try:
         out, err = await asyncio.wait_for(child.communicate(input), timeout)
     except TimeoutError as exc:

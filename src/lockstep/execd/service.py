@@ -1,0 +1,659 @@
+"""The execd service: one host's VMs, layers, freezes and states. No gRPC here.
+
+It composes the lower packages (vm, net, disk, store) into the steps the caller
+schedules: pause at T, save memory, drain, resume at T, commit or abort, and
+restore. It keeps what it must survive a restart with on disk: each VM's
+runtime record (``run/<vm>/vm.json``) next to QEMU's pid file and QMP socket, so
+:meth:`HostService.start` re-attaches to the VMs it left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from lockstep import disk
+from lockstep.errors import LockstepError, VmError
+from lockstep.execd.clock import ExecdClock
+from lockstep.execd.model import (
+    ExecdConfig,
+    ProbeReply,
+    SaveProgress,
+    StateInfo,
+    VmReport,
+    VmStatus,
+)
+from lockstep.execd.ops import Operation, OperationError, OpKind, OpPhase
+from lockstep.group import VmSpec, validate_name
+from lockstep.net.freeze import FreezeLimits, NicFreeze, cleanup_freeze_links
+from lockstep.net.links import create_tap, delete_link, tap_name
+from lockstep.store import Manifest, Staging, StateStore, VmRecord
+from lockstep.vm.machine import Machine, VmRunstate
+
+__all__ = ["HostService"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_MEMORY_FILE = "{vm}.mem"
+
+
+@dataclass
+class VmRuntime:
+    """What execd must remember about a VM it runs (persisted as ``vm.json``)."""
+
+    spec: VmSpec
+    group: str
+    taps: list[str]
+    layer: str | None = None  # active layer id (None: no disk)
+    chain: list[str] = field(default_factory=list)  # layer ids over the base, ending in layer
+    state: str | None = None  # state it was restored from or last saved as
+
+    def to_json(self) -> str:
+        """Serialise for ``vm.json``."""
+        data = asdict(self)
+        data["spec"] = self.spec.model_dump(mode="json")
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> VmRuntime:
+        """Read back what :meth:`to_json` wrote."""
+        data = json.loads(text)
+        data["spec"] = VmSpec.model_validate(data["spec"])
+        return cls(**data)
+
+
+@dataclass
+class _Vm:
+    runtime: VmRuntime
+    machine: Machine
+    freeze: NicFreeze | None = None
+
+
+async def _gather_all(aws: Sequence[Awaitable[T]]) -> list[T]:
+    """Like gather, but waits for every task before raising the first failure."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return list(results)  # type: ignore[arg-type]
+
+
+class HostService:
+    """One host's execd, transport-free (see :class:`lockstep.execd.api.ExecdApi`)."""
+
+    def __init__(self, config: ExecdConfig) -> None:
+        validate_name("host", config.host)
+        self.config = config
+        self.clock = ExecdClock(config.clock_offset)
+        self.store = StateStore(config.root)
+        self.rundir = config.root / "run"
+        self._vms: dict[str, _Vm] = {}
+        self._ops: dict[str, Operation] = {}
+        self._staging: dict[str, Staging] = {}
+        # (op, vm) -> the layer id and chain the state keeps for that VM
+        self._frozen: dict[tuple[str, str], tuple[str | None, list[str]]] = {}
+        # (op, vm) -> pcap file names written into the state
+        self._frames: dict[tuple[str, str], list[str]] = {}
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle of the service -------------------------------------------
+
+    async def start(self) -> None:
+        """Clean up after a crash and re-attach to the VMs left running.
+
+        Staging states are dropped (an operation that did not commit never
+        happened), leftover freeze links are removed, and every VM whose QEMU
+        still runs is driven again.
+        """
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        self.store.layers_dir.mkdir(parents=True, exist_ok=True)
+        for left in self.store.cleanup_staging():
+            log.info("removed staging state left by a crash: %s", left)
+        for link in cleanup_freeze_links(netns=self.config.netns):
+            log.info("removed freeze link left by a crash: %s", link)
+        for record in sorted(self.rundir.glob("*/vm.json")):
+            runtime = VmRuntime.from_json(record.read_text())
+            machine = self._machine(runtime.spec)
+            try:
+                await machine.attach()
+            except VmError as exc:
+                log.warning("VM %s not re-attached: %s", runtime.spec.name, exc)
+                record.unlink()
+                continue
+            if machine.runstate is not VmRunstate.RUNNING:
+                # Paused by an operation that died with the old execd: let it run.
+                with contextlib.suppress(LockstepError):
+                    await machine.resume()
+            self._vms[runtime.spec.name] = _Vm(runtime, machine)
+            log.info("re-attached to VM %s (pid %s)", runtime.spec.name, machine.pid)
+
+    async def close(self) -> None:
+        """Drop QMP connections; the VMs keep running."""
+        for vm in self._vms.values():
+            await vm.machine._drop_qmp()
+
+    def _machine(self, spec: VmSpec) -> Machine:
+        return Machine(
+            spec,
+            self.rundir / spec.name,
+            netns=self.config.netns,
+            qemu_binary=self.config.qemu_binary,
+        )
+
+    def _persist(self, runtime: VmRuntime) -> None:
+        path = self.rundir / runtime.spec.name / "vm.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(runtime.to_json())
+        os.replace(tmp, path)
+
+    def _forget(self, name: str) -> None:
+        (self.rundir / name / "vm.json").unlink(missing_ok=True)
+        self._vms.pop(name, None)
+
+    # -- clock ----------------------------------------------------------------
+
+    def probe(self) -> ProbeReply:
+        """Stamp a clock probe on this execd's clock."""
+        received = self.clock.now()
+        return ProbeReply(received=received, sent=self.clock.now())
+
+    # -- VMs ------------------------------------------------------------------
+
+    def status(self) -> list[VmStatus]:
+        """The VMs of this host as they are now."""
+        out = []
+        for name, vm in sorted(self._vms.items()):
+            state = vm.machine.runstate.value
+            if not vm.machine.alive():
+                state = "crashed"
+            out.append(
+                VmStatus(
+                    name=name,
+                    runstate=state,
+                    pid=vm.machine.pid,
+                    layer=vm.runtime.layer,
+                    state=vm.runtime.state,
+                )
+            )
+        return out
+
+    def _taps(self, group: str, spec: VmSpec) -> list[str]:
+        return [tap_name(group, spec.name, i) for i in range(len(spec.nics))]
+
+    async def _launch(self, runtime: VmRuntime, *, incoming: bool) -> Machine:
+        for tap, nic in zip(runtime.taps, runtime.spec.nics, strict=True):
+            create_tap(tap, nic.bridge or nic.network, netns=self.config.netns)
+        machine = self._machine(runtime.spec)
+        layer = disk.layer_path(self.store.layers_dir, runtime.layer) if runtime.layer else None
+        await machine.start(disk=layer, taps=runtime.taps, incoming=incoming)
+        return machine
+
+    async def up(self, group: str, vms: Sequence[VmSpec]) -> list[VmStatus]:
+        """Start the VMs that are not running, each on a fresh layer over its base.
+
+        Raises:
+            LockstepError: a VM could not be started (the others that started stay up).
+        """
+        validate_name("group", group)
+        async with self._lock:
+            todo = [
+                s for s in vms if s.name not in self._vms or not self._vms[s.name].machine.alive()
+            ]
+
+            async def one(spec: VmSpec) -> None:
+                if spec.name in self._vms:
+                    await self._discard(spec.name)
+                runtime = VmRuntime(spec=spec, group=group, taps=self._taps(group, spec))
+                if spec.disk is not None:
+                    plan = disk.plan_fresh_overlay(self.store.layers_dir, spec.name, spec.disk)
+                    await disk.create_overlay(plan)
+                    runtime.layer = plan.layer_id
+                    runtime.chain = [plan.layer_id]
+                machine = await self._launch(runtime, incoming=False)
+                self._vms[spec.name] = _Vm(runtime, machine)
+                self._persist(runtime)
+
+            await _gather_all([one(s) for s in todo])
+        return self.status()
+
+    async def _discard(self, name: str) -> None:
+        """Quit a VM's QEMU, remove its taps and forget it."""
+        vm = self._vms.get(name)
+        if vm is None:
+            return
+        if vm.freeze is not None:
+            await vm.freeze.lift()
+        await vm.machine.quit()
+        for tap in vm.runtime.taps:
+            delete_link(tap, netns=self.config.netns)
+        self._forget(name)
+
+    async def down(self, vms: Sequence[str]) -> list[VmStatus]:
+        """Stop the named VMs (all when empty), remove their taps and unused layers.
+
+        Raises:
+            LockstepError: a VM could not be stopped.
+        """
+        async with self._lock:
+            names = list(vms) or list(self._vms)
+            await _gather_all([self._discard(n) for n in names if n in self._vms])
+            self._collect_garbage()
+        return self.status()
+
+    def _active_chains(self) -> dict[str, list[str]]:
+        return {name: vm.runtime.chain for name, vm in self._vms.items() if vm.runtime.chain}
+
+    def _collect_garbage(self) -> None:
+        """Remove layers no state and no running VM needs any more."""
+        keep = [rec.chain for m in self.store.list() for rec in m.vms.values()]
+        keep += list(self._active_chains().values())
+        existing = {p.stem for p in self.store.layers_dir.glob("*.qcow2")}
+        for layer in disk.unreachable_layers(existing, keep):
+            disk.remove_layer(disk.layer_path(self.store.layers_dir, layer))
+
+    # -- operations -------------------------------------------------------------
+
+    def _op(self, op: str) -> Operation:
+        try:
+            return self._ops[op]
+        except KeyError:
+            raise OperationError(
+                f"host {self.config.host} has no operation {op} (it ended, or execd restarted)"
+            ) from None
+
+    def _op_vms(self, op: Operation) -> list[_Vm]:
+        return [self._vms[n] for n in op.vms if n in self._vms]
+
+    def _freeze_for(self, vm: _Vm) -> NicFreeze:
+        return NicFreeze(
+            vm.runtime.spec.name,
+            vm.runtime.taps,
+            netns=self.config.netns,
+            limits=FreezeLimits(
+                in_memory=self.config.frames_in_memory, limit=self.config.frames_limit
+            ),
+            spill_dir=self.rundir / vm.runtime.spec.name,
+        )
+
+    async def pause(
+        self, op: str, state: str, at: float, vms: Sequence[str], deadline: float
+    ) -> list[VmReport]:
+        """Open save ``op`` of ``state``; at ``at`` freeze each VM's NICs, then pause it.
+
+        Raises:
+            StateExists: the state is already on this host.
+            OperationError: ``op`` exists already, or a VM is unknown or not running.
+            VmError: a VM could not be paused (the caller aborts).
+        """
+        validate_name("state", state)
+        if op in self._ops:
+            raise OperationError(f"host {self.config.host}: operation {op} exists already")
+        names = list(vms) or sorted(self._vms)
+        for n in names:
+            if n not in self._vms:
+                raise OperationError(f"host {self.config.host} runs no VM {n!r}")
+            rs = self._vms[n].machine.runstate
+            if rs is not VmRunstate.RUNNING:
+                raise OperationError(
+                    f"VM {n} on host {self.config.host} is {rs.value}, not running"
+                )
+        staging = self.store.begin(state)
+        operation = Operation(op, OpKind.SAVE, state, names, deadline)
+        self._ops[op] = operation
+        self._staging[op] = staging
+        targets = self._op_vms(operation)
+        for vm in targets:
+            vm.freeze = self._freeze_for(vm)
+            await vm.freeze.prepare()
+        await self.clock.wait_until(at)
+
+        async def one(vm: _Vm) -> VmReport:
+            assert vm.freeze is not None
+            vm.freeze.engage()
+            wall = await vm.machine.pause()
+            return VmReport(name=vm.runtime.spec.name, paused_at=self.clock.from_wall(wall))
+
+        reports = await _gather_all([one(vm) for vm in targets])
+        operation.advance(OpPhase.PAUSED)
+        return reports
+
+    async def save_memory(
+        self, op: str, keep_running: bool, progress: Callable[[SaveProgress], None] | None
+    ) -> list[VmReport]:
+        """Write each paused VM's memory into the staging state; freeze its disk layer.
+
+        With ``keep_running`` each VM moves to a fresh layer on top of the one
+        the state keeps; otherwise the VM will be stopped and its layer is kept as is.
+
+        Raises:
+            OperationError: the operation is not paused.
+            VmError: memory could not be written (disk full, QEMU died...).
+        """
+        operation = self._op(op)
+        operation.require(OpPhase.PAUSED)
+        operation.keep_running = keep_running
+        staging = self._staging[op]
+
+        async def one(vm: _Vm) -> VmReport:
+            name = vm.runtime.spec.name
+            rt = vm.runtime
+            if keep_running and rt.layer is not None:
+                plan = disk.plan_fresh_overlay(
+                    self.store.layers_dir, name, disk.layer_path(self.store.layers_dir, rt.layer)
+                )
+                await vm.machine.snapshot_disk(plan.path)
+                self._frozen[(op, name)] = (rt.layer, list(rt.chain))
+                rt.layer = plan.layer_id
+                rt.chain = [*rt.chain, plan.layer_id]
+                self._persist(rt)
+            else:
+                self._frozen[(op, name)] = (rt.layer, list(rt.chain))
+
+            def report(done: int, total: int) -> None:
+                if progress is not None:
+                    progress(SaveProgress(vm=name, done=done, total=total))
+
+            size = await vm.machine.save_memory(
+                staging.file(_MEMORY_FILE.format(vm=name)), progress=report
+            )
+            report(size, size)
+            return VmReport(name=name, memory_bytes=size)
+
+        reports = await _gather_all([one(vm) for vm in self._op_vms(operation)])
+        operation.advance(OpPhase.SAVED)
+        return reports
+
+    async def drain(self, op: str, quiet: float, limit: float) -> list[VmReport]:
+        """Capture until quiet, then write each VM's held frames into the state (pcap).
+
+        Quiet means no frame for ``quiet`` s; the wait is bounded by ``limit`` s.
+
+        Raises:
+            OperationError: the operation's memory is not saved yet.
+        """
+        operation = self._op(op)
+        operation.require(OpPhase.SAVED)
+        staging = self._staging[op]
+        targets = self._op_vms(operation)
+        await _gather_all([vm.freeze.drain(quiet, limit) for vm in targets if vm.freeze])
+        reports = []
+        for vm in targets:
+            assert vm.freeze is not None
+            name = vm.runtime.spec.name
+            self._frames[(op, name)] = vm.freeze.write_pcaps(staging.path, name)
+            reports.append(
+                VmReport(
+                    name=name,
+                    frames_held=vm.freeze.held,
+                    frames_dropped=vm.freeze.dropped,
+                )
+            )
+        operation.advance(OpPhase.DRAINED)
+        return reports
+
+    async def _resume_all(self, targets: Sequence[_Vm], at: float | None) -> list[VmReport]:
+        """Resume paused VMs at ``at``, then deliver their held frames and lift freezes."""
+        if at is not None:
+            await self.clock.wait_until(at)
+
+        async def one(vm: _Vm) -> VmReport:
+            name = vm.runtime.spec.name
+            wall = None
+            if vm.machine.runstate in (VmRunstate.PAUSED, VmRunstate.SAVED):
+                wall = await vm.machine.resume()
+            held = delivered = dropped = 0
+            if vm.freeze is not None:
+                await vm.freeze.deliver()
+                held, delivered, dropped = vm.freeze.held, vm.freeze.delivered, vm.freeze.dropped
+                await vm.freeze.lift()
+                vm.freeze = None
+            return VmReport(
+                name=name,
+                resumed_at=None if wall is None else self.clock.from_wall(wall),
+                frames_held=held,
+                frames_delivered=delivered,
+                frames_dropped=dropped,
+            )
+
+        return await _gather_all([one(vm) for vm in targets])
+
+    async def resume(self, op: str, at: float) -> list[VmReport]:
+        """At ``at`` resume the operation's VMs, then deliver their held frames.
+
+        Raises:
+            OperationError: the operation is not ready to resume.
+            VmError: a VM could not be resumed.
+        """
+        operation = self._op(op)
+        operation.require(OpPhase.DRAINED, OpPhase.PREPARED)
+        if operation.kind is OpKind.SAVE and not operation.keep_running:
+            raise OperationError(f"operation {op} saves with --stop; its VMs are not resumed")
+        reports = await self._resume_all(self._op_vms(operation), at)
+        operation.advance(OpPhase.RESUMED)
+        return reports
+
+    async def stop(self, op: str) -> list[VmReport]:
+        """Destroy the operation's VMs after a committed ``save --stop``.
+
+        Raises:
+            OperationError: the save is not committed, or keeps its VMs running.
+        """
+        operation = self._op(op)
+        operation.require(OpPhase.COMMITTED)
+        targets = self._op_vms(operation)
+        reports = [
+            VmReport(name=vm.runtime.spec.name, frames_held=vm.freeze.held if vm.freeze else 0)
+            for vm in targets
+        ]
+        await _gather_all([self._discard(vm.runtime.spec.name) for vm in targets])
+        operation.advance(OpPhase.STOPPED)
+        self._ops.pop(op, None)
+        return reports
+
+    async def commit(self, op: str) -> StateInfo | None:
+        """Make the operation permanent: a save's staging state becomes visible.
+
+        Raises:
+            OperationError: the operation is not ready to commit.
+            StoreError: the state could not be committed (the caller aborts).
+        """
+        operation = self._op(op)
+        if operation.kind is OpKind.RESTORE:
+            operation.require(OpPhase.RESUMED)
+            operation.advance(OpPhase.COMMITTED)
+            self._ops.pop(op, None)
+            self._collect_garbage()
+            return None
+        if operation.keep_running:
+            operation.require(OpPhase.RESUMED)
+        else:
+            operation.require(OpPhase.DRAINED)
+        staging = self._staging[op]
+        manifest = self._manifest(operation)
+        committed = await asyncio.to_thread(staging.commit, manifest)
+        operation.advance(OpPhase.COMMITTED)
+        self._staging.pop(op, None)
+        for vm in self._op_vms(operation):
+            vm.runtime.state = operation.state
+            self._persist(vm.runtime)
+        if operation.keep_running:
+            self._ops.pop(op, None)
+            self._forget_op_data(op)
+        return self._info(committed)
+
+    def _manifest(self, operation: Operation) -> Manifest:
+        records = {}
+        parents = set()
+        for vm in self._op_vms(operation):
+            name = vm.runtime.spec.name
+            layer, chain = self._frozen[(operation.id, name)]
+            parents.add(vm.runtime.state)
+            records[name] = VmRecord(
+                layer=layer,
+                chain=chain,
+                base=str(vm.runtime.spec.disk) if vm.runtime.spec.disk else None,
+                spec=vm.runtime.spec.model_dump(mode="json"),
+                memory=_MEMORY_FILE.format(vm=name),
+                frames=self._frames.get((operation.id, name), []),
+            )
+        groups = {vm.runtime.group for vm in self._op_vms(operation)}
+        if len(groups) != 1:
+            raise OperationError(
+                f"host {self.config.host}: operation {operation.id} spans groups"
+                f" {', '.join(sorted(groups))}; a state holds one group"
+            )
+        group = groups.pop()
+        parent = parents.pop() if len(parents) == 1 else None
+        return Manifest(
+            name=operation.state,
+            group=group,
+            host=self.config.host,
+            created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+            parent=parent,
+            vms=records,
+            files={},
+            complete=True,
+        )
+
+    def _forget_op_data(self, op: str) -> None:
+        for key in [k for k in self._frozen if k[0] == op]:
+            del self._frozen[key]
+        for key in [k for k in self._frames if k[0] == op]:
+            del self._frames[key]
+
+    async def abort(self, op: str, resume_at: float | None) -> list[VmReport]:
+        """Undo ``op``: drop its staging state; resume its paused VMs at ``resume_at``.
+
+        A restore that is aborted cannot give back the VMs it replaced: its
+        half-restored VMs are stopped cleanly instead.
+
+        Raises:
+            OperationError: the operation is unknown or already committed.
+        """
+        operation = self._op(op)
+        if operation.phase in (OpPhase.COMMITTED, OpPhase.STOPPED):
+            raise OperationError(f"operation {op} is committed; it cannot be aborted")
+        staging = self._staging.pop(op, None)
+        if staging is not None:
+            staging.abort()
+        targets = self._op_vms(operation)
+        if operation.kind is OpKind.RESTORE:
+            await _gather_all([self._discard(vm.runtime.spec.name) for vm in targets])
+            reports = [VmReport(name=n) for n in operation.vms]
+        else:
+            reports = await self._resume_all(targets, resume_at)
+        if operation.phase is not OpPhase.ABORTED:
+            operation.advance(OpPhase.ABORTED)
+        self._ops.pop(op, None)
+        self._forget_op_data(op)
+        return reports
+
+    def extend(self, op: str, deadline: float) -> None:
+        """Push back ``op``'s dead-man deadline.
+
+        Raises:
+            OperationError: no such operation.
+        """
+        self._op(op).deadline = deadline
+
+    async def prepare_restore(self, op: str, state: str, deadline: float) -> list[VmReport]:
+        """Replace this host's VMs of ``state`` by paused VMs loaded from it.
+
+        Each VM gets a fresh layer over the state's layer (the state stays
+        pristine), its NICs frozen and the state's held frames loaded, ready to
+        be resumed at a common instant.
+
+        Raises:
+            StateNotFound: the state is not (completely) on this host.
+            OperationError: ``op`` exists already.
+            VmError: a VM could not be started or its memory not loaded.
+        """
+        validate_name("state", state)
+        if op in self._ops:
+            raise OperationError(f"host {self.config.host}: operation {op} exists already")
+        manifest = self.store.show(state)
+        operation = Operation(op, OpKind.RESTORE, state, sorted(manifest.vms), deadline)
+        self._ops[op] = operation
+        state_dir = self.store.states_dir / state
+
+        async def one(name: str, rec: VmRecord) -> VmReport:
+            spec = VmSpec.model_validate(rec.spec)
+            if name in self._vms:
+                await self._discard(name)
+            runtime = VmRuntime(
+                spec=spec, group=manifest.group, taps=self._taps(manifest.group, spec), state=state
+            )
+            if rec.layer is not None:
+                plan = disk.plan_fresh_overlay(
+                    self.store.layers_dir, name, disk.layer_path(self.store.layers_dir, rec.layer)
+                )
+                await disk.create_overlay(plan)
+                runtime.layer = plan.layer_id
+                runtime.chain = [*rec.chain, plan.layer_id]
+            machine = await self._launch(runtime, incoming=True)
+            vm = _Vm(runtime, machine)
+            self._vms[name] = vm
+            self._persist(runtime)
+            assert rec.memory is not None
+            await machine.load_memory(state_dir / rec.memory)
+            vm.freeze = self._freeze_for(vm)
+            await vm.freeze.prepare()
+            vm.freeze.engage()
+            vm.freeze.load_pcaps([state_dir / f for f in rec.frames])
+            return VmReport(name=name, frames_held=vm.freeze.held)
+
+        try:
+            reports = await _gather_all([one(n, r) for n, r in sorted(manifest.vms.items())])
+        except BaseException:
+            operation.advance(OpPhase.ABORTED)
+            self._ops.pop(op, None)
+            raise
+        operation.advance(OpPhase.PREPARED)
+        return reports
+
+    # -- states -------------------------------------------------------------------
+
+    def _info(self, m: Manifest) -> StateInfo:
+        return StateInfo(
+            name=m.name,
+            host=m.host,
+            created_at=m.created_at,
+            parent=m.parent,
+            vms=sorted(m.vms),
+            size_bytes=sum(f.size for f in m.files.values()),
+        )
+
+    def states(self) -> list[StateInfo]:
+        """The committed states on this host, oldest first."""
+        return [self._info(m) for m in self.store.list()]
+
+    def state_show(self, name: str) -> dict[str, Any]:
+        """One state's manifest as JSON-ready data.
+
+        Raises:
+            StateNotFound: no such state here.
+        """
+        data: dict[str, Any] = json.loads(self.store.show(name).to_json())
+        return data
+
+    async def state_delete(self, name: str) -> list[str]:
+        """Delete a state nothing depends on; return the layer ids removed.
+
+        Raises:
+            StateNotFound: no such state here.
+            StateInUse: another state or a running VM depends on its layers.
+        """
+        async with self._lock:
+            garbage = self.store.delete(name, self._active_chains())
+            for layer in garbage:
+                disk.remove_layer(disk.layer_path(self.store.layers_dir, layer))
+            return sorted(garbage)

@@ -1,0 +1,486 @@
+"""The freeze: frames addressed to a VM are held outside it, then delivered in order.
+
+For each tap of the VM (DESIGN.md, "The freeze"):
+
+- ``prepare``: a veth pair made for that tap (``ls<hash>f<i>`` / ``ls<hash>g<i>``),
+  a ``clsact`` qdisc on the tap, an AF_PACKET socket reading the ``g`` end in a
+  capture thread, and an AF_PACKET socket on the tap for injection;
+- ``engage`` (at the scheduled instant, before the VM pauses): an egress ``u32``
+  match-all filter on the tap with ``mirred egress redirect`` to the ``f`` end.
+  Every frame the host would hand to the VM now lands in our capture instead;
+- ``drain``: wait until no frame arrived for a quiet period (bounded);
+- ``deliver`` (after the VM resumed): inject the held frames in their order
+  through the tap socket with ``PACKET_QDISC_BYPASS`` (so they skip the tap's
+  qdisc and are not captured again), paced, then those that arrived meanwhile;
+  then ``lift`` removes the filter, the qdisc and the veth pair.
+
+Frames are held in memory up to a bound, spilled to a pcap file beyond it, and
+dropped (and counted) past a hard limit: never silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from lockstep.errors import NetError
+from lockstep.net import pcap
+from lockstep.net.links import LINK_PREFIX, delete_link
+
+__all__ = ["FreezeLimits", "FreezeState", "NicFreeze", "cleanup_freeze_links", "freeze_pair"]
+
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_QDISC_BYPASS = 20
+PACKET_OUTGOING = 4
+SO_RCVBUFFORCE = 33
+CLSACT_EGRESS = 0xFFFFFFF3
+_FILTER_PRIO = 1
+_OURS = re.compile(rf"^{LINK_PREFIX}[0-9a-f]{{8}}([tfg])(\d+)$")
+_RCVBUF = 32 << 20
+_PACE_BURST = 32
+_PACE_PAUSE = 0.002
+
+T = TypeVar("T")
+
+
+def freeze_pair(tap: str) -> tuple[str, str]:
+    """The veth pair made for ``tap``: (redirect end, capture end)."""
+    m = _OURS.match(tap)
+    if not m or m.group(1) != "t":
+        raise NetError(f"{tap} is not a lockstep tap name")
+    stem = tap[: -len(m.group(1) + m.group(2))]
+    return f"{stem}f{m.group(2)}", f"{stem}g{m.group(2)}"
+
+
+@dataclass(frozen=True)
+class FreezeLimits:
+    """How many frames per VM are held in memory, and the hard limit."""
+
+    in_memory: int = 4096
+    limit: int = 262144
+
+
+class FreezeState:
+    """Lifecycle of a freeze: NEW -> PREPARED -> ENGAGED -> (DELIVERED) -> LIFTED."""
+
+    NEW = "new"
+    PREPARED = "prepared"
+    ENGAGED = "engaged"
+    LIFTED = "lifted"
+
+
+def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
+    """Run ``fn`` with the calling thread inside ``netns`` (a helper thread does it).
+
+    Sockets keep the namespace they were made in, so this is how an in-process
+    service against a lab host opens its packet sockets.
+    """
+    if netns is None:
+        return fn()
+    from pyroute2.netns import setns
+
+    box: dict[str, Any] = {}
+
+    def runner() -> None:
+        try:
+            setns(netns)
+            box["value"] = fn()
+        except BaseException as exc:  # handed back to the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=runner, name=f"netns-{netns}")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    value: T = box["value"]
+    return value
+
+
+class _FrameQueue:
+    """Frames of one NIC, in arrival order: memory first, then a spill file."""
+
+    def __init__(self, in_memory: int, spill_dir: Path) -> None:
+        self.in_memory = in_memory
+        self.spill_dir = spill_dir
+        self.memory: list[pcap.Frame] = []
+        self._spill: Any = None
+        self.spilled = 0
+
+    def __len__(self) -> int:
+        return len(self.memory) + self.spilled
+
+    def append(self, frame: pcap.Frame) -> None:
+        if self._spill is None and len(self.memory) < self.in_memory:
+            self.memory.append(frame)
+            return
+        if self._spill is None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            self._spill = tempfile.TemporaryFile(dir=self.spill_dir, prefix="frames-")  # noqa: SIM115
+        pcap.append_records(self._spill, [frame])
+        self.spilled += 1
+
+    def __iter__(self) -> Iterator[pcap.Frame]:
+        yield from self.memory
+        if self._spill is not None:
+            self._spill.flush()
+            self._spill.seek(0)
+            # The spill file holds records without a global header.
+            data = self._spill.read()
+            off = 0
+            while off < len(data):
+                sec, usec, incl, _ = pcap._RECORD.unpack_from(data, off)
+                off += pcap._RECORD.size
+                yield sec + usec / 1e6, data[off : off + incl]
+                off += incl
+
+    def clear(self) -> None:
+        self.memory.clear()
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        self.spilled = 0
+
+
+class _Nic:
+    """The freeze of one tap."""
+
+    def __init__(self, tap: str, limits: FreezeLimits, spill_dir: Path) -> None:
+        self.tap = tap
+        self.redirect_end, self.capture_end = freeze_pair(tap)
+        self.queue = _FrameQueue(limits.in_memory, spill_dir)
+        self.capture: socket.socket | None = None
+        self.inject: socket.socket | None = None
+        self.redirect_mac = b""
+        self.tap_index = 0
+        self.redirect_index = 0
+
+
+class NicFreeze:
+    """Holds the frames addressed to one VM's NICs outside the VM (see module doc)."""
+
+    def __init__(
+        self,
+        vm: str,
+        taps: Sequence[str],
+        *,
+        netns: str | None = None,
+        limits: FreezeLimits | None = None,
+        spill_dir: Path | None = None,
+    ) -> None:
+        self.vm = vm
+        self.netns = netns
+        self.limits = limits or FreezeLimits()
+        spill = spill_dir or Path(tempfile.gettempdir())
+        self._nics = [_Nic(t, self.limits, spill) for t in taps]
+        self.state = FreezeState.NEW
+        self.history = [FreezeState.NEW]
+        self.held = 0
+        self.delivered = 0
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._last_arrival = time.monotonic()
+        self._ipr: Any = None
+
+    def _set(self, state: str) -> None:
+        self.state = state
+        self.history.append(state)
+
+    def _where(self, link: str) -> str:
+        return f"{link}{' in namespace ' + self.netns if self.netns else ''} (VM {self.vm})"
+
+    # -- prepare ---------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Make the veth pairs, the qdiscs and the sockets; nothing is held yet.
+
+        Raises:
+            NetError: a link, qdisc or socket could not be made (all undone).
+        """
+        try:
+            self._ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
+            for nic in self._nics:
+                self._prepare_nic(nic)
+        except (NetlinkError, OSError) as exc:
+            await self.lift()
+            raise NetError(f"cannot prepare the freeze of VM {self.vm}: {exc}") from exc
+        except BaseException:
+            await self.lift()
+            raise
+        for nic in self._nics:
+            t = threading.Thread(target=self._capture_loop, args=(nic,), daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._set(FreezeState.PREPARED)
+
+    def _prepare_nic(self, nic: _Nic) -> None:
+        ipr = self._ipr
+        taps = ipr.link_lookup(ifname=nic.tap)
+        if not taps:
+            raise NetError(f"tap {self._where(nic.tap)} does not exist")
+        nic.tap_index = taps[0]
+        for end in (nic.redirect_end, nic.capture_end):
+            if ipr.link_lookup(ifname=end):
+                ipr.link("del", ifname=end)
+        ipr.link("add", ifname=nic.redirect_end, kind="veth", peer=nic.capture_end)
+        for end in (nic.redirect_end, nic.capture_end):
+            ipr.link("set", ifname=end, state="up")
+        nic.redirect_index = ipr.link_lookup(ifname=nic.redirect_end)[0]
+        link = ipr.get_links(nic.redirect_index)[0]
+        nic.redirect_mac = bytes.fromhex(str(link.get("address")).replace(":", ""))
+        with contextlib.suppress(NetlinkError):
+            ipr.tc("del", "clsact", index=nic.tap_index)
+        ipr.tc("add", "clsact", index=nic.tap_index)
+
+        def sockets() -> tuple[socket.socket, socket.socket]:
+            cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            cap.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
+            cap.bind((nic.capture_end, ETH_P_ALL))
+            cap.settimeout(0.05)
+            inj = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            inj.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+            inj.bind((nic.tap, 0))
+            return cap, inj
+
+        nic.capture, nic.inject = in_netns(self.netns, sockets)
+
+    def _capture_loop(self, nic: _Nic) -> None:
+        sock = nic.capture
+        assert sock is not None
+        while not self._stop.is_set():
+            try:
+                data, addr = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            # Only frames the tap's filter redirected: not our own end's
+            # emissions (outgoing) and not what the redirect end itself sent.
+            if addr[2] == PACKET_OUTGOING or data[6:12] == nic.redirect_mac:
+                continue
+            self._hold(nic, time.time(), data)
+
+    def _hold(self, nic: _Nic, ts: float, data: bytes) -> None:
+        with self._lock:
+            self._last_arrival = time.monotonic()
+            if self.held - self.delivered >= self.limits.limit:
+                self.dropped += 1
+                return
+            nic.queue.append((ts, data))
+            self.held += 1
+
+    # -- engage ---------------------------------------------------------------
+
+    def engage(self) -> None:
+        """Start holding: redirect every frame for the VM into our capture.
+
+        Synchronous and fast (one netlink request per NIC): it runs at the
+        scheduled instant, just before the VM pauses.
+
+        Raises:
+            NetError: a filter could not be added.
+        """
+        if self.state != FreezeState.PREPARED:
+            raise NetError(f"freeze of VM {self.vm} is {self.state}; engage needs it prepared")
+        try:
+            for nic in self._nics:
+                self._ipr.tc(
+                    "add-filter",
+                    "u32",
+                    index=nic.tap_index,
+                    parent=CLSACT_EGRESS,
+                    protocol=ETH_P_ALL,
+                    prio=_FILTER_PRIO,
+                    target=0x1,
+                    keys=["0x0/0x0+0"],
+                    action={
+                        "kind": "mirred",
+                        "direction": "egress",
+                        "action": "redirect",
+                        "ifindex": nic.redirect_index,
+                    },
+                )
+        except NetlinkError as exc:
+            raise NetError(f"cannot engage the freeze of VM {self.vm}: {exc}") from exc
+        self._set(FreezeState.ENGAGED)
+
+    # -- drain / files ------------------------------------------------------------
+
+    async def drain(self, quiet: float, limit: float) -> None:
+        """Return once no frame arrived for ``quiet`` s, or after ``limit`` s."""
+        end = time.monotonic() + limit
+        while (now := time.monotonic()) < end:
+            with self._lock:
+                since = now - self._last_arrival
+            if since >= quiet:
+                return
+            await asyncio.sleep(min(quiet - since, end - now, 0.05))
+
+    def write_pcaps(self, directory: Path, stem: str) -> list[str]:
+        """Write each NIC's held frames to ``<stem>.nic<i>.pcap``; return the file names.
+
+        Raises:
+            NetError: a file could not be written.
+        """
+        names = []
+        with self._lock:
+            for i, nic in enumerate(self._nics):
+                name = f"{stem}.nic{i}.pcap"
+                pcap.write_pcap(directory / name, list(nic.queue))
+                names.append(name)
+        return names
+
+    def load_pcaps(self, paths: Sequence[Path]) -> None:
+        """Hold the frames of a state's pcap files (one per NIC, in order) for delivery.
+
+        Raises:
+            NetError: a file is missing or malformed, or there are more files than NICs.
+        """
+        if len(paths) > len(self._nics):
+            raise NetError(f"VM {self.vm}: {len(paths)} frame files for {len(self._nics)} NICs")
+        for nic, path in zip(self._nics, paths, strict=False):
+            for ts, data in pcap.read_pcap(path):
+                self._hold(nic, ts, data)
+
+    # -- deliver / lift -----------------------------------------------------------
+
+    def _tx_dropped(self, nic: _Nic) -> int:
+        try:
+            link = self._ipr.get_links(nic.tap_index)[0]
+            stats = link.get("IFLA_STATS64") or link.get("IFLA_STATS") or {}
+            return int(stats.get("tx_dropped", 0))
+        except (NetlinkError, IndexError, OSError):
+            return 0
+
+    async def _inject(self, nic: _Nic, frames: list[pcap.Frame]) -> int:
+        sock = nic.inject
+        assert sock is not None
+        sent = 0
+        for i, (_ts, data) in enumerate(frames):
+            try:
+                sock.send(data)
+                sent += 1
+            except OSError:
+                with self._lock:
+                    self.dropped += 1
+            if i % _PACE_BURST == _PACE_BURST - 1:
+                await asyncio.sleep(_PACE_PAUSE)
+        return sent
+
+    async def deliver(self) -> None:
+        """Inject the held frames in order (the VM must be running), then lift.
+
+        Frames arriving while injecting are held and injected after; what the
+        tap drops because the VM could not take it is counted as dropped.
+        """
+        if self.state not in (FreezeState.ENGAGED, FreezeState.PREPARED):
+            return
+        for nic in self._nics:
+            before = self._tx_dropped(nic)
+            sent = 0
+            while True:
+                with self._lock:
+                    batch = list(nic.queue)
+                    nic.queue.clear()
+                if not batch:
+                    break
+                sent += await self._inject(nic, batch)
+            self._remove_filter(nic)
+            # Frames captured between the last batch and the filter's removal.
+            await asyncio.sleep(0.01)
+            with self._lock:
+                late = list(nic.queue)
+                nic.queue.clear()
+            sent += await self._inject(nic, late)
+            lost = max(0, self._tx_dropped(nic) - before)
+            with self._lock:
+                self.delivered += sent - lost
+                self.dropped += lost
+        await self.lift()
+
+    def _remove_filter(self, nic: _Nic) -> None:
+        if self._ipr is None or not nic.tap_index:
+            return
+        with contextlib.suppress(NetlinkError):
+            self._ipr.tc("del", "clsact", index=nic.tap_index)
+
+    async def lift(self) -> None:
+        """Remove filters, qdiscs, veths and sockets; frames still held are discarded.
+
+        Idempotent; never raises for what is already gone.
+        """
+        if self.state == FreezeState.LIFTED:
+            return
+        for nic in self._nics:
+            self._remove_filter(nic)
+        self._stop.set()
+        for t in self._threads:
+            await asyncio.to_thread(t.join, 1.0)
+        for nic in self._nics:
+            for s in (nic.capture, nic.inject):
+                if s is not None:
+                    s.close()
+            nic.capture = nic.inject = None
+            nic.queue.clear()
+            if self._ipr is not None:
+                for end in (nic.redirect_end,):
+                    with contextlib.suppress(NetlinkError):
+                        if self._ipr.link_lookup(ifname=end):
+                            self._ipr.link("del", ifname=end)
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+        self._set(FreezeState.LIFTED)
+
+
+def cleanup_freeze_links(*, netns: str | None = None) -> list[str]:
+    """Remove every freeze leftover of lockstep's (veth pairs, clsact on its taps).
+
+    Called at execd start: a crash mid-freeze must not leave a filter that
+    would redirect a VM's frames into a dead socket.
+
+    Raises:
+        NetError: netlink could not be reached.
+    """
+    removed = []
+    try:
+        ipr = IPRoute(netns=netns) if netns else IPRoute()
+    except (NetlinkError, OSError) as exc:
+        raise NetError(f"cannot open netlink to clean up freezes: {exc}") from exc
+    try:
+        for link in ipr.get_links():
+            name = str(link.get("ifname"))
+            m = _OURS.match(name)
+            if not m:
+                continue
+            if m.group(1) == "t":
+                with contextlib.suppress(NetlinkError):
+                    ipr.tc("del", "clsact", index=link["index"])
+                    removed.append(f"clsact on {name}")
+            elif m.group(1) == "f":
+                removed.append(name)
+    finally:
+        ipr.close()
+    for name in removed:
+        if not name.startswith("clsact"):
+            delete_link(name, netns=netns)
+    return removed
+
+
+_ = os

@@ -1,0 +1,121 @@
+"""Pure builder of QEMU command lines from a VM spec.
+
+Everything that makes two QEMU processes of the same VM compatible for
+migration (machine type, devices, their ids and order) is decided here and only
+here, so a VM saved by one process can always be loaded by the next one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lockstep.group import VmSpec
+from lockstep.units import format_size
+
+__all__ = ["DRIVE_ID", "QEMU_BINARY", "VmPaths", "qemu_argv"]
+
+QEMU_BINARY = "qemu-system-x86_64"
+DRIVE_ID = "drive0"
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """Where one VM's QEMU keeps its sockets and logs (execd's runtime dir for it)."""
+
+    rundir: Path
+
+    @property
+    def qmp(self) -> Path:
+        """QMP control socket (QEMU listens)."""
+        return self.rundir / "qmp.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        """QEMU writes its pid here; execd re-attaches through it after a restart."""
+        return self.rundir / "qemu.pid"
+
+    @property
+    def console(self) -> Path:
+        """Serial console (ttyS0), appended across QEMU restarts."""
+        return self.rundir / "console.log"
+
+    @property
+    def channel(self) -> Path:
+        """Second serial port (ttyS1) as a unix socket, for a guest agent."""
+        return self.rundir / "channel.sock"
+
+    @property
+    def stderr(self) -> Path:
+        """QEMU's own stderr, quoted in errors when it fails."""
+        return self.rundir / "qemu.stderr"
+
+
+def _opt(path: Path) -> str:
+    """A path as a QEMU option value (commas doubled)."""
+    return str(path).replace(",", ",,")
+
+
+def qemu_argv(
+    spec: VmSpec,
+    paths: VmPaths,
+    *,
+    disk: Path | None,
+    taps: Sequence[str],
+    incoming: bool = False,
+    paused: bool = False,
+    qemu_binary: str = QEMU_BINARY,
+) -> list[str]:
+    """The full argv of QEMU for ``spec``.
+
+    ``disk`` is the VM's active qcow2 layer (never the base image), ``taps`` the
+    tap device for each NIC in order. ``incoming`` waits for memory through
+    ``migrate-incoming``; ``paused`` (or ``incoming``) keeps the vCPUs stopped
+    until ``cont``.
+    """
+    if len(taps) != len(spec.nics):
+        raise ValueError(f"VM {spec.name}: {len(spec.nics)} NICs but {len(taps)} taps given")
+    if spec.disk is not None and disk is None:
+        raise ValueError(f"VM {spec.name}: a disk layer is needed")
+    argv = [
+        qemu_binary,
+        "-name", f"{spec.name},debug-threads=on",
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-machine", f"pc,accel={spec.accel}",
+        "-m", format_size(spec.memory),
+        "-smp", str(spec.vcpus),
+        "-pidfile", str(paths.pidfile),
+        "-chardev", f"socket,id=qmp,path={_opt(paths.qmp)},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"file,id=console,path={_opt(paths.console)},append=on",
+        "-serial", "chardev:console",
+        "-chardev", f"socket,id=channel,path={_opt(paths.channel)},server=on,wait=off",
+        "-serial", "chardev:channel",
+    ]  # fmt: skip
+    if spec.accel == "kvm":
+        argv += ["-cpu", "host"]
+    if spec.kernel is not None:
+        argv += ["-kernel", str(spec.kernel)]
+        if spec.initrd is not None:
+            argv += ["-initrd", str(spec.initrd)]
+        if spec.cmdline:
+            argv += ["-append", spec.cmdline]
+    if disk is not None:
+        argv += [
+            "-drive", f"file={_opt(disk)},if=none,id={DRIVE_ID},format=qcow2,cache=writeback",
+            "-device", f"virtio-blk-pci,drive={DRIVE_ID},id=vd0",
+        ]  # fmt: skip
+    for i, (nic, tap) in enumerate(zip(spec.nics, taps, strict=True)):
+        argv += [
+            "-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no",
+            "-device", f"{nic.model},netdev=net{i},mac={nic.mac},id=nic{i}",
+        ]  # fmt: skip
+    if incoming:
+        argv += ["-incoming", "defer"]
+    if paused or incoming:
+        argv.append("-S")
+    argv += spec.extra_args
+    return argv

@@ -1,0 +1,486 @@
+"""One QEMU process driven over QMP (``qemu.qmp``): start, pause, save, load, resume.
+
+A :class:`Machine` owns one VM's QEMU process and its QMP connection. Its
+lifecycle is a :class:`VmRunstate` with explicit allowed transitions; a method
+called in the wrong state fails with :class:`VmStateError` before touching QEMU.
+
+QEMU is started in its own session with its stderr in a file, so it outlives
+an execd restart; :meth:`Machine.attach` finds it again through its pid file and
+QMP socket. Every instant reported (pause, resume) is QEMU's own event
+timestamp (host wall clock, seconds), never the time a reply arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+from qemu.qmp.message import Message
+
+from lockstep.errors import QemuStartError, QmpError, VmError, VmStateError
+from lockstep.group import VmSpec
+from lockstep.proc import in_netns
+from lockstep.vm.argv import DRIVE_ID, QEMU_BINARY, VmPaths, qemu_argv
+
+__all__ = ["Machine", "MigrationProgress", "VmRunstate"]
+
+# Unlimited for all practical purposes (QEMU 7.2 caps migration at 128 MiB/s by default).
+_MAX_BANDWIDTH = 1 << 50
+_STDERR_TAIL = 1500
+
+
+class VmRunstate(enum.Enum):
+    """Where a VM is in its life, as lockstep sees it."""
+
+    NEW = "new"  # no process yet
+    STARTING = "starting"  # process started, QMP not yet up
+    RUNNING = "running"
+    PAUSED = "paused"
+    SAVED = "saved"  # paused, memory written out (QEMU "postmigrate")
+    INCOMING = "incoming"  # paused, waiting for its memory
+    GONE = "gone"  # process ended
+
+
+_ALLOWED: dict[VmRunstate, frozenset[VmRunstate]] = {
+    VmRunstate.NEW: frozenset({VmRunstate.STARTING, VmRunstate.GONE}),
+    VmRunstate.STARTING: frozenset(
+        {VmRunstate.RUNNING, VmRunstate.PAUSED, VmRunstate.INCOMING, VmRunstate.GONE}
+    ),
+    VmRunstate.RUNNING: frozenset({VmRunstate.PAUSED, VmRunstate.GONE}),
+    VmRunstate.PAUSED: frozenset({VmRunstate.RUNNING, VmRunstate.SAVED, VmRunstate.GONE}),
+    VmRunstate.SAVED: frozenset({VmRunstate.RUNNING, VmRunstate.GONE}),
+    VmRunstate.INCOMING: frozenset({VmRunstate.PAUSED, VmRunstate.GONE}),
+    VmRunstate.GONE: frozenset(),
+}
+
+# QEMU's query-status names, mapped for attach().
+_QEMU_STATUS = {
+    "running": VmRunstate.RUNNING,
+    "paused": VmRunstate.PAUSED,
+    "prelaunch": VmRunstate.PAUSED,
+    "postmigrate": VmRunstate.SAVED,
+    "finish-migrate": VmRunstate.SAVED,
+    "inmigrate": VmRunstate.INCOMING,
+}
+
+
+MigrationProgress = Callable[[int, int], None]
+"""Called with (bytes written, bytes total) while memory is saved."""
+
+
+def _event_time(event: Message) -> float:
+    ts: dict[str, int] = event["timestamp"]  # type: ignore[assignment]
+    return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is not alive for our purposes.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Machine:
+    """A VM's QEMU process and its QMP connection."""
+
+    def __init__(
+        self,
+        spec: VmSpec,
+        rundir: Path,
+        *,
+        netns: str | None = None,
+        qemu_binary: str = QEMU_BINARY,
+    ) -> None:
+        self.spec = spec
+        self.paths = VmPaths(rundir)
+        self.netns = netns
+        self.qemu_binary = qemu_binary
+        self._runstate = VmRunstate.NEW
+        self._history: list[VmRunstate] = [VmRunstate.NEW]
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None
+        self._qmp: QMPClient | None = None
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The VM's name."""
+        return self.spec.name
+
+    @property
+    def runstate(self) -> VmRunstate:
+        """Where the VM is in its lifecycle."""
+        return self._runstate
+
+    @property
+    def history(self) -> list[VmRunstate]:
+        """Every runstate this object has been in, in order (for tests and logs)."""
+        return list(self._history)
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's pid, once started or attached."""
+        return self._pid
+
+    def _require(self, *states: VmRunstate) -> None:
+        if self._runstate not in states:
+            wanted = " or ".join(s.value for s in states)
+            raise VmStateError(f"VM {self.name} is {self._runstate.value}; this needs it {wanted}")
+
+    def _set(self, new: VmRunstate) -> None:
+        if new is self._runstate:
+            return
+        if new not in _ALLOWED[self._runstate]:
+            raise VmStateError(
+                f"VM {self.name}: cannot go from {self._runstate.value} to {new.value}"
+            )
+        self._runstate = new
+        self._history.append(new)
+
+    def _stderr_tail(self) -> str:
+        try:
+            text = self.paths.stderr.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+        return text[-_STDERR_TAIL:]
+
+    # -- start / attach / stop ---------------------------------------------
+
+    async def start(
+        self,
+        *,
+        disk: Path | None,
+        taps: Sequence[str],
+        incoming: bool = False,
+        paused: bool = False,
+        timeout: float = 30.0,
+    ) -> None:
+        """Start QEMU and connect QMP; the VM runs unless ``paused`` or ``incoming``.
+
+        Raises:
+            VmStateError: the VM was already started.
+            QemuStartError: QEMU exited or offered no QMP in time (with its stderr).
+        """
+        self._require(VmRunstate.NEW)
+        self.paths.rundir.mkdir(parents=True, exist_ok=True)
+        for stale in (self.paths.qmp, self.paths.channel, self.paths.pidfile):
+            stale.unlink(missing_ok=True)
+        argv = qemu_argv(
+            self.spec,
+            self.paths,
+            disk=disk,
+            taps=taps,
+            incoming=incoming,
+            paused=paused,
+            qemu_binary=self.qemu_binary,
+        )
+        self._set(VmRunstate.STARTING)
+        with open(self.paths.stderr, "wb") as err:
+            try:
+                self._proc = subprocess.Popen(  # noqa: ASYNC220 (must outlive execd; no asyncio child watcher)
+                    in_netns(self.netns, argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=err,
+                    stderr=err,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                self._set(VmRunstate.GONE)
+                raise QemuStartError(f"VM {self.name}: cannot run {argv[0]}: {exc}") from exc
+        self._pid = self._proc.pid
+        try:
+            await self._connect(timeout)
+        except BaseException:
+            await self.kill()
+            raise
+        if incoming:
+            self._set(VmRunstate.INCOMING)
+        else:
+            self._set(VmRunstate.PAUSED if paused else VmRunstate.RUNNING)
+
+    async def _connect(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise QemuStartError(
+                    f"VM {self.name}: QEMU exited with status {self._proc.returncode}"
+                    f" while starting: {self._stderr_tail() or 'no message'}"
+                )
+            if self.paths.qmp.exists():
+                qmp = QMPClient(self.name)
+                try:
+                    await qmp.connect(str(self.paths.qmp))
+                except (QMPError, OSError) as exc:
+                    last = exc
+                else:
+                    self._qmp = qmp
+                    return
+            await asyncio.sleep(0.02)
+        raise QemuStartError(
+            f"VM {self.name}: QEMU offered no QMP on {self.paths.qmp} within {timeout:.0f} s"
+            f" ({last or 'socket never appeared'}): {self._stderr_tail()}"
+        )
+
+    async def attach(self, timeout: float = 10.0) -> None:
+        """Re-attach to this VM's QEMU after an execd restart (pid file + QMP).
+
+        Raises:
+            VmStateError: this object already drives a process.
+            VmError: no live QEMU for this VM was found.
+        """
+        self._require(VmRunstate.NEW)
+        try:
+            pid = int(self.paths.pidfile.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise VmError(f"VM {self.name}: no QEMU pid file at {self.paths.pidfile}") from exc
+        if not _pid_alive(pid):
+            raise VmError(f"VM {self.name}: its QEMU (pid {pid}) is no longer running")
+        self._pid = pid
+        self._set(VmRunstate.STARTING)
+        try:
+            await self._connect(timeout)
+            status = await self.execute("query-status")
+        except BaseException:
+            self._set(VmRunstate.GONE)
+            raise
+        self._set(_QEMU_STATUS.get(str(status["status"]), VmRunstate.PAUSED))
+
+    def alive(self) -> bool:
+        """Whether the QEMU process still runs."""
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self._pid is not None and _pid_alive(self._pid)
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                return True
+            await asyncio.sleep(0.02)
+        return not self.alive()
+
+    async def _drop_qmp(self) -> None:
+        qmp, self._qmp = self._qmp, None
+        if qmp is not None:
+            with contextlib.suppress(QMPError, OSError):
+                await qmp.disconnect()
+
+    async def quit(self, timeout: float = 10.0) -> None:
+        """Ask QEMU to quit (killing it if it does not); the VM is gone afterwards."""
+        if self._runstate is VmRunstate.GONE:
+            return
+        if self._qmp is not None:
+            with contextlib.suppress(QMPError, OSError, VmError):
+                await self.execute("quit")
+        await self._drop_qmp()
+        if not await self._wait_exit(timeout):
+            await self.kill()
+            return
+        self._reap()
+        self._set(VmRunstate.GONE)
+
+    async def kill(self) -> None:
+        """Kill QEMU at once (SIGKILL); the VM is gone afterwards."""
+        await self._drop_qmp()
+        if self._pid is not None and self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+            await self._wait_exit(5.0)
+        self._reap()
+        if self._runstate is not VmRunstate.GONE:
+            self._set(VmRunstate.GONE)
+
+    def _reap(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=1)
+        self.paths.pidfile.unlink(missing_ok=True)
+
+    # -- QMP ------------------------------------------------------------------
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command and return its result.
+
+        Raises:
+            QmpError: QEMU refused the command or the connection broke.
+        """
+        if self._qmp is None:
+            raise QmpError(f"VM {self.name}: no QMP connection (VM is {self._runstate.value})")
+        try:
+            return await self._qmp.execute(cmd, args)
+        except QMPError as exc:
+            raise QmpError(f"VM {self.name}: QMP {cmd} failed: {exc}") from exc
+        except OSError as exc:
+            raise QmpError(f"VM {self.name}: QMP connection lost during {cmd}: {exc}") from exc
+
+    async def _execute_for_event(
+        self, cmd: str, event: str, args: dict[str, Any] | None = None, timeout: float = 10.0
+    ) -> float:
+        assert self._qmp is not None
+        with self._qmp.listener(event) as listener:
+            await self.execute(cmd, args)
+            try:
+                ev = await asyncio.wait_for(listener.get(), timeout)
+            except TimeoutError as exc:
+                raise QmpError(
+                    f"VM {self.name}: no {event} event {timeout:.0f} s after {cmd}"
+                ) from exc
+        return _event_time(ev)
+
+    # -- the operations ------------------------------------------------------
+
+    async def pause(self) -> float:
+        """Stop the vCPUs; return QEMU's STOP event time (host wall clock, s).
+
+        Raises:
+            VmStateError: the VM is not running.
+            QmpError: QEMU failed the stop.
+        """
+        self._require(VmRunstate.RUNNING)
+        at = await self._execute_for_event("stop", "STOP")
+        self._set(VmRunstate.PAUSED)
+        return at
+
+    async def resume(self) -> float:
+        """Start the vCPUs; return QEMU's RESUME event time (host wall clock, s).
+
+        Raises:
+            VmStateError: the VM is not paused (or saved).
+            QmpError: QEMU failed the cont.
+        """
+        self._require(VmRunstate.PAUSED, VmRunstate.SAVED)
+        at = await self._execute_for_event("cont", "RESUME")
+        self._set(VmRunstate.RUNNING)
+        return at
+
+    async def snapshot_disk(self, new_layer: Path) -> None:
+        """Make ``new_layer`` (created here by QEMU) the VM's active layer.
+
+        The layer written so far becomes read-only backing: it is what a state
+        keeps. Done while paused so the frozen layer matches the saved memory.
+
+        Raises:
+            VmStateError: the VM is not paused.
+            QmpError: QEMU could not create or switch to the layer.
+        """
+        self._require(VmRunstate.PAUSED)
+        await self.execute(
+            "blockdev-snapshot-sync",
+            {"device": DRIVE_ID, "snapshot-file": str(new_layer), "format": "qcow2"},
+        )
+
+    async def _migration_setup(self) -> None:
+        await self.execute("migrate-set-parameters", {"max-bandwidth": _MAX_BANDWIDTH})
+
+    async def _wait_migration(
+        self, what: str, progress: MigrationProgress | None, timeout: float
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        interval = 0.002
+        while True:
+            info = await self.execute("query-migrate")
+            status = info.get("status", "none")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise VmError(
+                    f"VM {self.name}: {what} failed: {info.get('error-desc', status)}"
+                    f"{'; ' + self._stderr_tail() if self._stderr_tail() else ''}"
+                )
+            if progress is not None and "ram" in info:
+                ram = info["ram"]
+                progress(int(ram.get("transferred", 0)), int(ram.get("total", 0)))
+            if time.monotonic() > deadline:
+                raise VmError(f"VM {self.name}: {what} did not finish in {timeout:.0f} s")
+            if not self.alive():
+                raise VmError(f"VM {self.name}: QEMU died during {what}: {self._stderr_tail()}")
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, 0.05)
+
+    def _send_fd(self, fd: int, name: str) -> None:
+        assert self._qmp is not None
+        try:
+            self._qmp.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise QmpError(f"VM {self.name}: could not pass a file to QEMU: {exc}") from exc
+
+    async def save_memory(
+        self,
+        path: Path,
+        *,
+        progress: MigrationProgress | None = None,
+        timeout: float = 600.0,
+    ) -> int:
+        """Write the paused VM's memory and device state to ``path``; it stays paused.
+
+        Uses migration to a file descriptor we open (no shell, no exec: URI),
+        with the bandwidth cap lifted. Returns the number of bytes written.
+
+        Raises:
+            VmStateError: the VM is not paused.
+            VmError: the file cannot be written or the migration failed.
+        """
+        self._require(VmRunstate.PAUSED)
+        await self._migration_setup()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise VmError(f"VM {self.name}: cannot write memory to {path}: {exc.strerror}") from exc
+        try:
+            self._send_fd(fd, "memfile")
+            await self.execute("getfd", {"fdname": "memfile"})
+            await self.execute("migrate", {"uri": "fd:memfile"})
+            await self._wait_migration("saving memory", progress, timeout)
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise VmError(
+                    f"VM {self.name}: memory file {path} could not be flushed: {exc.strerror}"
+                ) from exc
+        finally:
+            os.close(fd)
+        self._set(VmRunstate.SAVED)
+        return path.stat().st_size
+
+    async def load_memory(self, path: Path, *, timeout: float = 600.0) -> None:
+        """Load memory saved by :meth:`save_memory` into this incoming VM; it stays paused.
+
+        Raises:
+            VmStateError: the VM was not started with ``incoming=True``.
+            VmError: the file cannot be read or QEMU rejected its content.
+        """
+        self._require(VmRunstate.INCOMING)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise VmError(
+                f"VM {self.name}: cannot read memory from {path}: {exc.strerror}"
+            ) from exc
+        try:
+            self._send_fd(fd, "memfile")
+            await self.execute("getfd", {"fdname": "memfile"})
+            await self._migration_setup()
+            await self.execute("migrate-incoming", {"uri": "fd:memfile"})
+            await self._wait_migration(f"loading memory from {path}", None, timeout)
+        finally:
+            os.close(fd)
+        self._set(VmRunstate.PAUSED)

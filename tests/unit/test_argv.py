@@ -1,0 +1,107 @@
+"""The QEMU argv builder: pure, so each VM's two processes are migration-compatible."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lockstep.group import NicSpec, VmSpec
+from lockstep.vm.argv import VmPaths, qemu_argv
+
+
+def _spec(**kw: object) -> VmSpec:
+    base: dict[str, object] = {
+        "name": "p1",
+        "host": "h1",
+        "memory": "256M",
+        "kernel": "/img/vmlinuz",
+        "initrd": "/img/initrd",
+        "cmdline": "console=ttyS0 root=/dev/vda",
+        "disk": "/img/rootfs.qcow2",
+        "nics": [NicSpec(network="lan", mac="52:54:00:00:00:01", bridge="lsvm")],
+    }
+    base.update(kw)
+    return VmSpec.model_validate(base)
+
+
+def _opt(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_argv_runs_the_active_layer_never_the_base() -> None:
+    """The disk QEMU opens is the layer given, not the spec's base image."""
+    argv = qemu_argv(_spec(), VmPaths(Path("/run/p1")), disk=Path("/l/p1-a.qcow2"), taps=["tap0"])
+    drives = _opt(argv, "-drive")
+    assert drives == ["file=/l/p1-a.qcow2,if=none,id=drive0,format=qcow2,cache=writeback"]
+    assert "/img/rootfs.qcow2" not in " ".join(argv)
+
+
+def test_argv_nics_use_our_taps_and_fixed_macs() -> None:
+    """Each NIC is a tap we made (no scripts) with the spec's MAC, in order."""
+    spec = _spec(
+        nics=[
+            NicSpec(network="a", mac="52:54:00:00:00:01"),
+            NicSpec(network="b", mac="52:54:00:00:00:02"),
+        ]
+    )
+    argv = qemu_argv(spec, VmPaths(Path("/r")), disk=Path("/l.qcow2"), taps=["t0", "t1"])
+    assert _opt(argv, "-netdev") == [
+        "tap,id=net0,ifname=t0,script=no,downscript=no",
+        "tap,id=net1,ifname=t1,script=no,downscript=no",
+    ]
+    assert [d for d in _opt(argv, "-device") if "netdev" in d] == [
+        "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,id=nic0",
+        "virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02,id=nic1",
+    ]
+
+
+def test_argv_incoming_waits_paused_for_memory() -> None:
+    """A restore starts QEMU with -incoming defer and -S: nothing runs before cont."""
+    argv = qemu_argv(_spec(), VmPaths(Path("/r")), disk=Path("/l"), taps=["t"], incoming=True)
+    assert _opt(argv, "-incoming") == ["defer"]
+    assert "-S" in argv
+    plain = qemu_argv(_spec(), VmPaths(Path("/r")), disk=Path("/l"), taps=["t"])
+    assert "-S" not in plain and "-incoming" not in plain
+
+
+def test_argv_same_devices_for_save_and_restore() -> None:
+    """Apart from -incoming/-S, a restored VM's argv equals the saved one's (migration needs it)."""
+    paths = VmPaths(Path("/r"))
+    a = qemu_argv(_spec(), paths, disk=Path("/l"), taps=["t"])
+    b = qemu_argv(_spec(), paths, disk=Path("/l"), taps=["t"], incoming=True)
+    assert [x for x in b if x not in ("-incoming", "defer", "-S")] == a
+
+
+def test_argv_sockets_logs_and_accel() -> None:
+    """QMP, console log (appended) and channel sockets live in the VM's run dir; accel as asked."""
+    argv = qemu_argv(_spec(accel="kvm"), VmPaths(Path("/run/p1")), disk=Path("/l"), taps=["t"])
+    chardevs = _opt(argv, "-chardev")
+    assert "socket,id=qmp,path=/run/p1/qmp.sock,server=on,wait=off" in chardevs
+    assert "file,id=console,path=/run/p1/console.log,append=on" in chardevs
+    assert "socket,id=channel,path=/run/p1/channel.sock,server=on,wait=off" in chardevs
+    assert _opt(argv, "-machine") == ["pc,accel=kvm"]
+    assert _opt(argv, "-cpu") == ["host"]
+    assert _opt(qemu_argv(_spec(), VmPaths(Path("/r")), disk=Path("/l"), taps=["t"]), "-cpu") == []
+    assert _opt(argv, "-m") == ["256M"]
+
+
+def test_argv_escapes_commas_in_paths() -> None:
+    """A comma in a path is doubled so QEMU's option parser keeps it in the value."""
+    argv = qemu_argv(_spec(), VmPaths(Path("/r,x")), disk=Path("/a,b.qcow2"), taps=["t"])
+    assert "file=/a,,b.qcow2,if=none" in _opt(argv, "-drive")[0]
+    assert "path=/r,,x/qmp.sock" in _opt(argv, "-chardev")[0]
+
+
+def test_argv_refuses_tap_count_mismatch() -> None:
+    """One tap per NIC, or the builder refuses."""
+    with pytest.raises(ValueError, match="1 NICs but 0 taps"):
+        qemu_argv(_spec(), VmPaths(Path("/r")), disk=Path("/l"), taps=[])
+
+
+def test_argv_extra_args_come_last() -> None:
+    """User extra args are appended verbatim at the end."""
+    argv = qemu_argv(
+        _spec(extra_args=["-rtc", "base=utc"]), VmPaths(Path("/r")), disk=Path("/l"), taps=["t"]
+    )
+    assert argv[-2:] == ["-rtc", "base=utc"]

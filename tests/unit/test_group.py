@@ -1,0 +1,157 @@
+"""The group file: every kind of bad input gets one sentence naming file, key and fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lockstep.errors import ConfigError
+from lockstep.group import group_file_path, load_group, parse_group, validate_name
+
+
+def _group(**vms: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "g",
+        "hosts": {"h1": {"address": "10.0.0.1:7443"}, "h2": {"address": "10.0.0.2:7443"}},
+        "networks": {"lan": {"bridge": "lsvm"}},
+        "vms": vms
+        or {
+            "p1": {
+                "host": "h1",
+                "kernel": "/k",
+                "nics": [{"network": "lan", "mac": "52:54:00:00:00:01"}],
+            }
+        },
+    }
+
+
+def _fails(data: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        parse_group(data, "g.toml", check_files=False)
+    assert str(info.value).startswith("g.toml: ")
+    assert "\n" not in str(info.value)
+
+
+def test_valid_group_fills_names_and_bridges() -> None:
+    """A good file loads; each VM knows its name, each NIC its network's bridge."""
+    g = parse_group(_group(), "g.toml", check_files=False)
+    vm = g.vms["p1"]
+    assert vm.name == "p1" and vm.memory == 256 << 20
+    assert vm.nics[0].bridge == "lsvm"
+    assert [v.name for v in g.vms_on("h1")] == ["p1"] and g.vms_on("h2") == []
+
+
+def test_unknown_host() -> None:
+    """A VM on a host not in [hosts] is named, with the hosts there are."""
+    _fails(
+        _group(p1={"host": "h9", "kernel": "/k"}),
+        r"VM 'p1' is on unknown host 'h9' \(hosts: h1, h2\)",
+    )
+
+
+def test_duplicate_mac() -> None:
+    """Two NICs with one MAC are refused, naming both VMs."""
+    nic = [{"network": "lan", "mac": "52:54:00:00:00:01"}]
+    _fails(
+        _group(
+            a={"host": "h1", "kernel": "/k", "nics": nic},
+            b={"host": "h2", "kernel": "/k", "nics": nic},
+        ),
+        r"MAC 52:54:00:00:00:01 is used twice \(VMs 'a' and 'b'\)",
+    )
+
+
+def test_memory_not_a_size() -> None:
+    """A memory value that is not a size names the key and gives examples."""
+    _fails(
+        _group(p1={"host": "h1", "kernel": "/k", "memory": "12X"}),
+        r"vms\.p1\.memory: '12X' is not a size",
+    )
+
+
+def test_unknown_key() -> None:
+    """A misspelt key is named as unknown."""
+    _fails(
+        _group(p1={"host": "h1", "kernel": "/k", "memroy": "1G"}),
+        r"vms\.p1\.memroy: is not a known key",
+    )
+
+
+def test_bad_mac_and_multicast_mac() -> None:
+    """A malformed MAC and a multicast MAC are both refused."""
+    _fails(
+        _group(p1={"host": "h1", "kernel": "/k", "nics": [{"network": "lan", "mac": "zz"}]}),
+        "is not a MAC",
+    )
+    _fails(
+        _group(
+            p1={
+                "host": "h1",
+                "kernel": "/k",
+                "nics": [{"network": "lan", "mac": "01:00:5e:00:00:01"}],
+            }
+        ),
+        "multicast MAC",
+    )
+
+
+def test_unknown_network() -> None:
+    """A NIC on a network not in [networks] is refused."""
+    _fails(
+        _group(
+            p1={
+                "host": "h1",
+                "kernel": "/k",
+                "nics": [{"network": "wan", "mac": "52:54:00:00:00:09"}],
+            }
+        ),
+        "unknown network 'wan'",
+    )
+
+
+def test_bad_address_and_accel_and_boot() -> None:
+    """Bad HOST:PORT, an unknown accelerator, and a VM with nothing to boot are refused."""
+    g = _group()
+    g["hosts"]["h1"]["address"] = "nowhere"
+    _fails(g, r"hosts\.h1\.address: 'nowhere' is not HOST:PORT")
+    _fails(_group(p1={"host": "h1", "kernel": "/k", "accel": "xen"}), r"vms\.p1\.accel")
+    _fails(_group(p1={"host": "h1"}), "needs a disk or a kernel")
+
+
+def test_unsafe_vm_name() -> None:
+    """Names reach paths and command lines: traversal and shell characters are refused."""
+    _fails(_group(**{"../x": {"host": "h1", "kernel": "/k"}}), "VM name '../x' is not allowed")
+    _fails(_group(**{"a;rm": {"host": "h1", "kernel": "/k"}}), "is not allowed")
+    with pytest.raises(ValueError, match="not allowed"):
+        validate_name("state", "a/b")
+
+
+def test_missing_image_file(tmp_path: Path) -> None:
+    """A disk, kernel or initrd that is not there is named with its path."""
+    f = tmp_path / "g.toml"
+    f.write_text('[hosts.h1]\naddress = "1.2.3.4:1"\n[vms.p1]\nhost = "h1"\nkernel = "vmlinuz"\n')
+    with pytest.raises(ConfigError, match=rf"vms\.p1\.kernel: no such file {tmp_path}/vmlinuz"):
+        load_group(f)
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    assert load_group(f).vms["p1"].kernel == tmp_path / "vmlinuz"
+
+
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    """No group file, and a file that is not TOML, each get one sentence."""
+    with pytest.raises(ConfigError, match="no such group file"):
+        load_group(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("hosts = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_group(bad)
+
+
+def test_group_file_path_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """-g wins over $LOCKSTEP_GROUP, which wins over ./lockstep.toml."""
+    monkeypatch.delenv("LOCKSTEP_GROUP", raising=False)
+    assert group_file_path(None) == Path("lockstep.toml")
+    monkeypatch.setenv("LOCKSTEP_GROUP", "/e.toml")
+    assert group_file_path(None) == Path("/e.toml")
+    assert group_file_path("/g.toml") == Path("/g.toml")
