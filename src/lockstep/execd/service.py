@@ -117,7 +117,7 @@ class HostService:
         self.store.layers_dir.mkdir(parents=True, exist_ok=True)
         for left in self.store.cleanup_staging():
             log.info("removed staging state left by a crash: %s", left)
-        for link in cleanup_freeze_links(netns=self.config.netns):
+        for link in await cleanup_freeze_links(netns=self.config.netns):
             log.info("removed freeze link left by a crash: %s", link)
         for record in sorted(self.rundir.glob("*/vm.json")):
             runtime = VmRuntime.from_json(record.read_text())
@@ -191,7 +191,7 @@ class HostService:
 
     async def _launch(self, runtime: VmRuntime, *, incoming: bool) -> Machine:
         for tap, nic in zip(runtime.taps, runtime.spec.nics, strict=True):
-            create_tap(tap, nic.bridge or nic.network, netns=self.config.netns)
+            await create_tap(tap, nic.bridge or nic.network, netns=self.config.netns)
         machine = self._machine(runtime.spec)
         layer = disk.layer_path(self.store.layers_dir, runtime.layer) if runtime.layer else None
         await machine.start(disk=layer, taps=runtime.taps, incoming=incoming)
@@ -230,12 +230,16 @@ class HostService:
         vm = self._vms.get(name)
         if vm is None:
             return
-        if vm.freeze is not None:
-            await vm.freeze.lift()
-        await vm.machine.quit()
-        for tap in vm.runtime.taps:
-            delete_link(tap, netns=self.config.netns)
-        self._forget(name)
+        try:
+            if vm.freeze is not None:
+                await vm.freeze.lift()
+        finally:
+            try:
+                await vm.machine.quit()
+            finally:
+                self._forget(name)
+                for tap in vm.runtime.taps:
+                    await delete_link(tap, netns=self.config.netns)
 
     async def down(self, vms: Sequence[str]) -> list[VmStatus]:
         """Stop the named VMs (all when empty), remove their taps and unused layers.
@@ -318,7 +322,7 @@ class HostService:
 
         async def one(vm: _Vm) -> VmReport:
             assert vm.freeze is not None
-            vm.freeze.engage()
+            await vm.freeze.engage()
             wall = await vm.machine.pause()
             return VmReport(name=vm.runtime.spec.name, paused_at=self.clock.from_wall(wall))
 
@@ -536,10 +540,15 @@ class HostService:
         A restore that is aborted cannot give back the VMs it replaced: its
         half-restored VMs are stopped cleanly instead.
 
+        An operation this host does not know (it never started here, or
+        already ended) has nothing to undo: that is not an error.
+
         Raises:
-            OperationError: the operation is unknown or already committed.
+            OperationError: the operation is already committed.
         """
-        operation = self._op(op)
+        if op not in self._ops:
+            return []
+        operation = self._ops[op]
         if operation.phase in (OpPhase.COMMITTED, OpPhase.STOPPED):
             raise OperationError(f"operation {op} is committed; it cannot be aborted")
         staging = self._staging.pop(op, None)
@@ -607,7 +616,7 @@ class HostService:
             await machine.load_memory(state_dir / rec.memory)
             vm.freeze = self._freeze_for(vm)
             await vm.freeze.prepare()
-            vm.freeze.engage()
+            await vm.freeze.engage()
             vm.freeze.load_pcaps([state_dir / f for f in rec.frames])
             return VmReport(name=name, frames_held=vm.freeze.held)
 

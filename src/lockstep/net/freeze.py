@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
 import socket
 import tempfile
 import threading
@@ -33,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute
+from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from lockstep.errors import NetError
 from lockstep.net import pcap
-from lockstep.net.links import LINK_PREFIX, delete_link
+from lockstep.net.links import OUR_LINK, delete_link, netlink
 
 __all__ = ["FreezeLimits", "FreezeState", "NicFreeze", "cleanup_freeze_links", "freeze_pair"]
 
@@ -49,7 +47,6 @@ PACKET_OUTGOING = 4
 SO_RCVBUFFORCE = 33
 CLSACT_EGRESS = 0xFFFFFFF3
 _FILTER_PRIO = 1
-_OURS = re.compile(rf"^{LINK_PREFIX}[0-9a-f]{{8}}([tfg])(\d+)$")
 _RCVBUF = 32 << 20
 _PACE_BURST = 32
 _PACE_PAUSE = 0.002
@@ -59,7 +56,7 @@ T = TypeVar("T")
 
 def freeze_pair(tap: str) -> tuple[str, str]:
     """The veth pair made for ``tap``: (redirect end, capture end)."""
-    m = _OURS.match(tap)
+    m = OUR_LINK.match(tap)
     if not m or m.group(1) != "t":
         raise NetError(f"{tap} is not a lockstep tap name")
     stem = tap[: -len(m.group(1) + m.group(2))]
@@ -214,9 +211,10 @@ class NicFreeze:
             NetError: a link, qdisc or socket could not be made (all undone).
         """
         try:
-            self._ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
+            self._ipr = AsyncIPRoute(netns=self.netns, flags=0) if self.netns else AsyncIPRoute()
+            await self._ipr.setup_endpoint()
             for nic in self._nics:
-                self._prepare_nic(nic)
+                await self._prepare_nic(nic)
         except (NetlinkError, OSError) as exc:
             await self.lift()
             raise NetError(f"cannot prepare the freeze of VM {self.vm}: {exc}") from exc
@@ -229,24 +227,24 @@ class NicFreeze:
             self._threads.append(t)
         self._set(FreezeState.PREPARED)
 
-    def _prepare_nic(self, nic: _Nic) -> None:
+    async def _prepare_nic(self, nic: _Nic) -> None:
         ipr = self._ipr
-        taps = ipr.link_lookup(ifname=nic.tap)
+        taps = await ipr.link_lookup(ifname=nic.tap)
         if not taps:
             raise NetError(f"tap {self._where(nic.tap)} does not exist")
         nic.tap_index = taps[0]
         for end in (nic.redirect_end, nic.capture_end):
-            if ipr.link_lookup(ifname=end):
-                ipr.link("del", ifname=end)
-        ipr.link("add", ifname=nic.redirect_end, kind="veth", peer=nic.capture_end)
+            if await ipr.link_lookup(ifname=end):
+                await ipr.link("del", ifname=end)
+        await ipr.link("add", ifname=nic.redirect_end, kind="veth", peer=nic.capture_end)
         for end in (nic.redirect_end, nic.capture_end):
-            ipr.link("set", ifname=end, state="up")
-        nic.redirect_index = ipr.link_lookup(ifname=nic.redirect_end)[0]
-        link = ipr.get_links(nic.redirect_index)[0]
-        nic.redirect_mac = bytes.fromhex(str(link.get("address")).replace(":", ""))
+            await ipr.link("set", ifname=end, state="up")
+        nic.redirect_index = (await ipr.link_lookup(ifname=nic.redirect_end))[0]
+        links = [link async for link in await ipr.get_links(nic.redirect_index)]
+        nic.redirect_mac = bytes.fromhex(str(links[0].get("address")).replace(":", ""))
         with contextlib.suppress(NetlinkError):
-            ipr.tc("del", "clsact", index=nic.tap_index)
-        ipr.tc("add", "clsact", index=nic.tap_index)
+            await ipr.tc("del", "clsact", index=nic.tap_index)
+        await ipr.tc("add", "clsact", index=nic.tap_index)
 
         def sockets() -> tuple[socket.socket, socket.socket]:
             cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
@@ -287,11 +285,11 @@ class NicFreeze:
 
     # -- engage ---------------------------------------------------------------
 
-    def engage(self) -> None:
+    async def engage(self) -> None:
         """Start holding: redirect every frame for the VM into our capture.
 
-        Synchronous and fast (one netlink request per NIC): it runs at the
-        scheduled instant, just before the VM pauses.
+        Fast (one netlink request per NIC, well under a millisecond): it runs at
+        the scheduled instant, just before the VM pauses.
 
         Raises:
             NetError: a filter could not be added.
@@ -300,7 +298,7 @@ class NicFreeze:
             raise NetError(f"freeze of VM {self.vm} is {self.state}; engage needs it prepared")
         try:
             for nic in self._nics:
-                self._ipr.tc(
+                await self._ipr.tc(
                     "add-filter",
                     "u32",
                     index=nic.tap_index,
@@ -360,9 +358,9 @@ class NicFreeze:
 
     # -- deliver / lift -----------------------------------------------------------
 
-    def _tx_dropped(self, nic: _Nic) -> int:
+    async def _tx_dropped(self, nic: _Nic) -> int:
         try:
-            link = self._ipr.get_links(nic.tap_index)[0]
+            link = next(iter([x async for x in await self._ipr.get_links(nic.tap_index)]))
             stats = link.get("IFLA_STATS64") or link.get("IFLA_STATS") or {}
             return int(stats.get("tx_dropped", 0))
         except (NetlinkError, IndexError, OSError):
@@ -392,7 +390,7 @@ class NicFreeze:
         if self.state not in (FreezeState.ENGAGED, FreezeState.PREPARED):
             return
         for nic in self._nics:
-            before = self._tx_dropped(nic)
+            before = await self._tx_dropped(nic)
             sent = 0
             while True:
                 with self._lock:
@@ -401,24 +399,24 @@ class NicFreeze:
                 if not batch:
                     break
                 sent += await self._inject(nic, batch)
-            self._remove_filter(nic)
+            await self._remove_filter(nic)
             # Frames captured between the last batch and the filter's removal.
             await asyncio.sleep(0.01)
             with self._lock:
                 late = list(nic.queue)
                 nic.queue.clear()
             sent += await self._inject(nic, late)
-            lost = max(0, self._tx_dropped(nic) - before)
+            lost = max(0, await self._tx_dropped(nic) - before)
             with self._lock:
                 self.delivered += sent - lost
                 self.dropped += lost
         await self.lift()
 
-    def _remove_filter(self, nic: _Nic) -> None:
+    async def _remove_filter(self, nic: _Nic) -> None:
         if self._ipr is None or not nic.tap_index:
             return
         with contextlib.suppress(NetlinkError):
-            self._ipr.tc("del", "clsact", index=nic.tap_index)
+            await self._ipr.tc("del", "clsact", index=nic.tap_index)
 
     async def lift(self) -> None:
         """Remove filters, qdiscs, veths and sockets; frames still held are discarded.
@@ -428,7 +426,7 @@ class NicFreeze:
         if self.state == FreezeState.LIFTED:
             return
         for nic in self._nics:
-            self._remove_filter(nic)
+            await self._remove_filter(nic)
         self._stop.set()
         for t in self._threads:
             await asyncio.to_thread(t.join, 1.0)
@@ -439,17 +437,16 @@ class NicFreeze:
             nic.capture = nic.inject = None
             nic.queue.clear()
             if self._ipr is not None:
-                for end in (nic.redirect_end,):
-                    with contextlib.suppress(NetlinkError):
-                        if self._ipr.link_lookup(ifname=end):
-                            self._ipr.link("del", ifname=end)
+                with contextlib.suppress(NetlinkError):
+                    if await self._ipr.link_lookup(ifname=nic.redirect_end):
+                        await self._ipr.link("del", ifname=nic.redirect_end)
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
         self._set(FreezeState.LIFTED)
 
 
-def cleanup_freeze_links(*, netns: str | None = None) -> list[str]:
+async def cleanup_freeze_links(*, netns: str | None = None) -> list[str]:
     """Remove every freeze leftover of lockstep's (veth pairs, clsact on its taps).
 
     Called at execd start: a crash mid-freeze must not leave a filter that
@@ -459,28 +456,22 @@ def cleanup_freeze_links(*, netns: str | None = None) -> list[str]:
         NetError: netlink could not be reached.
     """
     removed = []
-    try:
-        ipr = IPRoute(netns=netns) if netns else IPRoute()
-    except (NetlinkError, OSError) as exc:
-        raise NetError(f"cannot open netlink to clean up freezes: {exc}") from exc
-    try:
-        for link in ipr.get_links():
+    stale = []
+    async with netlink(netns) as ipr:
+        async for link in await ipr.get_links():
             name = str(link.get("ifname"))
-            m = _OURS.match(name)
+            m = OUR_LINK.match(name)
             if not m:
                 continue
             if m.group(1) == "t":
-                with contextlib.suppress(NetlinkError):
-                    ipr.tc("del", "clsact", index=link["index"])
+                try:
+                    await ipr.tc("del", "clsact", index=link["index"])
                     removed.append(f"clsact on {name}")
+                except NetlinkError:
+                    pass
             elif m.group(1) == "f":
-                removed.append(name)
-    finally:
-        ipr.close()
-    for name in removed:
-        if not name.startswith("clsact"):
-            delete_link(name, netns=netns)
+                stale.append(name)
+    for name in stale:
+        if await delete_link(name, netns=netns):
+            removed.append(name)
     return removed
-
-
-_ = os

@@ -9,18 +9,29 @@ host service in-process against a lab host; a real execd runs inside its host.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from pyroute2 import IPRoute
+from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from lockstep.errors import NetError
 
-__all__ = ["create_tap", "delete_link", "link_exists", "list_links", "tap_name"]
+__all__ = [
+    "OUR_LINK",
+    "create_tap",
+    "delete_link",
+    "link_exists",
+    "list_links",
+    "netlink",
+    "tap_name",
+]
 
 LINK_PREFIX = "ls"
+# Every link lockstep makes for a VM: ls + 8 hex + kind (t tap, f/g freeze pair) + index.
+OUR_LINK = re.compile(rf"^{LINK_PREFIX}[0-9a-f]{{8}}([tfg])(\d+)$")
 
 
 def tap_name(group: str, vm: str, index: int) -> str:
@@ -29,11 +40,18 @@ def tap_name(group: str, vm: str, index: int) -> str:
     return f"{LINK_PREFIX}{digest}t{index}"
 
 
-@contextmanager
-def _ipr(netns: str | None) -> Iterator[Any]:
+@asynccontextmanager
+async def netlink(netns: str | None = None) -> AsyncIterator[Any]:
+    """An async netlink socket, in ``netns`` if given (never creating it).
+
+    Raises:
+        NetError: netlink (or the namespace) could not be opened.
+    """
+    ipr = AsyncIPRoute(netns=netns, flags=0) if netns else AsyncIPRoute()
     try:
-        ipr = IPRoute(netns=netns) if netns else IPRoute()
+        await ipr.setup_endpoint()
     except (OSError, NetlinkError) as exc:
+        ipr.close()
         where = f"namespace {netns}" if netns else "this host"
         raise NetError(f"cannot open netlink in {where}: {exc}") from exc
     try:
@@ -46,28 +64,28 @@ def _where(name: str, netns: str | None) -> str:
     return f"{name}{' in namespace ' + netns if netns else ''}"
 
 
-def link_exists(name: str, *, netns: str | None = None) -> bool:
+async def link_exists(name: str, *, netns: str | None = None) -> bool:
     """Whether a link called ``name`` exists.
 
     Raises:
         NetError: netlink could not be reached.
     """
-    with _ipr(netns) as ipr:
-        return bool(ipr.link_lookup(ifname=name))
+    async with netlink(netns) as ipr:
+        return bool(await ipr.link_lookup(ifname=name))
 
 
-def list_links(prefix: str = LINK_PREFIX, *, netns: str | None = None) -> list[str]:
-    """Names of the links starting with ``prefix`` (lockstep's own).
+async def list_links(*, netns: str | None = None) -> list[str]:
+    """Names of lockstep's own VM links (taps and freeze pairs), by :data:`OUR_LINK`.
 
     Raises:
         NetError: netlink could not be reached.
     """
-    with _ipr(netns) as ipr:
-        names = [str(link.get("ifname")) for link in ipr.get_links()]
-    return sorted(n for n in names if n.startswith(prefix))
+    async with netlink(netns) as ipr:
+        names = [str(link.get("ifname")) async for link in await ipr.get_links()]
+    return sorted(n for n in names if OUR_LINK.match(n))
 
 
-def create_tap(name: str, bridge: str, *, netns: str | None = None) -> None:
+async def create_tap(name: str, bridge: str, *, netns: str | None = None) -> None:
     """Create persistent tap ``name``, enslave it to ``bridge`` and set it up.
 
     An existing tap of that name is reused (an execd restarted mid-way).
@@ -75,29 +93,29 @@ def create_tap(name: str, bridge: str, *, netns: str | None = None) -> None:
     Raises:
         NetError: the bridge is missing or the tap could not be made.
     """
-    with _ipr(netns) as ipr:
-        br = ipr.link_lookup(ifname=bridge)
+    async with netlink(netns) as ipr:
+        br = await ipr.link_lookup(ifname=bridge)
         if not br:
             raise NetError(f"bridge {_where(bridge, netns)} does not exist (is the host set up?)")
         try:
-            if not ipr.link_lookup(ifname=name):
-                ipr.link("add", ifname=name, kind="tuntap", mode="tap")
-            ipr.link("set", ifname=name, master=br[0], state="up")
+            if not await ipr.link_lookup(ifname=name):
+                await ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+            await ipr.link("set", ifname=name, master=br[0], state="up")
         except NetlinkError as exc:
             raise NetError(f"cannot create tap {_where(name, netns)} on {bridge}: {exc}") from exc
 
 
-def delete_link(name: str, *, netns: str | None = None) -> bool:
+async def delete_link(name: str, *, netns: str | None = None) -> bool:
     """Delete link ``name`` if it exists; return whether it did.
 
     Raises:
         NetError: the link exists but could not be deleted.
     """
-    with _ipr(netns) as ipr:
-        if not ipr.link_lookup(ifname=name):
+    async with netlink(netns) as ipr:
+        if not await ipr.link_lookup(ifname=name):
             return False
         try:
-            ipr.link("del", ifname=name)
+            await ipr.link("del", ifname=name)
         except NetlinkError as exc:
             if exc.code == 19:  # ENODEV: gone meanwhile
                 return False

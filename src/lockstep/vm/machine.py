@@ -281,7 +281,8 @@ class Machine:
     async def _drop_qmp(self) -> None:
         qmp, self._qmp = self._qmp, None
         if qmp is not None:
-            with contextlib.suppress(QMPError, OSError):
+            # After quit (or a crash) the reader ends with EOF; that is expected.
+            with contextlib.suppress(QMPError, OSError, EOFError):
                 await qmp.disconnect()
 
     async def quit(self, timeout: float = 10.0) -> None:

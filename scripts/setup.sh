@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what lockstep needs on a Debian bookworm machine, as root, idempotently:
+# the Debian packages (only those missing), then the venv with the project in it
+# (redone only when pyproject.toml changes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(qemu-system-x86 qemu-utils debootstrap e2fsprogs busybox-static iproute2
+          cpio tcpdump procps ca-certificates)
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: lockstep's lab needs root (namespaces, taps, QEMU); run as root" >&2
+    exit 1
+fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+    missing+=(python3-venv)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+stamp="$VENV/.lockstep-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing lockstep and its dependencies into $VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
+    echo "$want" > "$stamp"
+fi

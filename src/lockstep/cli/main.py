@@ -1,0 +1,336 @@
+"""The ``lockstep`` command: save and restore a group of VMs across hosts, in step.
+
+Every command reads the group file (``-g``, ``$LOCKSTEP_GROUP`` or
+``./lockstep.toml``), talks to every host's execd at once over mutual TLS, and
+reports as tables, or as one JSON document with ``--json``. Errors are one
+sentence on stderr and a non-zero exit status; never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.table import Table
+
+from lockstep.caller.orchestrator import GroupCaller, HostResult
+from lockstep.caller.report import OperationReport
+from lockstep.cli.certs import certs
+from lockstep.cli.lab import lab
+from lockstep.cli.output import console, emit, operation_progress, render_report, stderr
+from lockstep.errors import ConfigError, LockstepError
+from lockstep.group import GroupSpec, group_file_path, load_group
+from lockstep.rpc import HostClient, channel_credentials
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
+def fail(message: str) -> None:
+    """Print one sentence and exit 1."""
+    stderr.print(f"[bold red]lockstep:[/] {message}", highlight=False)
+    sys.exit(1)
+
+
+def run_async(coro: Awaitable[T]) -> T:
+    """Run a coroutine; LockstepError becomes one sentence and exit status 1."""
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except LockstepError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        stderr.print("lockstep: interrupted")
+        sys.exit(130)
+    raise AssertionError("unreachable")
+
+
+def _group(ctx: click.Context) -> GroupSpec:
+    path: Path = ctx.obj["group_path"]
+    try:
+        return load_group(path, check_files=False)
+    except ConfigError as exc:
+        fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+@asynccontextmanager
+async def connected(group: GroupSpec) -> AsyncIterator[GroupCaller]:
+    """A caller with one mutual-TLS client per host of ``group``."""
+    if group.tls is None:
+        raise ConfigError(
+            "the group file has no [tls] section: mutual TLS is mandatory"
+            " (make certificates with `lockstep certs`)"
+        )
+    creds = channel_credentials(group.tls.ca, group.tls.cert, group.tls.key)
+    clients = {
+        name: HostClient(name, host.address, creds, target_name=name)
+        for name, host in group.hosts.items()
+    }
+    try:
+        yield GroupCaller(group, clients)
+    finally:
+        for c in clients.values():
+            await c.close()
+
+
+def with_caller(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """Decorate a command body ``async fn(caller, **kw)``: connect, run, report errors."""
+
+    @click.pass_context
+    @functools.wraps(fn)
+    def wrapper(ctx: click.Context, /, **kw: Any) -> Any:
+        group = _group(ctx)
+
+        async def body() -> Any:
+            async with connected(group) as caller:
+                return await fn(caller, **kw)
+
+        return run_async(body())
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-g",
+    "--group",
+    "group_file",
+    metavar="GROUP.toml",
+    help="The group file (default: $LOCKSTEP_GROUP, else ./lockstep.toml).",
+)
+@click.version_option(package_name="lockstep")
+@click.pass_context
+def main(ctx: click.Context, group_file: str | None) -> None:
+    r"""Save and restore a group of QEMU/KVM VMs spread over hosts as one state.
+
+    Every VM pauses at the same instant and resumes at the same instant (the
+    skew is measured and reported), frames in flight are held outside the VMs
+    and delivered after resume, and disks are qcow2 layers, never copied.
+
+    \b
+    Try it on the embedded lab (root):
+      lockstep lab up            # 2 hosts, 4 VMs, writes ./lockstep.toml
+      lockstep save start        # one consistent state of the whole group
+      lockstep restore start     # back to it; the cluster never notices
+      lockstep lab down
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["group_path"] = group_file_path(group_file)
+
+
+main.add_command(certs)
+main.add_command(lab)
+
+
+def _host_errors(results: dict[str, HostResult[Any]]) -> dict[str, str]:
+    return {h: str(r.error) for h, r in results.items() if r.error is not None}
+
+
+@main.command()
+@json_option
+@with_caller
+async def up(caller: GroupCaller, as_json: bool) -> None:
+    """Start every VM of the group that is not running."""
+    result = await caller.up()
+    data = {h: [vars(s) for s in vms] for h, vms in result.items()}
+    emit(data, as_json, lambda d: _render_status({h: HostResult(h, v) for h, v in result.items()}))
+
+
+@main.command()
+@json_option
+@with_caller
+async def down(caller: GroupCaller, as_json: bool) -> None:
+    """Stop every VM of the group (states are kept)."""
+    result = await caller.down()
+    emit(
+        {h: [vars(s) for s in vms] for h, vms in result.items()},
+        as_json,
+        lambda d: console.print("all VMs of the group are stopped"),
+    )
+
+
+def _render_status(results: dict[str, HostResult[Any]]) -> None:
+    table = Table(title="VMs", title_justify="left")
+    for col in ("host", "VM", "runstate", "pid", "layer", "from state"):
+        table.add_column(col)
+    for host, r in sorted(results.items()):
+        if r.error is not None:
+            table.add_row(host, "-", f"[red]{r.error}[/]", "", "", "")
+            continue
+        for s in r.value or []:
+            table.add_row(
+                host, s.name, s.runstate, str(s.pid or "-"), s.layer or "-", s.state or "-"
+            )
+    console.print(table)
+
+
+@main.command()
+@json_option
+@with_caller
+async def status(caller: GroupCaller, as_json: bool) -> None:
+    """Show every host's VMs: runstate, pid, active layer, state they came from."""
+    results = await caller.status()
+    data = {
+        "hosts": {h: [vars(s) for s in (r.value or [])] for h, r in results.items()},
+        "errors": _host_errors(results),
+    }
+    emit(data, as_json, lambda _d: _render_status(results))
+    if data["errors"]:
+        sys.exit(1)
+
+
+@main.command()
+@json_option
+@with_caller
+async def check(caller: GroupCaller, as_json: bool) -> None:
+    """Measure each host's clock offset and delay, and the skew they predict.
+
+    No host clock is changed: lockstep converts between clocks itself.
+    """
+    est, skew = await caller.check()
+    data = {
+        "hosts": {
+            h: {"offset_ms": e.offset * 1000, "delay_ms": e.delay * 1000, "samples": e.samples}
+            for h, e in sorted(est.items())
+        },
+        "predicted_skew_ms": skew * 1000,
+    }
+
+    def render(d: dict[str, Any]) -> None:
+        table = Table(title="clocks", title_justify="left")
+        for col in ("host", "offset", "delay", "samples"):
+            table.add_column(col, justify="right" if col != "host" else "left")
+        for h, v in d["hosts"].items():
+            table.add_row(
+                h, f"{v['offset_ms']:+.3f} ms", f"{v['delay_ms']:.3f} ms", str(v["samples"])
+            )
+        console.print(table)
+        console.print(f"predicted skew ≤ [bold]{d['predicted_skew_ms']:.3f} ms[/]")
+
+    emit(data, as_json, render)
+
+
+def _report(report: OperationReport, as_json: bool) -> None:
+    emit(report.to_json(), as_json, lambda _d: render_report(report))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--stop", is_flag=True, help="Destroy the VMs after saving (the paper's behaviour).")
+@json_option
+@with_caller
+async def save(caller: GroupCaller, name: str, stop: bool, as_json: bool) -> None:
+    """Save the whole group as state NAME, every VM paused at one instant.
+
+    By default every VM then resumes at one common instant on a new disk
+    layer and gets the frames held for it while it was paused.
+    """
+    with operation_progress(sys.stderr.isatty()) as progress:
+        report = await caller.save(name, stop=stop, progress=progress)
+    _report(report, as_json)
+
+
+@main.command()
+@click.argument("name")
+@json_option
+@with_caller
+async def restore(caller: GroupCaller, name: str, as_json: bool) -> None:
+    """Restore the whole group to state NAME; every VM resumes at one instant.
+
+    The VMs the group runs now are replaced. The state stays as it was: it
+    can be restored again and again.
+    """
+    with operation_progress(sys.stderr.isatty()) as progress:
+        report = await caller.restore(name, progress=progress)
+    _report(report, as_json)
+
+
+@main.command()
+@json_option
+@with_caller
+async def states(caller: GroupCaller, as_json: bool) -> None:
+    """List the states of the group, with the hosts that hold them."""
+    results = await caller.states()
+    merged: dict[str, dict[str, Any]] = {}
+    for host, r in sorted(results.items()):
+        for s in r.value or []:
+            entry = merged.setdefault(
+                s.name,
+                {
+                    "name": s.name,
+                    "created_at": s.created_at,
+                    "parent": s.parent,
+                    "hosts": [],
+                    "vms": [],
+                    "size_bytes": 0,
+                },
+            )
+            entry["hosts"].append(host)
+            entry["vms"] += s.vms
+            entry["size_bytes"] += s.size_bytes
+    data = {
+        "states": sorted(merged.values(), key=lambda e: e["created_at"]),
+        "errors": _host_errors(results),
+    }
+
+    def render(d: dict[str, Any]) -> None:
+        table = Table(title="states", title_justify="left")
+        for col in ("name", "created (UTC)", "parent", "hosts", "VMs", "size"):
+            table.add_column(col)
+        for e in d["states"]:
+            table.add_row(
+                e["name"], e["created_at"], e["parent"] or "-", ", ".join(e["hosts"]),
+                ", ".join(sorted(e["vms"])), f"{e['size_bytes'] / 2**20:.1f} MiB",
+            )  # fmt: skip
+        console.print(table)
+        for h, err in d["errors"].items():
+            stderr.print(f"[red]host {h}: {err}[/]")
+
+    emit(data, as_json, render)
+
+
+@main.group()
+def state() -> None:
+    """Inspect or delete one state."""
+
+
+@state.command("show")
+@click.argument("name")
+@json_option
+@with_caller
+async def state_show(caller: GroupCaller, name: str, as_json: bool) -> None:
+    """Show state NAME's manifest on every host (VMs, layers, files, checksums)."""
+    results = await caller.state_show(name)
+    errors = _host_errors(results)
+    if len(errors) == len(results):
+        raise LockstepError(
+            f"state {name!r} is on no host: " + "; ".join(f"{h}: {e}" for h, e in errors.items())
+        )
+    data = {
+        "hosts": {h: r.value for h, r in results.items() if r.value is not None},
+        "errors": errors,
+    }
+    emit(data, as_json, lambda d: console.print_json(data=d))
+
+
+@state.command("delete")
+@click.argument("name")
+@json_option
+@with_caller
+async def state_delete(caller: GroupCaller, name: str, as_json: bool) -> None:
+    """Delete state NAME on every host (refused while other states depend on it)."""
+    removed = await caller.state_delete(name)
+    emit(
+        {"state": name, "removed_layers": removed},
+        as_json,
+        lambda _d: console.print(f"state {name!r} deleted"),
+    )

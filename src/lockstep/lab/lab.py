@@ -1,0 +1,356 @@
+"""The embedded lab: hosts as namespaces, an execd in each, VMs in pairs, a group file.
+
+``lockstep lab up`` builds (or reuses) the guest image, makes the network
+(:mod:`lockstep.lab.topology`), a CA and certificates, starts one
+``lockstep-execd`` inside each host namespace, writes the group file and starts
+the VMs through the same caller as ``lockstep up``. Everything it makes is in
+its ledger first, so ``lockstep lab down`` removes exactly that, even after a
+crash halfway; processes are also found by the paths lockstep gave them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from lockstep.errors import LabError, LockstepError
+from lockstep.group import GroupSpec, load_group
+from lockstep.lab.guestctl import GuestControl
+from lockstep.lab.image import GuestImage, build_image
+from lockstep.lab.ledger import Ledger, PathEntry, ProcessEntry, lab_ledger_path
+from lockstep.lab.topology import LabPlan, lab_down, lab_up, plan_lab, vm_ip
+from lockstep.rpc import HostClient, channel_credentials, issue, make_ca
+
+__all__ = [
+    "EXECD_PORT",
+    "LabOptions",
+    "LabVm",
+    "guest",
+    "lab_data_dir",
+    "plan_vms",
+    "take_down",
+    "bring_up",
+]
+
+EXECD_PORT = 7443
+Say = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class LabVm:
+    """One lab guest: where it runs, its role in its pair, its addresses."""
+
+    name: str
+    host: str
+    role: str  # "primary" or "standby"
+    peer: str  # the other VM of its pair
+    ip: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class LabOptions:
+    """What ``lockstep lab up`` was asked for."""
+
+    name: str = "lslab"
+    hosts: int = 2
+    vms: int = 4
+    memory: str = "256M"
+    heartbeat: float = 1.0
+    timeout: float = 3.0
+    clock_offsets: Mapping[str, float] = field(default_factory=dict)
+    extra_packages: Sequence[str] = ()
+    start: Mapping[str, str] = field(default_factory=dict)  # VM name -> extra start command
+    group_file: Path = Path("lockstep.toml")
+
+
+def lab_data_dir(name: str) -> Path:
+    """Where a lab keeps its hosts' roots, certificates and logs."""
+    return lab_ledger_path(name).parent / "data"
+
+
+def plan_vms(plan: LabPlan, count: int) -> list[LabVm]:
+    """Place ``count`` VMs as primary/standby pairs, as in the paper.
+
+    Pair k is ``p<k>``/``s<k>``; primaries go on the even-numbered hosts'
+    first one (h1 with two hosts), standbys on the next host.
+
+    Raises:
+        LabError: ``count`` is not a positive even number, or there are too few hosts.
+    """
+    if count < 2 or count % 2:
+        raise LabError(f"the lab runs VMs in primary/standby pairs: --vms {count} is not even")
+    if len(plan.hosts) < 2:
+        raise LabError("the lab needs at least 2 hosts for primary/standby pairs")
+    n = len(plan.hosts)
+    out: list[LabVm] = []
+    for k in range(count // 2):
+        p_host = plan.hosts[(2 * k) % n if n > 2 else 0].name
+        s_host = plan.hosts[((2 * k) % n + 1) % n if n > 2 else 1].name
+        for role, name, peer, host in (
+            ("primary", f"p{k + 1}", f"s{k + 1}", p_host),
+            ("standby", f"s{k + 1}", f"p{k + 1}", s_host),
+        ):
+            i = len(out)
+            out.append(
+                LabVm(
+                    name=name,
+                    host=host,
+                    role=role,
+                    peer=peer,
+                    ip=vm_ip(plan, i),
+                    mac=f"52:54:00:4c:53:{i + 1:02x}",
+                )
+            )
+    return out
+
+
+def _write_execd_config(data: Path, host: str, listen: str) -> Path:
+    hdir = data / "hosts" / host
+    hdir.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "host": host,
+        "root": str(hdir / "root"),
+        "listen": listen,
+        "tls": {
+            "ca": str(data / "certs" / "ca.pem"),
+            "cert": str(data / "certs" / f"{host}.pem"),
+            "key": str(data / "certs" / f"{host}.key"),
+        },
+    }
+    path = hdir / "execd.toml"
+    path.write_text(tomli_w.dumps(cfg))
+    return path
+
+
+def _start_execd(netns: str, config: Path, offset: float, log: Path) -> int:
+    argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "lockstep.cli.execd"]
+    argv += ["--config", str(config)]
+    if offset:
+        argv += ["--clock-offset", repr(offset)]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+    return proc.pid
+
+
+def _group_document(
+    opts: LabOptions, plan: LabPlan, image: GuestImage, vms: Sequence[LabVm], data: Path
+) -> dict[str, Any]:
+    certs = data / "certs"
+    return {
+        "name": opts.name,
+        "tls": {
+            "ca": str(certs / "ca.pem"),
+            "cert": str(certs / "caller.pem"),
+            "key": str(certs / "caller.key"),
+        },
+        "hosts": {h.name: {"address": f"{h.lan_ip}:{EXECD_PORT}"} for h in plan.hosts},
+        "networks": {"lan": {"bridge": plan.hosts[0].vm_bridge}},
+        "vms": {
+            vm.name: {
+                "host": vm.host,
+                "memory": opts.memory,
+                "kernel": str(image.kernel),
+                "initrd": str(image.initrd),
+                "disk": str(image.rootfs),
+                "cmdline": image.cmdline(
+                    hostname=vm.name,
+                    ip=f"{vm.ip}/{ipaddress.IPv4Network(plan.vm_subnet).prefixlen}",
+                    start=_start_command(opts, vm, vms),
+                ),
+                "nics": [{"network": "lan", "mac": vm.mac}],
+            }
+            for vm in vms
+        },
+    }
+
+
+def _start_command(opts: LabOptions, vm: LabVm, vms: Sequence[LabVm]) -> str | None:
+    return opts.start.get(vm.name) or None
+
+
+def clients_for(group: GroupSpec) -> dict[str, HostClient]:
+    """One mutual-TLS client per host of ``group``.
+
+    Raises:
+        ConfigError: the group has no [tls] or its files are unusable.
+    """
+    assert group.tls is not None
+    creds = channel_credentials(group.tls.ca, group.tls.cert, group.tls.key)
+    return {
+        name: HostClient(name, host.address, creds, target_name=name)
+        for name, host in group.hosts.items()
+    }
+
+
+async def _wait_execds(clients: Mapping[str, HostClient], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    for name, client in clients.items():
+        while True:
+            try:
+                await client.probe(time.time())
+                break
+            except LockstepError as exc:
+                if time.monotonic() > deadline:
+                    raise LabError(f"execd of lab host {name} did not come up: {exc}") from exc
+                await asyncio.sleep(0.2)
+
+
+def guest(group: GroupSpec, vm: str, data: Path) -> GuestControl:
+    """The control channel of lab guest ``vm`` (its execd's run dir holds the socket)."""
+    host = group.vms[vm].host
+    return GuestControl(data / "hosts" / host / "root" / "run" / vm / "channel.sock")
+
+
+async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
+    """Bring the whole lab up; return its group (also written to ``opts.group_file``).
+
+    Raises:
+        LabError: a lab of that name exists, or a step failed (what was made is
+            taken down again before raising).
+        LockstepError: from the image build, the network or the VMs.
+    """
+    from lockstep.caller.orchestrator import GroupCaller
+
+    plan = plan_lab(opts.hosts, name=opts.name)
+    vms = plan_vms(plan, opts.vms)
+    unknown = sorted(set(opts.clock_offsets) - {h.name for h in plan.hosts})
+    if unknown:
+        raise LabError(f"--clock-offset names unknown lab host {', '.join(unknown)}")
+    ledger = Ledger.for_lab(opts.name)
+    if ledger.exists():
+        raise LabError(f"lab {opts.name} is already up (run `lockstep lab down` first)")
+    say("guest image: building or reusing the cached one")
+    image = await asyncio.to_thread(build_image, list(opts.extra_packages), progress=say)
+    data = lab_data_dir(opts.name)
+    say(f"network: {len(plan.hosts)} hosts as namespaces, VXLAN between their VM bridges")
+    await asyncio.to_thread(lab_up, plan, ledger)
+    try:
+        ledger.record(PathEntry(str(data)))
+        data.mkdir(parents=True, exist_ok=True)
+        group_file = opts.group_file.resolve()
+        ledger.record(PathEntry(str(group_file)))
+        (data / "lab.json").write_text(
+            json.dumps({"options": _options_json(opts), "vms": [asdict(v) for v in vms]}, indent=1)
+        )
+        say("certificates: a CA for the lab, one for the caller and each execd")
+        ca = make_ca(data / "certs", name=f"lockstep lab {opts.name} CA")
+        issue(ca, data / "certs", "caller", kind="client")
+        for h in plan.hosts:
+            issue(ca, data / "certs", h.name, kind="server", hosts=[h.lan_ip])
+        for h in plan.hosts:
+            config = _write_execd_config(data, h.name, f"{h.lan_ip}:{EXECD_PORT}")
+            offset = float(opts.clock_offsets.get(h.name, 0.0))
+            pid = _start_execd(h.netns, config, offset, config.parent / "execd.log")
+            ledger.record(ProcessEntry.of(pid, f"lockstep-execd {h.name}"))
+            say(f"execd on {h.name} (pid {pid}{f', clock offset {offset:+g} s' if offset else ''})")
+        group_file.write_text(tomli_w.dumps(_group_document(opts, plan, image, vms, data)))
+        group = load_group(group_file)
+        clients = clients_for(group)
+        try:
+            await _wait_execds(clients)
+            say(f"VMs: starting {len(vms)} under {group.vms[vms[0].name].accel.upper()}")
+            await GroupCaller(group, clients).up()
+        finally:
+            for c in clients.values():
+                await c.close()
+        say("guests: waiting for every guest to boot")
+        await wait_guests(group, data)
+    except BaseException:
+        say("lab up failed: taking down what was made")
+        await take_down(opts.name)
+        raise
+    return group
+
+
+async def wait_guests(group: GroupSpec, data: Path, timeout: float = 180.0) -> None:
+    """Wait until every guest's control agent answers.
+
+    Raises:
+        LabError: a guest did not answer in time (its console log is named).
+    """
+
+    async def one(vm: str) -> None:
+        async with guest(group, vm, data) as ctl:
+            await ctl.wait_ready(timeout)
+
+    await asyncio.gather(*(one(vm) for vm in group.vms))
+
+
+def _options_json(opts: LabOptions) -> dict[str, Any]:
+    d = asdict(opts)
+    d["group_file"] = str(opts.group_file)
+    d["clock_offsets"] = dict(opts.clock_offsets)
+    d["start"] = dict(opts.start)
+    d["extra_packages"] = list(opts.extra_packages)
+    return d
+
+
+def _sweep(data: Path) -> list[str]:
+    """Kill processes whose command line names the lab's data dir (QEMU, execd).
+
+    These are found by the paths lockstep gave them, so a crash between
+    starting a process and recording it leaves nothing behind.
+    """
+    killed = []
+    marker = str(data) + "/"
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in cmdline]
+        if any(a.startswith(marker) or f"={marker}" in a or f",path={marker}" in a for a in args):
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(f"process {proc.name} ({Path(args[0]).name})")
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+async def take_down(name: str, say: Say = _quiet) -> list[str]:
+    """Remove everything lab ``name`` made; return what was removed.
+
+    Raises:
+        LabError: there is no such lab, or something could not be removed.
+    """
+    ledger = Ledger.for_lab(name)
+    data = lab_data_dir(name)
+    if not ledger.exists() and not data.exists():
+        raise LabError(f"there is no lab named {name} (nothing to take down)")
+    removed: list[str] = []
+    # execds first (they would restart nothing, but they hold QMP connections)...
+    for entry in ledger.entries() if ledger.exists() else []:
+        if isinstance(entry, ProcessEntry) and entry.alive():
+            os.kill(entry.pid, signal.SIGTERM)
+    await asyncio.sleep(0.2)
+    # ...then every QEMU and straggler that names the lab's paths.
+    removed += _sweep(data)
+    await asyncio.sleep(0.1)
+    if ledger.exists():
+        removed += await asyncio.to_thread(lab_down, ledger)
+    for r in removed:
+        say(f"removed {r}")
+    return removed

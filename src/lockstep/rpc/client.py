@@ -1,0 +1,370 @@
+"""The caller's side of the Execd service: one :class:`HostClient` per execd.
+
+Every call is declared once in :data:`CALLS` (Ganeti-style): the gRPC method and
+its timeout class. The client mirrors :class:`lockstep.execd.api.ExecdApi` and
+returns the same model dataclasses, so the caller never sees protobuf or gRPC.
+
+gRPC errors are mapped here, at the boundary, keeping the original as the cause:
+
+- UNAVAILABLE (refused, down, TLS handshake failed) and a deadline that passed
+  before any connection was made -> :class:`~lockstep.errors.HostUnreachable`;
+- DEADLINE_EXCEEDED on a connected channel -> :class:`~lockstep.errors.HostTimeout`;
+- any other status -> :class:`RemoteCallError` (a
+  :class:`~lockstep.errors.RemoteError`) carrying ``host``, ``kind`` (the execd's
+  error class, from the ``lockstep-error`` metadata) and ``code``.
+
+``asyncio.CancelledError`` is never caught: a cancelled call cancels its RPC.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, TypeVar, cast
+
+import grpc
+from google.protobuf.message import Message
+
+from lockstep.errors import HostTimeout, HostUnreachable, RemoteError, RpcError
+from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
+from lockstep.group import VmSpec
+from lockstep.rpc import convert
+from lockstep.rpc.convert import ERROR_KIND_KEY
+from lockstep.rpc.generated import execd_pb2 as pb
+from lockstep.rpc.generated import execd_pb2_grpc as pb_grpc
+
+__all__ = ["CALLS", "HostClient", "RemoteCallError", "Timeout"]
+
+M = TypeVar("M", bound=Message)
+
+
+class Timeout(enum.Enum):
+    """Timeout classes; the value is the default in seconds."""
+
+    FAST = 5.0  # answered from memory
+    NORMAL = 30.0  # a few QMP commands, tc, small files
+    SLOW = 600.0  # writes or loads guest memory, boots VMs
+
+
+# The one table of calls: gRPC method -> timeout class.
+CALLS: Final[Mapping[str, Timeout]] = MappingProxyType(
+    {
+        "Probe": Timeout.FAST,
+        "Up": Timeout.SLOW,
+        "Down": Timeout.NORMAL,
+        "Status": Timeout.FAST,
+        "Pause": Timeout.NORMAL,
+        "SaveMemory": Timeout.SLOW,
+        "Drain": Timeout.NORMAL,
+        "Resume": Timeout.NORMAL,
+        "Stop": Timeout.NORMAL,
+        "Commit": Timeout.NORMAL,
+        "Abort": Timeout.NORMAL,
+        "Extend": Timeout.FAST,
+        "PrepareRestore": Timeout.SLOW,
+        "States": Timeout.NORMAL,
+        "StateShow": Timeout.NORMAL,
+        "StateDelete": Timeout.NORMAL,
+    }
+)
+
+
+# What gRPC's UNAVAILABLE details say when TLS (rather than the network) refused.
+_TLS_MARKERS = ("andshake", "Socket closed", "certificate", "Hostname Verification")
+
+
+class RemoteCallError(RemoteError):
+    """The execd refused or failed a call: its message, error class and status code."""
+
+    def __init__(self, message: str, *, host: str, kind: str, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.host = host
+        self.kind = kind  # the execd's error class name, e.g. "StateNotFound"; "" if unknown
+        self.code = code
+
+
+class HostClient:
+    """An mTLS gRPC client for one execd; every method may raise :class:`RpcError`.
+
+    ``address`` is ``HOST:PORT`` as dialled. ``target_name`` overrides the name the
+    server certificate must carry (default: the host part of ``address``, which
+    :func:`lockstep.rpc.tls.issue` puts in the SAN when listed in ``hosts``).
+    ``timeouts`` overrides the seconds of some timeout classes.
+
+    The channel is created on first use, inside the running loop; :meth:`close`
+    (or ``async with``) releases it.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        address: str,
+        creds: grpc.ChannelCredentials,
+        *,
+        target_name: str | None = None,
+        timeouts: Mapping[Timeout, float] | None = None,
+    ) -> None:
+        self.host = host
+        self.address = address
+        self._creds = creds
+        self._options: list[tuple[str, Any]] = [
+            # A restarted execd is found again within seconds, not minutes.
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5000),
+        ]
+        if target_name is not None:
+            self._options.append(("grpc.ssl_target_name_override", target_name))
+        self._timeouts = {t: t.value for t in Timeout} | dict(timeouts or {})
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: Any = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"HostClient({self.host!r}, {self.address!r})"
+
+    async def __aenter__(self) -> HostClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel, cancelling calls still running; idempotent."""
+        self._closed = True
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close(None)
+
+    def _connect(self) -> Any:
+        """The generated stub over a secure channel, made on first use."""
+        if self._closed:
+            raise RpcError(f"the client for host {self.host} is closed")
+        if self._stub is None:
+            self._channel = grpc.aio.secure_channel(self.address, self._creds, self._options)
+            self._stub = pb_grpc.ExecdStub(self._channel)  # type: ignore[no-untyped-call]
+        return self._stub
+
+    def timeout(self, call: str) -> float:
+        """Seconds ``call`` (a key of :data:`CALLS`) may take."""
+        return self._timeouts[CALLS[call]]
+
+    def _error(self, call: str, exc: grpc.aio.AioRpcError) -> RpcError:
+        """Translate a failed RPC into the error tree."""
+        code = exc.code()
+        details = exc.details() or code.name
+        where = f"host {self.host} ({self.address})"
+        if code is grpc.StatusCode.UNAVAILABLE:
+            hint = ""
+            if any(marker in details for marker in _TLS_MARKERS):
+                hint = (
+                    "; if its execd is running, check the certificates (both from the"
+                    " group's CA, not expired, the server's naming this address)"
+                )
+            return HostUnreachable(f"{where} is unreachable: {details}{hint}")
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            seconds = self.timeout(call)
+            state = self._channel.get_state() if self._channel is not None else None
+            if state is not grpc.ChannelConnectivity.READY:
+                return HostUnreachable(
+                    f"{where} is unreachable: no connection within {seconds:g} s"
+                )
+            return HostTimeout(f"{where} did not answer {call} within {seconds:g} s")
+        kind = ""
+        # grpc.aio returns a Metadata of (key, value) pairs; grpc-stubs says otherwise.
+        metadata = cast("Iterable[tuple[str, str | bytes]]", exc.trailing_metadata() or ())
+        for key, value in metadata:
+            if key == ERROR_KIND_KEY:
+                kind = value.decode() if isinstance(value, bytes) else value
+        return RemoteCallError(f"{self.host}: {details}", host=self.host, kind=kind, code=code)
+
+    async def _unary(self, call: str, request: Message, reply_type: type[M]) -> M:
+        method = getattr(self._connect(), call)
+        try:
+            reply = await method(request, timeout=self.timeout(call))
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(call, exc) from exc
+        return cast(M, reply)
+
+    async def probe(self, sent: float) -> ProbeReply:
+        """One clock probe; ``sent`` is the caller's send time (for the record).
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        reply = await self._unary("Probe", pb.ProbeRequest(sent=sent), pb.ProbeReply)
+        return convert.probe_reply_from_pb(reply)
+
+    async def up(self, group: str, vms: Sequence[VmSpec]) -> list[VmStatus]:
+        """Start the host's VMs of ``group`` that are not running.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        request = pb.UpRequest(group=group, vm_specs_json=convert.specs_to_json(vms))
+        return convert.vm_statuses_from_pb(await self._unary("Up", request, pb.VmStatusList))
+
+    async def down(self, vms: Sequence[str] = ()) -> list[VmStatus]:
+        """Stop the named VMs (all of this host when empty).
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        request = pb.DownRequest(vms=list(vms))
+        return convert.vm_statuses_from_pb(await self._unary("Down", request, pb.VmStatusList))
+
+    async def status(self) -> list[VmStatus]:
+        """The host's VMs as they are now.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        return convert.vm_statuses_from_pb(await self._unary("Status", pb.Empty(), pb.VmStatusList))
+
+    async def pause(
+        self, op: str, state: str, at: float, vms: Sequence[str], deadline: float
+    ) -> list[VmReport]:
+        """Open save ``op`` of ``state``; pause at ``at``; self-resume at ``deadline``.
+
+        Times are on the execd's clock.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        request = pb.PauseRequest(op=op, state=state, at=at, vms=list(vms), deadline=deadline)
+        return convert.vm_reports_from_pb(await self._unary("Pause", request, pb.VmReportList))
+
+    async def save_memory(
+        self,
+        op: str,
+        keep_running: bool,
+        progress: Callable[[SaveProgress], None] | None = None,
+    ) -> list[VmReport]:
+        """Write the paused VMs' memory, calling ``progress`` for each step reported.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError (also when the
+                stream ends without a result).
+            Exception: whatever ``progress`` raises (the call is then cancelled).
+        """
+        stub = self._connect()
+        request = pb.SaveMemoryRequest(op=op, keep_running=keep_running)
+        stream = stub.SaveMemory(request, timeout=self.timeout("SaveMemory"))
+        try:
+            async for msg in stream:
+                if msg.HasField("result"):
+                    return convert.vm_reports_from_pb(msg.result)
+                if progress is not None:
+                    progress(convert.save_progress_from_pb(msg))
+        except grpc.aio.AioRpcError as exc:
+            raise self._error("SaveMemory", exc) from exc
+        finally:
+            stream.cancel()  # a no-op once the call has finished
+        raise RemoteCallError(
+            f"{self.host}: SaveMemory ended without a result",
+            host=self.host,
+            kind="",
+            code=grpc.StatusCode.OK,
+        )
+
+    async def drain(self, op: str, quiet: float, limit: float) -> list[VmReport]:
+        """Capture until ``quiet`` seconds pass without a frame (at most ``limit``).
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        request = pb.DrainRequest(op=op, quiet=quiet, limit=limit)
+        return convert.vm_reports_from_pb(await self._unary("Drain", request, pb.VmReportList))
+
+    async def resume(self, op: str, at: float) -> list[VmReport]:
+        """Resume ``op``'s VMs at ``at`` (execd clock) and deliver their frames.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        request = pb.ResumeRequest(op=op, at=at)
+        return convert.vm_reports_from_pb(await self._unary("Resume", request, pb.VmReportList))
+
+    async def stop(self, op: str) -> list[VmReport]:
+        """Destroy ``op``'s VMs (``save --stop``).
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        request = pb.OpRequest(op=op)
+        return convert.vm_reports_from_pb(await self._unary("Stop", request, pb.VmReportList))
+
+    async def commit(self, op: str) -> StateInfo | None:
+        """Make ``op`` permanent; a save returns the state now visible.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        reply = await self._unary("Commit", pb.OpRequest(op=op), pb.CommitReply)
+        return convert.state_from_pb(reply.state) if reply.HasField("state") else None
+
+    async def abort(self, op: str, resume_at: float | None) -> list[VmReport]:
+        """Undo ``op``; resume its VMs at ``resume_at`` (execd clock) if given.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        request = pb.AbortRequest(op=op)
+        if resume_at is not None:
+            request.resume_at = resume_at
+        return convert.vm_reports_from_pb(await self._unary("Abort", request, pb.VmReportList))
+
+    async def extend(self, op: str, deadline: float) -> None:
+        """Push ``op``'s dead-man deadline back to ``deadline`` (execd clock).
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        await self._unary("Extend", pb.ExtendRequest(op=op, deadline=deadline), pb.Empty)
+
+    async def prepare_restore(self, op: str, state: str, deadline: float) -> list[VmReport]:
+        """Load ``state``'s VMs of this host, paused, for restore ``op``.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        request = pb.PrepareRestoreRequest(op=op, state=state, deadline=deadline)
+        reply = await self._unary("PrepareRestore", request, pb.VmReportList)
+        return convert.vm_reports_from_pb(reply)
+
+    async def states(self) -> list[StateInfo]:
+        """The committed states on this host.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        return convert.states_from_pb(await self._unary("States", pb.Empty(), pb.StateList))
+
+    async def state_show(self, name: str) -> dict[str, Any]:
+        """State ``name``'s manifest.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError (also when the
+                manifest is not a JSON object).
+        """
+        reply = await self._unary("StateShow", pb.StateRequest(name=name), pb.StateDetail)
+        try:
+            return convert.manifest_from_pb(reply)
+        except ValueError as exc:
+            raise RemoteCallError(
+                f"{self.host}: {exc}", host=self.host, kind="", code=grpc.StatusCode.OK
+            ) from exc
+
+    async def state_delete(self, name: str) -> list[str]:
+        """Delete state ``name``; returns the layers removed.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        reply = await self._unary("StateDelete", pb.StateRequest(name=name), pb.StateDeleteReply)
+        return list(reply.removed_layers)

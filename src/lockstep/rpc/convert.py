@@ -1,0 +1,252 @@
+"""Conversions between the execd's dataclasses and the protobuf messages.
+
+The only place that knows both shapes, so the server and the client stay thin and
+the service stays free of protobuf. proto3 has no "unset" for scalars, so absent
+values travel as the zero value where zero is never a real value:
+
+- ``VmStatus.pid`` None <-> 0 (no process has pid 0), ``layer``/``state`` None <-> "";
+- ``StateInfo.parent`` None <-> "" (state names are never empty);
+- ``VmReport.paused_at``/``resumed_at`` and ``AbortRequest.resume_at`` are proto
+  ``optional``, so None and 0.0 stay distinct;
+- ``CommitReply.state`` unset <-> None.
+
+VM specs travel as their pydantic JSON; :func:`specs_from_json` validates them and
+raises ``ValueError`` with a one-line message naming the bad spec.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
+from lockstep.group import VmSpec, validate_name
+from lockstep.rpc.generated import execd_pb2 as pb
+
+# Trailing metadata key under which the server names the error's class
+# (``StateNotFound``, ``ValueError``, ...), so the client can tell kinds apart.
+ERROR_KIND_KEY = "lockstep-error"
+
+__all__ = [
+    "ERROR_KIND_KEY",
+    "manifest_from_pb",
+    "manifest_to_pb",
+    "probe_reply_from_pb",
+    "probe_reply_to_pb",
+    "save_progress_from_pb",
+    "save_progress_to_pb",
+    "specs_from_json",
+    "specs_to_json",
+    "state_from_pb",
+    "state_to_pb",
+    "states_from_pb",
+    "states_to_pb",
+    "validation_message",
+    "vm_report_from_pb",
+    "vm_report_to_pb",
+    "vm_reports_from_pb",
+    "vm_reports_to_pb",
+    "vm_status_from_pb",
+    "vm_status_to_pb",
+    "vm_statuses_from_pb",
+    "vm_statuses_to_pb",
+]
+
+
+def probe_reply_to_pb(reply: ProbeReply) -> pb.ProbeReply:
+    """A clock probe's stamps as a message."""
+    return pb.ProbeReply(received=reply.received, sent=reply.sent)
+
+
+def probe_reply_from_pb(msg: pb.ProbeReply) -> ProbeReply:
+    """A clock probe's stamps from a message."""
+    return ProbeReply(received=msg.received, sent=msg.sent)
+
+
+def vm_status_to_pb(status: VmStatus) -> pb.VmStatus:
+    """A VM's status as a message (None -> 0 / "")."""
+    return pb.VmStatus(
+        name=status.name,
+        runstate=status.runstate,
+        pid=status.pid or 0,
+        layer=status.layer or "",
+        state=status.state or "",
+    )
+
+
+def vm_status_from_pb(msg: pb.VmStatus) -> VmStatus:
+    """A VM's status from a message (0 / "" -> None)."""
+    return VmStatus(
+        name=msg.name,
+        runstate=msg.runstate,
+        pid=msg.pid or None,
+        layer=msg.layer or None,
+        state=msg.state or None,
+    )
+
+
+def vm_statuses_to_pb(statuses: Iterable[VmStatus]) -> pb.VmStatusList:
+    """Several VMs' status as one message."""
+    return pb.VmStatusList(vms=[vm_status_to_pb(s) for s in statuses])
+
+
+def vm_statuses_from_pb(msg: pb.VmStatusList) -> list[VmStatus]:
+    """Several VMs' status from one message."""
+    return [vm_status_from_pb(m) for m in msg.vms]
+
+
+def vm_report_to_pb(report: VmReport) -> pb.VmReport:
+    """What a step did to a VM, as a message (optional instants stay optional)."""
+    msg = pb.VmReport(
+        name=report.name,
+        memory_bytes=report.memory_bytes,
+        frames_held=report.frames_held,
+        frames_delivered=report.frames_delivered,
+        frames_dropped=report.frames_dropped,
+    )
+    if report.paused_at is not None:
+        msg.paused_at = report.paused_at
+    if report.resumed_at is not None:
+        msg.resumed_at = report.resumed_at
+    return msg
+
+
+def vm_report_from_pb(msg: pb.VmReport) -> VmReport:
+    """What a step did to a VM, from a message."""
+    return VmReport(
+        name=msg.name,
+        paused_at=msg.paused_at if msg.HasField("paused_at") else None,
+        resumed_at=msg.resumed_at if msg.HasField("resumed_at") else None,
+        memory_bytes=msg.memory_bytes,
+        frames_held=msg.frames_held,
+        frames_delivered=msg.frames_delivered,
+        frames_dropped=msg.frames_dropped,
+    )
+
+
+def vm_reports_to_pb(reports: Iterable[VmReport]) -> pb.VmReportList:
+    """Several VM reports as one message."""
+    return pb.VmReportList(vms=[vm_report_to_pb(r) for r in reports])
+
+
+def vm_reports_from_pb(msg: pb.VmReportList) -> list[VmReport]:
+    """Several VM reports from one message."""
+    return [vm_report_from_pb(m) for m in msg.vms]
+
+
+def save_progress_to_pb(progress: SaveProgress) -> pb.SaveProgress:
+    """One progress step of SaveMemory as a stream message (``result`` unset)."""
+    return pb.SaveProgress(vm=progress.vm, done=progress.done, total=progress.total)
+
+
+def save_progress_from_pb(msg: pb.SaveProgress) -> SaveProgress:
+    """One progress step of SaveMemory from a stream message."""
+    return SaveProgress(vm=msg.vm, done=msg.done, total=msg.total)
+
+
+def state_to_pb(state: StateInfo) -> pb.StateInfo:
+    """A committed state as a message (parent None -> "")."""
+    return pb.StateInfo(
+        name=state.name,
+        host=state.host,
+        created_at=state.created_at,
+        parent=state.parent or "",
+        vms=list(state.vms),
+        size_bytes=state.size_bytes,
+    )
+
+
+def state_from_pb(msg: pb.StateInfo) -> StateInfo:
+    """A committed state from a message ("" parent -> None)."""
+    return StateInfo(
+        name=msg.name,
+        host=msg.host,
+        created_at=msg.created_at,
+        parent=msg.parent or None,
+        vms=list(msg.vms),
+        size_bytes=msg.size_bytes,
+    )
+
+
+def states_to_pb(states: Iterable[StateInfo]) -> pb.StateList:
+    """Several states as one message."""
+    return pb.StateList(states=[state_to_pb(s) for s in states])
+
+
+def states_from_pb(msg: pb.StateList) -> list[StateInfo]:
+    """Several states from one message."""
+    return [state_from_pb(m) for m in msg.states]
+
+
+def manifest_to_pb(manifest: dict[str, Any]) -> pb.StateDetail:
+    """A state's manifest (JSON-ready data) as a message.
+
+    Raises:
+        ValueError: the manifest is not JSON-serialisable.
+    """
+    try:
+        text = json.dumps(manifest, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the state manifest cannot be sent as JSON: {exc}") from exc
+    return pb.StateDetail(manifest_json=text)
+
+
+def manifest_from_pb(msg: pb.StateDetail) -> dict[str, Any]:
+    """A state's manifest from a message.
+
+    Raises:
+        ValueError: the text is not a JSON object.
+    """
+    try:
+        data = json.loads(msg.manifest_json)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the state manifest is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"the state manifest is a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def specs_to_json(specs: Iterable[VmSpec]) -> list[str]:
+    """VM specs as the JSON strings UpRequest carries."""
+    return [spec.model_dump_json() for spec in specs]
+
+
+def validation_message(exc: ValidationError) -> str:
+    """The first problem of a pydantic error as ``where: what`` on one line."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid"
+    err = errors[0]
+    where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "is not a known key"
+    elif err["type"] == "missing":
+        msg = "is missing"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where + ': ' if where else ''}{msg}{more}"
+
+
+def specs_from_json(texts: Sequence[str]) -> list[VmSpec]:
+    """Validate the JSON VM specs of an UpRequest.
+
+    Raises:
+        ValueError: a spec is not valid JSON, not a valid VM spec, has a bad name,
+            or two specs have the same name; the message names the spec.
+    """
+    specs: list[VmSpec] = []
+    seen: set[str] = set()
+    for i, text in enumerate(texts):
+        try:
+            spec = VmSpec.model_validate_json(text)
+        except ValidationError as exc:
+            raise ValueError(f"VM spec #{i + 1} is invalid: {validation_message(exc)}") from exc
+        validate_name("VM", spec.name)
+        if spec.name in seen:
+            raise ValueError(f"VM {spec.name!r} is listed twice")
+        seen.add(spec.name)
+        specs.append(spec)
+    return specs

@@ -1,0 +1,213 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("sent",)
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    sent: float
+    def __init__(self, sent: _Optional[float] = ...) -> None: ...
+
+class ProbeReply(_message.Message):
+    __slots__ = ("received", "sent")
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    received: float
+    sent: float
+    def __init__(self, received: _Optional[float] = ..., sent: _Optional[float] = ...) -> None: ...
+
+class UpRequest(_message.Message):
+    __slots__ = ("group", "vm_specs_json")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    VM_SPECS_JSON_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    vm_specs_json: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group: _Optional[str] = ..., vm_specs_json: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DownRequest(_message.Message):
+    __slots__ = ("vms",)
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    vms: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, vms: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class VmStatus(_message.Message):
+    __slots__ = ("name", "runstate", "pid", "layer", "state")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RUNSTATE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    runstate: str
+    pid: int
+    layer: str
+    state: str
+    def __init__(self, name: _Optional[str] = ..., runstate: _Optional[str] = ..., pid: _Optional[int] = ..., layer: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
+class VmStatusList(_message.Message):
+    __slots__ = ("vms",)
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    vms: _containers.RepeatedCompositeFieldContainer[VmStatus]
+    def __init__(self, vms: _Optional[_Iterable[_Union[VmStatus, _Mapping]]] = ...) -> None: ...
+
+class VmReport(_message.Message):
+    __slots__ = ("name", "paused_at", "resumed_at", "memory_bytes", "frames_held", "frames_delivered", "frames_dropped")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_AT_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_AT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_HELD_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    paused_at: float
+    resumed_at: float
+    memory_bytes: int
+    frames_held: int
+    frames_delivered: int
+    frames_dropped: int
+    def __init__(self, name: _Optional[str] = ..., paused_at: _Optional[float] = ..., resumed_at: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., frames_held: _Optional[int] = ..., frames_delivered: _Optional[int] = ..., frames_dropped: _Optional[int] = ...) -> None: ...
+
+class VmReportList(_message.Message):
+    __slots__ = ("vms",)
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    vms: _containers.RepeatedCompositeFieldContainer[VmReport]
+    def __init__(self, vms: _Optional[_Iterable[_Union[VmReport, _Mapping]]] = ...) -> None: ...
+
+class OpRequest(_message.Message):
+    __slots__ = ("op",)
+    OP_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    def __init__(self, op: _Optional[str] = ...) -> None: ...
+
+class PauseRequest(_message.Message):
+    __slots__ = ("op", "state", "at", "vms", "deadline")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    state: str
+    at: float
+    vms: _containers.RepeatedScalarFieldContainer[str]
+    deadline: float
+    def __init__(self, op: _Optional[str] = ..., state: _Optional[str] = ..., at: _Optional[float] = ..., vms: _Optional[_Iterable[str]] = ..., deadline: _Optional[float] = ...) -> None: ...
+
+class SaveMemoryRequest(_message.Message):
+    __slots__ = ("op", "keep_running")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    keep_running: bool
+    def __init__(self, op: _Optional[str] = ..., keep_running: _Optional[bool] = ...) -> None: ...
+
+class SaveProgress(_message.Message):
+    __slots__ = ("vm", "done", "total", "result")
+    VM_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    vm: str
+    done: int
+    total: int
+    result: VmReportList
+    def __init__(self, vm: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., result: _Optional[_Union[VmReportList, _Mapping]] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("op", "quiet", "limit")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    QUIET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    quiet: float
+    limit: float
+    def __init__(self, op: _Optional[str] = ..., quiet: _Optional[float] = ..., limit: _Optional[float] = ...) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ("op", "at")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    at: float
+    def __init__(self, op: _Optional[str] = ..., at: _Optional[float] = ...) -> None: ...
+
+class AbortRequest(_message.Message):
+    __slots__ = ("op", "resume_at")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    RESUME_AT_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    resume_at: float
+    def __init__(self, op: _Optional[str] = ..., resume_at: _Optional[float] = ...) -> None: ...
+
+class ExtendRequest(_message.Message):
+    __slots__ = ("op", "deadline")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    deadline: float
+    def __init__(self, op: _Optional[str] = ..., deadline: _Optional[float] = ...) -> None: ...
+
+class CommitReply(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: StateInfo
+    def __init__(self, state: _Optional[_Union[StateInfo, _Mapping]] = ...) -> None: ...
+
+class PrepareRestoreRequest(_message.Message):
+    __slots__ = ("op", "state", "deadline")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    state: str
+    deadline: float
+    def __init__(self, op: _Optional[str] = ..., state: _Optional[str] = ..., deadline: _Optional[float] = ...) -> None: ...
+
+class StateInfo(_message.Message):
+    __slots__ = ("name", "host", "created_at", "parent", "vms", "size_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    host: str
+    created_at: str
+    parent: str
+    vms: _containers.RepeatedScalarFieldContainer[str]
+    size_bytes: int
+    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., created_at: _Optional[str] = ..., parent: _Optional[str] = ..., vms: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class StateList(_message.Message):
+    __slots__ = ("states",)
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    states: _containers.RepeatedCompositeFieldContainer[StateInfo]
+    def __init__(self, states: _Optional[_Iterable[_Union[StateInfo, _Mapping]]] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class StateDetail(_message.Message):
+    __slots__ = ("manifest_json",)
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    manifest_json: str
+    def __init__(self, manifest_json: _Optional[str] = ...) -> None: ...
+
+class StateDeleteReply(_message.Message):
+    __slots__ = ("removed_layers",)
+    REMOVED_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    removed_layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, removed_layers: _Optional[_Iterable[str]] = ...) -> None: ...

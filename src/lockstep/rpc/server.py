@@ -1,0 +1,371 @@
+"""The execd's gRPC server: a thin adapter from the Execd service to an ``ExecdApi``.
+
+The service (:class:`lockstep.execd.api.ExecdApi`) knows nothing of gRPC; this
+module only (1) validates every request field before the service sees it,
+(2) converts messages to and from the model dataclasses (:mod:`lockstep.rpc.convert`),
+(3) maps the service's errors to status codes (:data:`STATUS_FOR_ERROR`) with the
+error's class name in the ``lockstep-error`` trailing metadata, so the client can
+tell kinds apart. Unexpected exceptions become INTERNAL with a one-line message;
+their traceback goes to this process's log, never over the wire.
+
+The server listens with mutual TLS only (:mod:`lockstep.rpc.tls`); there is no
+plaintext port.
+"""
+
+# The servicer's method names are the proto's RPC names (Probe, SaveMemory, ...).
+# ruff: noqa: N802
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from pydantic import ValidationError
+
+from lockstep.errors import (
+    ConfigError,
+    LockstepError,
+    StateExists,
+    StateInUse,
+    StateNotFound,
+)
+from lockstep.execd.api import ExecdApi
+from lockstep.execd.model import SaveProgress, VmReport
+from lockstep.group import validate_name
+from lockstep.rpc import convert
+from lockstep.rpc.convert import ERROR_KIND_KEY
+from lockstep.rpc.generated import execd_pb2 as pb
+from lockstep.rpc.generated import execd_pb2_grpc as pb_grpc
+
+__all__ = ["STATUS_FOR_ERROR", "ExecdServicer", "serve", "start_server"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# First match wins: subclasses before their bases.
+STATUS_FOR_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (StateNotFound, grpc.StatusCode.NOT_FOUND),
+    (StateExists, grpc.StatusCode.ALREADY_EXISTS),
+    (StateInUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # includes pydantic's ValidationError
+    (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
+    (LockstepError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+_MAX_MESSAGE = 1000
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """What the client is told about an exception."""
+
+    code: grpc.StatusCode
+    message: str
+    kind: str
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        text = convert.validation_message(exc)
+    else:
+        text = str(exc).strip().split("\n", 1)[0] or type(exc).__name__
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def _failure(call: str, exc: Exception) -> _Failure:
+    """Classify ``exc`` raised while serving ``call``; log it as it deserves."""
+    kind = type(exc).__name__
+    for error_type, code in STATUS_FOR_ERROR:
+        if isinstance(exc, error_type):
+            message = _one_line(exc)
+            log.info("%s refused: %s: %s", call, kind, message)
+            return _Failure(code, message, kind)
+    log.error("%s failed unexpectedly", call, exc_info=exc)
+    return _Failure(
+        grpc.StatusCode.INTERNAL,
+        f"{call} failed with an internal error ({kind}: {_one_line(exc)});"
+        " the execd's log has the details",
+        kind,
+    )
+
+
+async def _abort(context: Context, failure: _Failure) -> NoReturn:
+    await context.abort(
+        failure.code, failure.message, trailing_metadata=((ERROR_KIND_KEY, failure.kind),)
+    )
+
+
+# Request validation: every field is checked before the service is called.
+
+
+def _op(value: str) -> str:
+    return validate_name("operation", value)
+
+
+def _state(value: str) -> str:
+    return validate_name("state", value)
+
+
+def _vms(values: Sequence[str]) -> list[str]:
+    names = [validate_name("VM", v) for v in values]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"VM {dup!r} is listed twice")
+    return names
+
+
+def _instant(what: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite time, not {value}")
+    return value
+
+
+def _duration(what: str, value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite, non-negative number of seconds, not {value}")
+    return value
+
+
+def _reap(task: asyncio.Task[Any]) -> None:
+    """Retrieve the outcome of a task nobody awaits any more, so nothing is lost silently."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("abandoned service call failed", exc_info=task.exception())
+
+
+class ExecdServicer(pb_grpc.ExecdServicer):
+    """Serves one :class:`~lockstep.execd.api.ExecdApi` over gRPC."""
+
+    def __init__(self, api: ExecdApi) -> None:
+        self._api = api
+
+    async def _guard(self, call: str, context: Context, body: Callable[[], Awaitable[T]]) -> T:
+        """Run ``body``; on error abort the RPC with the mapped status (never returns then)."""
+        try:
+            return await body()
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # CancelledError is a BaseException: it passes through
+            failure = _failure(call, exc)
+        await _abort(context, failure)
+
+    async def Probe(self, request: pb.ProbeRequest, context: Context) -> pb.ProbeReply:
+        """Stamp a clock probe (``request.sent`` is the caller's and not needed here)."""
+
+        async def body() -> pb.ProbeReply:
+            return convert.probe_reply_to_pb(self._api.probe())
+
+        return await self._guard("Probe", context, body)
+
+    async def Up(self, request: pb.UpRequest, context: Context) -> pb.VmStatusList:
+        """Start the given VMs."""
+
+        async def body() -> pb.VmStatusList:
+            group = validate_name("group", request.group)
+            specs = convert.specs_from_json(request.vm_specs_json)
+            return convert.vm_statuses_to_pb(await self._api.up(group, specs))
+
+        return await self._guard("Up", context, body)
+
+    async def Down(self, request: pb.DownRequest, context: Context) -> pb.VmStatusList:
+        """Stop the given VMs (all when none is named)."""
+
+        async def body() -> pb.VmStatusList:
+            vms = _vms(request.vms)
+            return convert.vm_statuses_to_pb(await self._api.down(vms))
+
+        return await self._guard("Down", context, body)
+
+    async def Status(self, request: pb.Empty, context: Context) -> pb.VmStatusList:
+        """The VMs of this host."""
+
+        async def body() -> pb.VmStatusList:
+            return convert.vm_statuses_to_pb(self._api.status())
+
+        return await self._guard("Status", context, body)
+
+    async def Pause(self, request: pb.PauseRequest, context: Context) -> pb.VmReportList:
+        """Open a save operation and pause at ``at``."""
+
+        async def body() -> pb.VmReportList:
+            op, state, vms = _op(request.op), _state(request.state), _vms(request.vms)
+            at = _instant("at", request.at)
+            deadline = _instant("deadline", request.deadline)
+            if deadline <= at:
+                raise ValueError(f"deadline {deadline} is not after the pause time {at}")
+            return convert.vm_reports_to_pb(await self._api.pause(op, state, at, vms, deadline))
+
+        return await self._guard("Pause", context, body)
+
+    async def SaveMemory(
+        self, request: pb.SaveMemoryRequest, context: Context
+    ) -> AsyncIterator[pb.SaveProgress]:
+        """Save memory, streaming progress; the last message carries the result.
+
+        The service's progress callback must be called from the event loop's
+        thread (it feeds an asyncio.Queue). If the client goes away, the service
+        call is cancelled.
+        """
+        failure: _Failure | None = None
+        try:
+            op = _op(request.op)
+            queue: asyncio.Queue[SaveProgress | None] = asyncio.Queue()
+            task: asyncio.Task[list[VmReport]] = asyncio.create_task(
+                self._api.save_memory(op, request.keep_running, queue.put_nowait)
+            )
+            # The sentinel is queued after every progress the call reported.
+            task.add_done_callback(lambda _: queue.put_nowait(None))
+            try:
+                while (progress := await queue.get()) is not None:
+                    yield convert.save_progress_to_pb(progress)
+                reports = task.result()
+            finally:
+                if not task.done():  # the client went away (or we were cancelled)
+                    task.cancel()
+                    task.add_done_callback(_reap)
+            yield pb.SaveProgress(result=convert.vm_reports_to_pb(reports))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # CancelledError is a BaseException: it passes through
+            failure = _failure("SaveMemory", exc)
+        if failure is not None:
+            await _abort(context, failure)
+
+    async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.VmReportList:
+        """Capture until quiet, then store the held frames."""
+
+        async def body() -> pb.VmReportList:
+            op = _op(request.op)
+            quiet = _duration("quiet", request.quiet)
+            limit = _duration("limit", request.limit)
+            return convert.vm_reports_to_pb(await self._api.drain(op, quiet, limit))
+
+        return await self._guard("Drain", context, body)
+
+    async def Resume(self, request: pb.ResumeRequest, context: Context) -> pb.VmReportList:
+        """Resume the operation's VMs at ``at``."""
+
+        async def body() -> pb.VmReportList:
+            op, at = _op(request.op), _instant("at", request.at)
+            return convert.vm_reports_to_pb(await self._api.resume(op, at))
+
+        return await self._guard("Resume", context, body)
+
+    async def Stop(self, request: pb.OpRequest, context: Context) -> pb.VmReportList:
+        """Destroy the operation's VMs."""
+
+        async def body() -> pb.VmReportList:
+            return convert.vm_reports_to_pb(await self._api.stop(_op(request.op)))
+
+        return await self._guard("Stop", context, body)
+
+    async def Commit(self, request: pb.OpRequest, context: Context) -> pb.CommitReply:
+        """Make the operation's result permanent."""
+
+        async def body() -> pb.CommitReply:
+            state = await self._api.commit(_op(request.op))
+            if state is None:
+                return pb.CommitReply()
+            return pb.CommitReply(state=convert.state_to_pb(state))
+
+        return await self._guard("Commit", context, body)
+
+    async def Abort(self, request: pb.AbortRequest, context: Context) -> pb.VmReportList:
+        """Undo the operation."""
+
+        async def body() -> pb.VmReportList:
+            op = _op(request.op)
+            resume_at = (
+                _instant("resume_at", request.resume_at) if request.HasField("resume_at") else None
+            )
+            return convert.vm_reports_to_pb(await self._api.abort(op, resume_at))
+
+        return await self._guard("Abort", context, body)
+
+    async def Extend(self, request: pb.ExtendRequest, context: Context) -> pb.Empty:
+        """Push back the dead-man deadline."""
+
+        async def body() -> pb.Empty:
+            self._api.extend(_op(request.op), _instant("deadline", request.deadline))
+            return pb.Empty()
+
+        return await self._guard("Extend", context, body)
+
+    async def PrepareRestore(
+        self, request: pb.PrepareRestoreRequest, context: Context
+    ) -> pb.VmReportList:
+        """Load the state's VMs, paused."""
+
+        async def body() -> pb.VmReportList:
+            op, state = _op(request.op), _state(request.state)
+            deadline = _instant("deadline", request.deadline)
+            return convert.vm_reports_to_pb(await self._api.prepare_restore(op, state, deadline))
+
+        return await self._guard("PrepareRestore", context, body)
+
+    async def States(self, request: pb.Empty, context: Context) -> pb.StateList:
+        """The committed states here."""
+
+        async def body() -> pb.StateList:
+            return convert.states_to_pb(self._api.states())
+
+        return await self._guard("States", context, body)
+
+    async def StateShow(self, request: pb.StateRequest, context: Context) -> pb.StateDetail:
+        """One state's manifest."""
+
+        async def body() -> pb.StateDetail:
+            return convert.manifest_to_pb(self._api.state_show(_state(request.name)))
+
+        return await self._guard("StateShow", context, body)
+
+    async def StateDelete(self, request: pb.StateRequest, context: Context) -> pb.StateDeleteReply:
+        """Delete a state."""
+
+        async def body() -> pb.StateDeleteReply:
+            removed = await self._api.state_delete(_state(request.name))
+            return pb.StateDeleteReply(removed_layers=removed)
+
+        return await self._guard("StateDelete", context, body)
+
+
+async def start_server(
+    api: ExecdApi, listen: str, creds: grpc.ServerCredentials
+) -> tuple[grpc.aio.Server, int]:
+    """Serve ``api`` on ``listen`` (``HOST:PORT``; port 0 picks one) with mutual TLS.
+
+    Returns the started server and the port it is bound to. Must be called inside
+    the running event loop that will serve.
+
+    Raises:
+        ConfigError: the address cannot be bound (bad address, or in use).
+    """
+    # SO_REUSEPORT (gRPC's default) would let two execds share a port silently.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_ExecdServicer_to_server(ExecdServicer(api), server)  # type: ignore[no-untyped-call]
+    why = "the address is invalid, not on this host, or in use (another lockstep-execd?)"
+    try:
+        port = server.add_secure_port(listen, creds)
+    except RuntimeError as exc:  # gRPC's text adds nothing; it stays the cause
+        raise ConfigError(f"cannot listen on {listen}: {why}") from exc
+    if port == 0:
+        raise ConfigError(f"cannot listen on {listen}: {why}")
+    await server.start()
+    log.info("execd listening on %s (port %d, mutual TLS)", listen, port)
+    return server, port
+
+
+async def serve(api: ExecdApi, listen: str, creds: grpc.ServerCredentials) -> grpc.aio.Server:
+    """Serve ``api`` on ``listen`` with mutual TLS; the caller awaits termination or stops it.
+
+    Raises:
+        ConfigError: the address cannot be bound (bad address, or in use).
+    """
+    server, _ = await start_server(api, listen, creds)
+    return server
