@@ -318,7 +318,6 @@ class HostService:
         for vm in targets:
             vm.freeze = self._freeze_for(vm)
             await vm.freeze.prepare()
-        await self.clock.wait_until(at)
 
         async def one(vm: _Vm) -> VmReport:
             assert vm.freeze is not None
@@ -326,7 +325,10 @@ class HostService:
             wall = await vm.machine.pause()
             return VmReport(name=vm.runtime.spec.name, paused_at=self.clock.from_wall(wall))
 
-        reports = await _gather_all([one(vm) for vm in targets])
+        qemu = [t for vm in targets for t in vm.machine.control_threads()]
+        vcpus = [t for vm in targets for t in vm.machine.vcpu_threads()]
+        async with self.clock.at_instant(at, qemu, vcpus):
+            reports = await _gather_all([one(vm) for vm in targets])
         operation.advance(OpPhase.PAUSED)
         return reports
 
@@ -406,14 +408,19 @@ class HostService:
 
     async def _resume_all(self, targets: Sequence[_Vm], at: float | None) -> list[VmReport]:
         """Resume paused VMs at ``at``, then deliver their held frames and lift freezes."""
-        if at is not None:
-            await self.clock.wait_until(at)
+        walls: dict[str, float] = {}
+
+        async def wake(vm: _Vm) -> None:
+            if vm.machine.runstate in (VmRunstate.PAUSED, VmRunstate.SAVED):
+                walls[vm.runtime.spec.name] = await vm.machine.resume()
+
+        qemu = [t for vm in targets for t in vm.machine.control_threads()]
+        async with self.clock.at_instant(at if at is not None else self.clock.now(), qemu):
+            await _gather_all([wake(vm) for vm in targets])
 
         async def one(vm: _Vm) -> VmReport:
             name = vm.runtime.spec.name
-            wall = None
-            if vm.machine.runstate in (VmRunstate.PAUSED, VmRunstate.SAVED):
-                wall = await vm.machine.resume()
+            wall = walls.get(name)
             held = delivered = dropped = 0
             if vm.freeze is not None:
                 await vm.freeze.deliver()

@@ -246,7 +246,7 @@ class GuestControl:
             return await asyncio.wait_for(future, wait)
         except TimeoutError as exc:
             raise LabError(
-                f"the guest on {self.socket_path} did not answer {what} within {wait:g} s"
+                f"the guest on {self.socket_path} did not answer {what} within {wait:.1f} s"
             ) from exc
         except ConnectionError as exc:
             raise LabError(

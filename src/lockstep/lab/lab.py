@@ -74,10 +74,13 @@ class LabOptions:
     memory: str = "256M"
     heartbeat: float = 1.0
     timeout: float = 3.0
+    stream_rate: int = 200  # packets per second from every guest to every other guest
     clock_offsets: Mapping[str, float] = field(default_factory=dict)
     extra_packages: Sequence[str] = ()
     start: Mapping[str, str] = field(default_factory=dict)  # VM name -> extra start command
     group_file: Path = Path("lockstep.toml")
+    lan_subnet: str = "10.123.0.0/24"
+    vm_subnet: str = "10.124.0.0/24"
 
 
 def lab_data_dir(name: str) -> Path:
@@ -230,7 +233,9 @@ async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
     """
     from lockstep.caller.orchestrator import GroupCaller
 
-    plan = plan_lab(opts.hosts, name=opts.name)
+    plan = plan_lab(
+        opts.hosts, name=opts.name, lan_subnet=opts.lan_subnet, vm_subnet=opts.vm_subnet
+    )
     vms = plan_vms(plan, opts.vms)
     unknown = sorted(set(opts.clock_offsets) - {h.name for h in plan.hosts})
     if unknown:
@@ -279,6 +284,39 @@ async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
         await take_down(opts.name)
         raise
     return group
+
+
+def execd_pid(name: str, host: str) -> int | None:
+    """The pid of lab ``name``'s execd for ``host`` (from the ledger), if it runs."""
+    ledger = Ledger.for_lab(name)
+    found = None
+    for entry in ledger.entries() if ledger.exists() else []:
+        if isinstance(entry, ProcessEntry) and entry.what == f"lockstep-execd {host}":
+            if entry.alive():
+                found = entry.pid
+    return found
+
+
+def restart_execd(name: str, host: str, *, offset: float | None = None) -> int:
+    """(Re)start lab ``name``'s execd for ``host``, as ``lab up`` did; return its pid.
+
+    The VMs it ran keep running: the new execd re-attaches to them.
+
+    Raises:
+        LabError: the lab or host is unknown, or an execd for it still runs.
+    """
+    data = lab_data_dir(name)
+    config = data / "hosts" / host / "execd.toml"
+    if not config.exists():
+        raise LabError(f"lab {name} has no host {host}")
+    if execd_pid(name, host) is not None:
+        raise LabError(f"the execd of lab host {host} still runs")
+    info = json.loads((data / "lab.json").read_text())
+    if offset is None:
+        offset = float(info["options"]["clock_offsets"].get(host, 0.0))
+    pid = _start_execd(f"{name}-{host}", config, offset, config.parent / "execd.log")
+    Ledger.for_lab(name).record(ProcessEntry.of(pid, f"lockstep-execd {host}"))
+    return pid
 
 
 async def wait_guests(group: GroupSpec, data: Path, timeout: float = 180.0) -> None:

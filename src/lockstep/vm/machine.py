@@ -140,6 +140,32 @@ class Machine:
         """QEMU's pid, once started or attached."""
         return self._pid
 
+    def control_threads(self) -> list[int]:
+        """Thread ids that carry a QMP command through: every thread but the vCPUs.
+
+        That is QEMU's main loop, its monitor I/O and the workers that do the
+        block I/O of, say, re-activating disks on ``cont`` after a migration
+        (names from ``-name ...,debug-threads=on``). Empty if QEMU is gone.
+        """
+        return self._threads(vcpus=False)
+
+    def vcpu_threads(self) -> list[int]:
+        """Thread ids of the vCPUs (``CPU n/TCG`` or ``CPU n/KVM``)."""
+        return self._threads(vcpus=True)
+
+    def _threads(self, *, vcpus: bool) -> list[int]:
+        if self._pid is None:
+            return []
+        tids = []
+        try:
+            for task in Path(f"/proc/{self._pid}/task").iterdir():
+                comm = (task / "comm").read_text().strip()
+                if comm.startswith("CPU ") == vcpus:
+                    tids.append(int(task.name))
+        except OSError:
+            return []
+        return sorted(tids)
+
     def _require(self, *states: VmRunstate) -> None:
         if self._runstate not in states:
             wanted = " or ".join(s.value for s in states)

@@ -126,10 +126,11 @@ def run_command(command: str, timeout: float) -> tuple[int, str]:
             data = os.read(fd, 65536)
             if not data:
                 break
-            if kept < MAX_OUTPUT:
-                chunks.append(data[: MAX_OUTPUT - kept])
+            room = MAX_OUTPUT - kept
+            cut = cut or len(data) > room
+            if room > 0:
+                chunks.append(data[:room])
                 kept += len(chunks[-1])
-            cut = cut or kept >= MAX_OUTPUT
         if not timed_out:
             try:
                 proc.wait(max(deadline - time.monotonic(), 0.0))

@@ -1,0 +1,92 @@
+"""Pause/resume skew of lockstep: save/restore cycles of 4 VMs on 2 hosts.
+
+One host's execd runs with its clock 2.5 s wrong (``--clock-offset``), so the
+figures include clock sync. Prints p50 and max of ``pause_skew_ms`` (save) and
+``resume_skew_ms`` (save and restore), taken from QEMU's own STOP/RESUME event
+timestamps. Goal: max <= 1 ms.
+
+    python -m bench.skew [--cycles 20] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.common import lab_caller, percentile, say
+from lockstep.lab.lab import LabOptions
+
+
+async def run(cycles: int, offset: float) -> dict[str, Any]:
+    """Run the cycles on a fresh lab and return the figures."""
+    work = Path(tempfile.mkdtemp(prefix="lockstep-bench-"))
+    opts = LabOptions(
+        name="lsbench",
+        clock_offsets={"h2": offset},
+        group_file=work / "lockstep.toml",
+        lan_subnet="10.125.0.0/24",
+        vm_subnet="10.126.0.0/24",
+    )
+    pause: list[float] = []
+    resume_save: list[float] = []
+    resume_restore: list[float] = []
+    restore_s: list[float] = []
+    async with lab_caller(opts) as caller:
+        for i in range(cycles):
+            name = f"bench-{i}"
+            saved = await caller.save(name)
+            restored = await caller.restore(name)
+            assert saved.pause_skew_ms is not None and saved.resume_skew_ms is not None
+            assert restored.resume_skew_ms is not None
+            pause.append(saved.pause_skew_ms)
+            resume_save.append(saved.resume_skew_ms)
+            resume_restore.append(restored.resume_skew_ms)
+            restore_s.append(restored.duration_s)
+            say(
+                f"cycle {i + 1}/{cycles}: pause {saved.pause_skew_ms:.3f} ms,"
+                f" resume {saved.resume_skew_ms:.3f} ms (save),"
+                f" {restored.resume_skew_ms:.3f} ms (restore)"
+            )
+    rows = {
+        "pause_skew_ms (save)": pause,
+        "resume_skew_ms (save)": resume_save,
+        "resume_skew_ms (restore)": resume_restore,
+    }
+    return {
+        "cycles": cycles,
+        "vms": 4,
+        "hosts": 2,
+        "clock_offset_s": offset,
+        "figures": {
+            k: {"p50": percentile(v, 50), "max": max(v), "values": v} for k, v in rows.items()
+        },
+        "restore_duration_s": {"p50": percentile(restore_s, 50), "max": max(restore_s)},
+    }
+
+
+def main() -> None:
+    """Run the benchmark and print its table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--cycles", type=int, default=20)
+    ap.add_argument("--offset", type=float, default=2.5, help="clock offset of h2's execd (s)")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    result = asyncio.run(run(args.cycles, args.offset))
+    print(f"skew over {args.cycles} save/restore cycles, 4 VMs on 2 hosts, h2 clock +{args.offset} s")
+    print(f"{'':28} {'p50':>9} {'max':>9}")
+    for k, v in result["figures"].items():
+        print(f"{k:28} {v['p50']:9.3f} {v['max']:9.3f}")
+    r = result["restore_duration_s"]
+    print(f"{'restore duration (s)':28} {r['p50']:9.3f} {r['max']:9.3f}")
+    goal = all(v["max"] <= 1.0 for v in result["figures"].values())
+    print(f"goal max <= 1 ms: {'met' if goal else 'NOT met'}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
