@@ -10,6 +10,7 @@ Cancellation (``asyncio.CancelledError``) is never caught or translated.
 
     LockstepError
      ├── ConfigError            bad group file, execd config or option value
+     │    └── InvalidName       a name that could reach a path or command line (a ValueError too)
      ├── CommandError           an external command exited non-zero or could not start
      ├── VmError                a QEMU process, from start to quit
      │    ├── QemuStartError    QEMU exited or failed to open QMP while starting
@@ -26,9 +27,10 @@ Cancellation (``asyncio.CancelledError``) is never caught or translated.
      ├── RpcError               talking to an execd
      │    ├── HostUnreachable   no connection could be made (or TLS refused)
      │    ├── HostTimeout       the host did not answer in time
-     │    └── RemoteError       the execd answered with an error of its own
+     │    └── RemoteError       the execd refused or failed a call (host, kind, status code)
      ├── ClockError             clock sync could not meet the skew budget
-     └── OperationFailed        a group operation failed and was rolled back
+     ├── OperationFailed        a group operation failed and was rolled back
+     └── OperationError         (lockstep.execd.ops) an execd step asked out of order
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ class LockstepError(Exception):
 
 class ConfigError(LockstepError):
     """A group file, execd config or option is invalid."""
+
+
+class InvalidName(ConfigError, ValueError):
+    """A state, VM, host, network, group or operation name that is not allowed.
+
+    Names reach file paths and command lines, so every place one enters (group
+    file, CLI argument, RPC field, manifest) checks it. It is a ``ValueError``
+    too, so pydantic validators and ``except ValueError`` treat it as bad input.
+    """
 
 
 class CommandError(LockstepError):
@@ -113,7 +124,20 @@ class HostTimeout(RpcError):
 
 
 class RemoteError(RpcError):
-    """The execd answered with an error of its own; the message is the remote's."""
+    """The execd answered with an error of its own; the message is the remote's.
+
+    ``host`` is the execd's host name, ``kind`` the class name of the execd's error
+    (``"StateNotFound"``; empty if unknown) and ``code`` the gRPC status code's
+    name (``"NOT_FOUND"``; None when the reply was malformed rather than refused).
+    """
+
+    def __init__(
+        self, message: str, *, host: str = "", kind: str = "", code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.host = host
+        self.kind = kind
+        self.code = code
 
 
 class ClockError(LockstepError):

@@ -18,6 +18,7 @@ A group file is TOML::
     [vms.p1]
     host = "h1"
     memory = "256M"
+    memory_path = "auto"        # "fast", "standard" or "auto" (docs/memory.md)
     kernel = "/var/cache/lockstep/images/.../vmlinuz"
     initrd = ".../initrd.img"
     cmdline = "console=ttyS0 root=/dev/vda"
@@ -30,6 +31,7 @@ as one sentence naming the file, the key and what is wrong (:class:`ConfigError`
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -42,11 +44,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from lockstep.errors import ConfigError
+from lockstep.errors import ConfigError, InvalidName
 from lockstep.units import parse_size
 
 __all__ = [
@@ -58,15 +61,25 @@ __all__ = [
     "TlsSpec",
     "VmSpec",
     "group_file_path",
+    "is_dns_name",
     "load_group",
     "parse_group",
     "validate_name",
 ]
 
 DEFAULT_GROUP_FILE = "lockstep.toml"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+# Always fullmatch: with match(), "$" also matches before a trailing newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*")
+_SHOWN = 40  # characters of a bad value quoted in a message
+
+
+def _shown(value: str) -> str:
+    """``value`` quoted for a one-line message: escaped, and cut if long."""
+    return repr(value) if len(value) <= _SHOWN else repr(value[:_SHOWN]) + "..."
 
 
 def validate_name(kind: str, value: str) -> str:
@@ -76,18 +89,35 @@ def validate_name(kind: str, value: str) -> str:
     ``_ . -`` are allowed, starting with a letter or digit, at most 63 long.
 
     Raises:
-        ValueError: the name is not allowed (the message says why).
+        InvalidName: the name is not allowed (the message says why); it is a
+            ``ValueError`` too, so pydantic validators report it as bad input.
     """
-    if not _NAME.match(value) or ".." in value:
-        raise ValueError(
-            f"{kind} name {value!r} is not allowed (use letters, digits, '_', '.', '-';"
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value:
+        text = _shown(value) if isinstance(value, str) else f"of type {type(value).__name__}"
+        raise InvalidName(
+            f"{kind} name {text} is not allowed (use letters, digits, '_', '.', '-';"
             " start with a letter or digit; at most 63 characters; no '..')"
         )
     return value
 
 
+def is_dns_name(value: str) -> bool:
+    """Whether ``value`` is a DNS name (letters, digits, '-' labels joined by '.')."""
+    return _DNS_NAME.fullmatch(value) is not None
+
+
+def _no_nul(what: str, value: str) -> None:
+    if "\x00" in value:
+        raise ValueError(f"{what} {_shown(value)} contains a NUL character")
+
+
 def _size(value: Any) -> Any:
-    return parse_size(value) if isinstance(value, str | int) else value
+    if not isinstance(value, str | int):
+        return value
+    try:
+        return parse_size(value)
+    except OverflowError:  # "9999...9M": float() gives inf
+        raise ValueError(f"{_shown(str(value))} is too large a size") from None
 
 
 Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
@@ -114,8 +144,19 @@ class HostSpec(_Model):
     @classmethod
     def _address(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{v!r} is not HOST:PORT")
+        bad = ValueError(
+            f"{_shown(v)} is not HOST:PORT (HOST an IPv4 address, [IPv6 address] or"
+            " DNS name; PORT 1-65535)"
+        )
+        if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+            raise bad
+        if host.startswith("[") and host.endswith("]"):
+            try:
+                ipaddress.IPv6Address(host[1:-1])
+            except ValueError:
+                raise bad from None
+        elif not is_dns_name(host):  # an IPv4 address is a DNS name to this regex
+            raise bad
         return v
 
 
@@ -127,9 +168,13 @@ class NetworkSpec(_Model):
     @field_validator("bridge")
     @classmethod
     def _bridge(cls, v: str) -> str:
-        if not _IFNAME.match(v):
-            raise ValueError(f"{v!r} is not a link name (1-15 of letters, digits, '_.-')")
-        return v
+        return _link_name(v)
+
+
+def _link_name(v: str) -> str:
+    if not _IFNAME.fullmatch(v):
+        raise ValueError(f"{_shown(v)} is not a link name (1-15 of letters, digits, '_.-')")
+    return v
 
 
 class NicSpec(_Model):
@@ -142,13 +187,23 @@ class NicSpec(_Model):
     # so a VmSpec sent to an execd stands alone.
     bridge: str | None = None
 
+    @field_validator("network")
+    @classmethod
+    def _network(cls, v: str) -> str:
+        return validate_name("network", v)
+
+    @field_validator("bridge")
+    @classmethod
+    def _bridge(cls, v: str | None) -> str | None:
+        return None if v is None else _link_name(v)
+
     @field_validator("mac", mode="before")
     @classmethod
     def _mac(cls, v: Any) -> Any:
         if isinstance(v, str):
             v = v.lower()
-            if not _MAC.match(v):
-                raise ValueError(f"{v!r} is not a MAC address (like 52:54:00:12:34:56)")
+            if not _MAC.fullmatch(v):
+                raise ValueError(f"{_shown(v)} is not a MAC address (like 52:54:00:12:34:56)")
             if int(v[:2], 16) & 1:
                 raise ValueError(f"{v!r} is a multicast MAC; a NIC needs a unicast one")
         return v
@@ -168,6 +223,43 @@ class VmSpec(_Model):
     cmdline: str = ""
     nics: list[NicSpec] = Field(default_factory=list)
     extra_args: list[str] = Field(default_factory=list)
+    # How guest RAM is saved and restored (docs/memory.md): "fast" keeps it in a
+    # file and saves only device state, "standard" streams all of it through
+    # migration, "auto" is fast where it works and says why when it is not.
+    memory_path: Literal["fast", "standard", "auto"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        # Empty until the group file fills it in from the VM's key.
+        return v if v == "" else validate_name("VM", v)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return validate_name("host", v)
+
+    # These reach QEMU's argv; a NUL would only fail later, inside Popen.
+    @field_validator("cmdline")
+    @classmethod
+    def _cmdline(cls, v: str) -> str:
+        _no_nul("cmdline", v)
+        return v
+
+    # Paths also reach messages: a control character in one is a mistake, never a file.
+    @field_validator("disk", "kernel", "initrd")
+    @classmethod
+    def _path(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is not None and not str(v).isprintable():
+            raise ValueError(f"{info.field_name} path {_shown(str(v))} has a control character")
+        return v
+
+    @field_validator("extra_args")
+    @classmethod
+    def _args(cls, v: list[str]) -> list[str]:
+        for arg in v:
+            _no_nul("extra argument", arg)
+        return v
 
     @model_validator(mode="after")
     def _boot(self) -> VmSpec:
@@ -245,8 +337,13 @@ class GroupSpec(_Model):
         return [vm for vm in self.vms.values() if vm.host == host]
 
 
+def _printable(text: str) -> str:
+    """``text`` as is if it prints on one line, else quoted and escaped."""
+    return text if text.isprintable() else _shown(text)
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
-    parts = [str(p) for p in loc if not str(p).startswith("function-")]
+    parts = [_printable(str(p)) for p in loc if not str(p).startswith("function-")]
     return ".".join(parts)
 
 
@@ -292,8 +389,17 @@ def parse_group(data: dict[str, Any], source: str, *, check_files: bool = True) 
         for vm in group.vms.values():
             for key in ("disk", "kernel", "initrd"):
                 path = getattr(vm, key)
-                if path is not None and not path.is_file():
-                    raise ConfigError(f"{source}: vms.{vm.name}.{key}: no such file {path}")
+                if path is None:
+                    continue
+                where = f"{source}: vms.{vm.name}.{key}"
+                try:
+                    found = path.is_file()
+                except OSError as exc:  # too long a name, no permission...
+                    raise ConfigError(
+                        f"{where}: cannot check file {_printable(str(path))}: {exc.strerror}"
+                    ) from exc
+                if not found:
+                    raise ConfigError(f"{where}: no such file {_printable(str(path))}")
     return group
 
 

@@ -22,10 +22,13 @@ def parse_size(text: str | int) -> int:
         if text < 0:
             raise ValueError(f"{text} is not a size (it is negative)")
         return text
-    m = _SIZE.match(text)
+    m = _SIZE.fullmatch(text)
     if not m:
-        raise ValueError(f"{text!r} is not a size (examples: 512M, 4G)")
-    return int(float(m.group(1)) * _SIZE_FACTOR[m.group(2).upper()])
+        raise ValueError(f"{text[:40]!r} is not a size (examples: 512M, 4G)")
+    try:
+        return int(float(m.group(1)) * _SIZE_FACTOR[m.group(2).upper()])
+    except (OverflowError, ValueError) as exc:
+        raise ValueError(f"{text[:40]!r} is too large a size") from exc
 
 
 def parse_duration(text: str | float) -> float:

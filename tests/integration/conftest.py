@@ -2,16 +2,20 @@
 
 One lab per test session: 2 hosts as namespaces, 4 VMs (p1, p2 on h1; s1, s2
 on h2), h2's execd with its clock 2.5 s wrong so every operation exercises clock
-sync. Its own name and subnets, so it never touches a user's lab. It is always
-taken down, and on any failure the guests' console logs and execd logs are
-copied to ``build/test-logs/`` next to the report.
+sync. Its name and subnets are picked anew for each session (free ones), so it
+never touches a user's lab nor another test session's. It is always
+taken down (unless ``LOCKSTEP_KEEP_LAB=1``, for debugging), and on any failure
+the guests' console logs and execd logs are copied to ``build/test-logs/``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
+import random
 import shutil
+import string
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -24,9 +28,8 @@ from lockstep.caller.orchestrator import GroupCaller
 from lockstep.group import GroupSpec, load_group
 from lockstep.lab.guestctl import GuestControl
 from lockstep.lab.lab import LabOptions, bring_up, clients_for, guest, lab_data_dir, take_down
-from lockstep.proc import which
+from lockstep.proc import run, which
 
-LAB_NAME = "lsit"
 LOGS = Path(__file__).resolve().parents[2] / "build" / "test-logs"
 
 
@@ -48,10 +51,14 @@ class Lab:
 
     @asynccontextmanager
     async def caller(self) -> AsyncIterator[GroupCaller]:
-        """A caller over real gRPC + mutual TLS (create inside the test's event loop)."""
+        """A caller over real gRPC + mutual TLS (create inside the test's event loop).
+
+        Its skew budget is wide: on this small shared machine clock delays of a
+        few ms are normal; the budget's refusal is tested on its own.
+        """
         clients = clients_for(self.group)
         try:
-            yield GroupCaller(self.group, clients)
+            yield GroupCaller(self.group, clients, skew_budget=0.05)
         finally:
             for c in clients.values():
                 await c.close()
@@ -85,29 +92,53 @@ def _keep_logs(data: Path, name: str) -> None:
         shutil.copy2(log, target)
 
 
+def _free_subnets() -> tuple[str, str]:
+    """Two /24s in 10.160-10.239 that no route of this machine overlaps."""
+    routes = [ipaddress.ip_network(r) for r in _route_prefixes()]
+    candidates = list(range(160, 240, 2))
+    random.shuffle(candidates)
+    for b in candidates:
+        nets = [ipaddress.ip_network(f"10.{b}.0.0/24"), ipaddress.ip_network(f"10.{b + 1}.0.0/24")]
+        if not any(n.overlaps(r) for n in nets for r in routes):
+            return str(nets[0]), str(nets[1])
+    raise RuntimeError("no free 10.x subnets for the test lab")
+
+
+def _route_prefixes() -> list[str]:
+    out = run(["ip", "-4", "route", "show", "table", "all"]).text
+    prefixes = []
+    for line in out.splitlines():
+        first = line.split()[0] if line.split() else ""
+        if first in ("broadcast", "local", "unreachable", "blackhole"):
+            first = line.split()[1]
+        if first and first != "default" and first[0].isdigit():
+            prefixes.append(first if "/" in first else first + "/32")
+    return prefixes
+
+
 @pytest.fixture(scope="session")
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """The session's lab: up once, down at the end whatever happened."""
     _skip_unless_lab_possible()
+    name = "lsit" + "".join(random.choices(string.ascii_lowercase, k=3))
+    lan, vms = _free_subnets()
     work = Path(tempfile.mkdtemp(prefix="lockstep-it-"))
     opts = LabOptions(
-        name=LAB_NAME,
+        name=name,
         clock_offsets={"h2": 2.5},
         group_file=work / "lockstep.toml",
-        lan_subnet="10.127.0.0/24",
-        vm_subnet="10.128.0.0/24",
+        lan_subnet=lan,
+        vm_subnet=vms,
     )
-    data = lab_data_dir(LAB_NAME)
-    if data.parent.exists():  # a crashed earlier session
-        asyncio.run(take_down(LAB_NAME))
+    data = lab_data_dir(name)
     try:
         group = asyncio.run(bring_up(opts))
-        yield Lab(LAB_NAME, group, opts.group_file, data)
+        yield Lab(name, group, opts.group_file, data)
     finally:
         if request.session.testsfailed and data.exists():
-            _keep_logs(data, LAB_NAME)
-        if data.parent.exists():
-            asyncio.run(take_down(LAB_NAME))
+            _keep_logs(data, name)
+        if data.parent.exists() and not os.environ.get("LOCKSTEP_KEEP_LAB"):
+            asyncio.run(take_down(name))
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -129,3 +160,11 @@ def fresh(lab: Lab) -> Lab:
 def reload(lab: Lab) -> GroupSpec:
     """The lab's group file, read again."""
     return load_group(lab.group_file)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything in this folder needs the real lab: mark it `integration`."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)

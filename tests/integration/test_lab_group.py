@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from lockstep.errors import OperationFailed
-from lockstep.lab.lab import execd_pid, restart_execd
+from lockstep.lab.lab import execd_pid, restart_execd, wait_execds
 from lockstep.rpc.generated import execd_pb2, execd_pb2_grpc
 from tests.integration.conftest import Lab
 
@@ -79,7 +79,7 @@ def test_restarted_execd_reattaches_and_still_restores(fresh: Lab) -> None:
 
     asyncio.run(unreachable())
     restart_execd(fresh.name, "h1")
-    time.sleep(1.5)
+    asyncio.run(wait_execds(fresh.group))
     after = asyncio.run(statuses())
     assert after == before, "the restarted execd must re-attach to the same running VMs"
 
@@ -110,4 +110,3 @@ def test_lab_execd_refuses_plaintext(lab: Lab) -> None:
             )
 
     asyncio.run(run())
-

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lockstep.group import NicSpec, VmSpec
-from lockstep.vm.argv import VmPaths, qemu_argv
+from lockstep.vm.argv import RAM_BACKEND_ID, RamFile, VmPaths, qemu_argv
 
 
 def _spec(**kw: object) -> VmSpec:
@@ -105,3 +105,49 @@ def test_argv_extra_args_come_last() -> None:
         _spec(extra_args=["-rtc", "base=utc"]), VmPaths(Path("/r")), disk=Path("/l"), taps=["t"]
     )
     assert argv[-2:] == ["-rtc", "base=utc"]
+
+
+def test_argv_standard_memory_is_anonymous() -> None:
+    """Without a RAM file guest RAM is plain ``-m``: no memory backend object at all."""
+    argv = qemu_argv(_spec(), VmPaths(Path("/r")), disk=Path("/l.qcow2"), taps=["t0"])
+    assert _opt(argv, "-m") == ["256M"]
+    assert _opt(argv, "-machine") == ["pc,accel=tcg"]
+    assert not [o for o in _opt(argv, "-object") if "memory-backend" in o]
+
+
+@pytest.mark.parametrize(("shared", "share"), [(True, "on"), (False, "off")])
+def test_argv_fast_memory_is_a_file_backend(shared: bool, share: str) -> None:
+    """The fast path's RAM is one memory-backend-file named like a plain pc's RAM.
+
+    Same size as ``-m``, the machine's memory backend, ``share=on`` for the
+    VM's own file and ``share=off`` (private copy-on-write) for a state's image.
+    """
+    ram = RamFile(Path("/run/p1,x/guest.ram"), shared=shared)
+    argv = qemu_argv(
+        _spec(memory="1G"), VmPaths(Path("/r")), disk=Path("/l.qcow2"), taps=["t0"], ram=ram
+    )
+    assert RAM_BACKEND_ID == "pc.ram"
+    assert _opt(argv, "-m") == ["1G"]
+    assert _opt(argv, "-machine") == ["pc,accel=tcg,memory-backend=pc.ram"]
+    assert _opt(argv, "-object") == [
+        f"memory-backend-file,id=pc.ram,mem-path=/run/p1,,x/guest.ram,size=1G,share={share}"
+    ]
+
+
+def test_argv_fast_and_standard_differ_only_in_memory() -> None:
+    """Both paths build the same devices in the same order: only the RAM options change."""
+    spec = _spec()
+    paths = VmPaths(Path("/r"))
+    std = qemu_argv(spec, paths, disk=Path("/l.qcow2"), taps=["t0"], incoming=True)
+    fast = qemu_argv(
+        spec,
+        paths,
+        disk=Path("/l.qcow2"),
+        taps=["t0"],
+        incoming=True,
+        ram=RamFile(paths.ram, shared=True),
+    )
+    i = fast.index("-object")
+    assert fast[:i] + fast[i + 2 :] == [
+        a.replace("pc,accel=tcg", "pc,accel=tcg,memory-backend=pc.ram") for a in std
+    ]

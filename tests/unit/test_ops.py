@@ -61,6 +61,8 @@ def test_phase_plans() -> None:
     assert [p.call for p in save_plan(stop=True)] == [
         "probe", "pause", "save_memory", "drain", "commit", "stop",
     ]  # fmt: skip
-    assert [p.call for p in restore_plan()] == ["prepare_restore", "probe", "resume", "commit"]
+    assert [p.call for p in restore_plan()] == [
+        "probe", "prepare_restore", "probe", "resume", "commit",
+    ]  # fmt: skip
     common = [p.call for p in save_plan(stop=False) if p.at_common_instant]
     assert common == ["pause", "resume"]

@@ -8,9 +8,10 @@ to go on, abort everywhere, or compensate after a partial commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -37,9 +38,11 @@ T = TypeVar("T")
 # host, and the host prepare its freeze, before it.
 PAUSE_MARGIN = 0.35
 RESUME_MARGIN = 0.15
-# Dead-man's timer: paused VMs resume by themselves this long after the pause
-# unless the operation ends first.
-DEADMAN_SECONDS = 120.0
+# Dead-man's timer: paused VMs resume by themselves (at one instant on every
+# host) this long after the caller last extended the operation.
+DEADMAN_SECONDS = 30.0
+# Refuse to start when clock error alone could cause more skew than this.
+SKEW_BUDGET = 0.002
 
 
 class HostLink(Protocol):
@@ -120,6 +123,8 @@ class GroupCaller:
         *,
         clock: Callable[[], float] = time.time,
         samples: int = MIN_SAMPLES,
+        deadman: float = DEADMAN_SECONDS,
+        skew_budget: float = SKEW_BUDGET,
     ) -> None:
         missing = sorted(set(group.hosts) - set(links))
         if missing:
@@ -128,6 +133,8 @@ class GroupCaller:
         self.links = dict(links)
         self.clock = clock
         self.samples = max(samples, MIN_SAMPLES)
+        self.deadman = deadman
+        self.skew_budget = skew_budget
 
     @property
     def vm_hosts(self) -> dict[str, HostLink]:
@@ -160,6 +167,46 @@ class GroupCaller:
         if failed:
             raise OperationFailed(_say_failures("clock sync", failed))
         return {h: r.value for h, r in results.items() if r.value is not None}
+
+    def _check_budget(self, est: Mapping[str, ClockEstimate], force: bool) -> None:
+        """Refuse (with the figures) when clock error alone could break the skew budget."""
+        skew = predicted_skew(est)
+        if skew <= self.skew_budget or force:
+            return
+        figures = ", ".join(f"{h}: delay {e.delay * 1000:.2f} ms" for h, e in sorted(est.items()))
+        raise ClockError(
+            f"clock sync is too noisy: it predicts up to {skew * 1000:.2f} ms of skew, over the"
+            f" budget of {self.skew_budget * 1000:.2f} ms ({figures}); nothing was changed"
+            " (retry, raise --skew-budget, or use --force)"
+        )
+
+    @contextlib.asynccontextmanager
+    async def _keepalive(
+        self, op: str, hosts: Mapping[str, HostLink], est: Mapping[str, ClockEstimate]
+    ) -> AsyncIterator[None]:
+        """Extend ``op``'s dead-man deadline on every host while the body runs."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self.deadman / 3)
+                deadline = self.clock() + self.deadman
+                await fanout(hosts, lambda h, link: link.extend(op, to_host(deadline, est[h])))
+
+        task = asyncio.create_task(loop(), name=f"keepalive {op}")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _refuse_existing(self, name: str) -> None:
+        present = await self._hosts_with_state(name)
+        if present:
+            raise OperationFailed(
+                f"state {name!r} already exists on host {', '.join(present)}; nothing was"
+                f" changed (choose another name, or `lockstep state delete {name}` first)"
+            )
 
     # -- simple fan-outs --------------------------------------------------------
 
@@ -269,6 +316,8 @@ class GroupCaller:
                 line.frames_held = max(line.frames_held, r.frames_held)
                 line.frames_delivered = max(line.frames_delivered, r.frames_delivered)
                 line.frames_dropped = max(line.frames_dropped, r.frames_dropped)
+                if r.memory_path:
+                    line.memory_path, line.memory_note = r.memory_path, r.memory_note
         report.vms.sort(key=lambda v: (v.host, v.name))
 
     async def _abort(
@@ -300,7 +349,13 @@ class GroupCaller:
         message = _say_failures(phase.name, failed)
         if phase.undone_by_abort:
             abort_failed = await self._abort(op, hosts, est)
-            message += "; the operation was rolled back on every host"
+            if op.startswith("restore"):
+                message += (
+                    "; the VMs being restored were stopped on every host (the ones they replaced"
+                    " are gone: restore again, or `lockstep up` for fresh VMs)"
+                )
+            else:
+                message += "; the operation was rolled back on every host (VMs running as before)"
             if abort_failed:
                 message += " except " + ", ".join(f"{r.host} ({r.error})" for r in abort_failed)
         raise OperationFailed(message)
@@ -312,6 +367,7 @@ class GroupCaller:
         stop: bool = False,
         quiet: float = 0.05,
         drain_limit: float = 1.0,
+        force: bool = False,
         progress: Progress | None = None,
     ) -> OperationReport:
         """Save the whole group as state ``name``, every VM paused at one instant.
@@ -321,21 +377,58 @@ class GroupCaller:
         destroyed after the state is committed.
 
         Raises:
-            OperationFailed: a step failed somewhere; everything was rolled back
-                (the message names the step, the host and the reason).
+            OperationFailed: the name is taken (nothing touched), or a step failed
+                somewhere and everything was rolled back (the message names the
+                step, the host and the reason).
+            ClockError: clock sync predicts more skew than the budget (unless ``force``).
         """
         validate_name("state", name)
         started = self.clock()
         hosts = self.vm_hosts
+        await self._refuse_existing(name)
         op = self._new_op("save")
         report = OperationReport(state=name, operation="save", stop=stop)
         plan = save_plan(stop=stop)
         if progress is not None:
             progress("phase", {"name": plan[0].name})
         est = await self.sync(hosts)
+        self._check_budget(est, force)
         self._report_clocks(report, est)
         t_pause = self._common_instant(est, PAUSE_MARGIN)
-        deadline = t_pause + DEADMAN_SECONDS
+        deadline = t_pause + self.deadman
+        async with self._keepalive(op, hosts, est):
+            await self._save_phases(
+                op,
+                name,
+                stop,
+                plan,
+                hosts,
+                est,
+                t_pause,
+                deadline,
+                report,
+                quiet,
+                drain_limit,
+                progress,
+            )
+        report.duration_s = self.clock() - started
+        return report
+
+    async def _save_phases(
+        self,
+        op: str,
+        name: str,
+        stop: bool,
+        plan: Sequence[Phase],
+        hosts: Mapping[str, HostLink],
+        est: dict[str, ClockEstimate],
+        t_pause: float,
+        deadline: float,
+        report: OperationReport,
+        quiet: float,
+        drain_limit: float,
+        progress: Progress | None,
+    ) -> None:
         for phase in plan[1:]:
             if phase.call == "pause":
                 paused = await self._step(
@@ -369,7 +462,11 @@ class GroupCaller:
             elif phase.call == "probe":
                 if progress is not None:
                     progress("phase", {"name": phase.name})
-                est = await self.sync(hosts)
+                try:
+                    est.update(await self.sync(hosts))
+                except OperationFailed as exc:
+                    await self._abort(op, hosts, est)
+                    raise OperationFailed(f"{exc}; the operation was rolled back") from exc
             elif phase.call == "resume":
                 t_resume = self._common_instant(est, RESUME_MARGIN)
                 resumed = await self._step(
@@ -384,8 +481,6 @@ class GroupCaller:
                 if progress is not None:
                     progress("phase", {"name": phase.name})
                 await self._all("destroying VMs", lambda _h, link: link.stop(op), hosts)
-        report.duration_s = self.clock() - started
-        return report
 
     async def _commit(
         self,
@@ -403,11 +498,9 @@ class GroupCaller:
         failed = _failures(results)
         if not failed:
             return
-        done = {h: hosts[h] for h, r in results.items() if r.ok}
-        pending = {h: hosts[h] for h in hosts if h not in done}
-        await self._abort(op, pending, est)
-        if name:
-            await fanout(done, lambda _h, link: link.state_delete(name))
+        # Abort everywhere: hosts that committed undo their commit (the state
+        # goes, its layers stay under the running VMs); the others drop staging.
+        await self._abort(op, hosts, est)
         raise OperationFailed(
             _say_failures("commit", failed)
             + f"; state {name!r} was removed from the hosts that had committed it"
@@ -415,7 +508,9 @@ class GroupCaller:
 
     # -- restore ------------------------------------------------------------------
 
-    async def restore(self, name: str, *, progress: Progress | None = None) -> OperationReport:
+    async def restore(
+        self, name: str, *, force: bool = False, progress: Progress | None = None
+    ) -> OperationReport:
         """Restore the whole group to state ``name``; every VM resumes at one instant.
 
         Raises:
@@ -434,22 +529,41 @@ class GroupCaller:
             )
         op = self._new_op("restore")
         report = OperationReport(state=name, operation="restore")
-        plan = restore_plan()
-        est: dict[str, ClockEstimate] = {}
-        for phase in plan:
+        if progress is not None:
+            progress("phase", {"name": restore_plan()[0].name})
+        est = await self.sync(hosts)
+        self._check_budget(est, force)
+        async with self._keepalive(op, hosts, est):
+            await self._restore_phases(op, name, hosts, est, report, progress)
+        report.duration_s = self.clock() - started
+        return report
+
+    async def _restore_phases(
+        self,
+        op: str,
+        name: str,
+        hosts: Mapping[str, HostLink],
+        est: dict[str, ClockEstimate],
+        report: OperationReport,
+        progress: Progress | None,
+    ) -> None:
+        for phase in restore_plan()[1:]:
             if phase.call == "prepare_restore":
-                far = self.clock() + DEADMAN_SECONDS
-                # No clock estimate yet: deadlines are far enough to not need one.
+                deadline = self.clock() + self.deadman
                 prepared = await self._step(
-                    phase, op, hosts, {},
-                    lambda _h, link: link.prepare_restore(op, name, far),
+                    phase, op, hosts, est,
+                    lambda h, link: link.prepare_restore(op, name, to_host(deadline, est[h])),
                     progress,
                 )  # fmt: skip
-                self._merge(report, prepared, {})
+                self._merge(report, prepared, est)
             elif phase.call == "probe":
                 if progress is not None:
                     progress("phase", {"name": phase.name})
-                est = await self.sync(hosts)
+                try:
+                    est.update(await self.sync(hosts))
+                except OperationFailed as exc:
+                    await self._abort(op, hosts, est)
+                    raise OperationFailed(f"{exc}; the half-restored VMs were stopped") from exc
                 self._report_clocks(report, est)
             elif phase.call == "resume":
                 t_resume = self._common_instant(est, RESUME_MARGIN)
@@ -461,8 +575,6 @@ class GroupCaller:
                 self._merge(report, resumed, est)
             elif phase.call == "commit":
                 await self._commit(op, "", hosts, est, progress, phase)
-        report.duration_s = self.clock() - started
-        return report
 
     # -- check ----------------------------------------------------------------------
 

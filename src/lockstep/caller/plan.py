@@ -50,6 +50,7 @@ def save_plan(*, stop: bool) -> list[Phase]:
 def restore_plan() -> list[Phase]:
     """The phases of ``lockstep restore``."""
     return [
+        _SYNC,
         Phase("load VMs paused, frames held", "prepare_restore"),
         _SYNC,
         Phase("resume and deliver frames", "resume", at_common_instant=True),

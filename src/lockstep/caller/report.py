@@ -33,6 +33,9 @@ class VmLine:
     frames_held: int = 0
     frames_delivered: int = 0
     frames_dropped: int = 0
+    # "fast" or "standard"; and why the standard path, or how the RAM image was kept
+    memory_path: str = ""
+    memory_note: str = ""
 
 
 @dataclass(frozen=True)

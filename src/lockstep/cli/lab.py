@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.table import Table
 
 from lockstep.cli.output import console, emit, stderr
 from lockstep.errors import LockstepError
 from lockstep.group import group_file_path
 from lockstep.lab.image import build_image
 from lockstep.lab.lab import LabOptions, bring_up, take_down
+from lockstep.lab.verify import parse_since, verify_lab
 from lockstep.units import parse_duration
 
 __all__ = ["lab"]
@@ -64,6 +66,13 @@ def lab() -> None:
 @click.option("--heartbeat", default="1s", show_default=True, help="Cluster heartbeat interval.")
 @click.option("--timeout", "fail_timeout", default="3s", show_default=True, help="Failure timeout.")
 @click.option(
+    "--stream-rate",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Stream packets per second from every guest to every other guest (0: none).",
+)
+@click.option(
     "--clock-offset",
     "offsets",
     multiple=True,
@@ -80,7 +89,7 @@ def lab() -> None:
 @click.pass_context
 def lab_up(
     ctx: click.Context, name: str, hosts: int, vms: int, memory: str, heartbeat: str,
-    fail_timeout: str, offsets: tuple[str, ...], packages: tuple[str, ...],
+    fail_timeout: str, stream_rate: int, offsets: tuple[str, ...], packages: tuple[str, ...],
 ) -> None:  # fmt: skip
     """Bring the lab up and write its group file (./lockstep.toml unless -g)."""
     parent = ctx.parent.parent if ctx.parent else None
@@ -89,6 +98,7 @@ def lab_up(
         opts = LabOptions(
             name=name, hosts=hosts, vms=vms, memory=memory,
             heartbeat=parse_duration(heartbeat), timeout=parse_duration(fail_timeout),
+            stream_rate=stream_rate,
             clock_offsets=_offsets(offsets), extra_packages=packages,
             group_file=group_file_path(group_opt),
         )  # fmt: skip
@@ -125,3 +135,103 @@ def lab_image(packages: tuple[str, ...], as_json: bool) -> None:
         as_json,
         lambda d: console.print(f"guest image {d['digest'][:16]}: {Path(d['rootfs']).parent}"),
     )
+
+
+@lab.command("verify")
+@click.option("--name", default="lslab", show_default=True, help="Lab name.")
+@click.option(
+    "--since",
+    metavar="last-restore|TIME",
+    help="Count only what each guest logged after its last restore, or from TIME on "
+    "(unix seconds or ISO 8601, on the guests' clocks).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--check", is_flag=True, help="Exit 1 when the guests noticed anything.")
+def lab_verify(name: str, since: str | None, as_json: bool, check: bool) -> None:
+    """Show what the guests' cluster agents noticed: role changes, split brain, packets.
+
+    Every lab guest runs a cluster agent (primary/standby heartbeats with its
+    pair peer, and sequence-numbered UDP streams to every other guest) that
+    logs what it notices on its serial console. This sums those logs: nothing
+    is measured from outside the guests.
+
+    \b
+    --since last-restore  only what each guest logged after its last restore
+                          (a restore shows in a log when the guest wrote a line
+                          between the save and the restore; not after save --stop)
+    --since TIME          only lines from TIME on, unix seconds or ISO 8601 (local
+                          time without a zone), compared with the GUESTS' clocks:
+                          they stand still while a VM is paused and go back to
+                          the saved time on restore
+    (no --since)          everything since the lab came up
+
+    \b
+    JSON: {"lab", "since": {"kind", "t"}, "ok", "transitions", "split_brain",
+    "lost", "duplicated", "reordered", "received", "heartbeat_misses",
+    "pairs": [{"pair", "primary", "standby", "transitions", "split_brain",
+    "heartbeat_misses", "roles_now"}],
+    "streams": [{"from", "to", "received", "lost", "duplicated", "reordered",
+    "gaps", "last_seq"}],
+    "vms": [{"name", "host", "role", "role_now", "lines", "replayed", "boots",
+    "restores", "missing_lines", "transitions": [{"t", "from", "to", "why",
+    "silent_s"}], "split_brain", "heartbeat_misses", "heartbeat_gap_max_s",
+    "first_t", "last_t"}], "warnings": [...]}
+
+    "transitions" counts takeovers; "split_brain" the split-brain episodes each
+    guest saw begin; "lost", "duplicated" and "reordered" the stream packets the
+    receiving guests counted so. "ok" is true when all five are 0 and every
+    guest's agent logged in the window.
+    """  # noqa: D301 (\b is click's mark for a paragraph kept as written)
+    try:
+        window = parse_since(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from exc
+    try:
+        report = verify_lab(name, window)
+    except LockstepError as exc:
+        stderr.print(f"[bold red]lockstep:[/] {exc}", highlight=False)
+        sys.exit(1)
+    emit(report.to_json(), as_json, _render_verify)
+    if check and not report.ok:
+        sys.exit(1)
+
+
+def _render_verify(d: dict[str, Any]) -> None:
+    pairs = Table(title=f"lab {d['lab']}: pairs", title_justify="left")
+    for col in ("pair", "roles now", "takeovers", "split brain", "heartbeat misses"):
+        pairs.add_column(col, justify="left" if col in ("pair", "roles now") else "right")
+    for p in d["pairs"]:
+        roles = ", ".join(f"{vm} {role or '?'}" for vm, role in p["roles_now"].items())
+        pairs.add_row(
+            p["pair"],
+            roles,
+            _flag(p["transitions"]),
+            _flag(p["split_brain"]),
+            str(p["heartbeat_misses"]),
+        )
+    console.print(pairs)
+    streams = Table(title="streams", title_justify="left")
+    for col in ("from", "to", "received", "lost", "duplicated", "reordered"):
+        streams.add_column(col, justify="left" if col in ("from", "to") else "right")
+    for s in d["streams"]:
+        streams.add_row(
+            s["from"],
+            s["to"],
+            str(s["received"]),
+            _flag(s["lost"]),
+            _flag(s["duplicated"]),
+            _flag(s["reordered"]),
+        )
+    console.print(streams)
+    for warning in d["warnings"]:
+        stderr.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    verdict = "[bold green]nothing noticed[/]" if d["ok"] else "[bold red]noticed[/]"
+    console.print(
+        f"{verdict}: {d['transitions']} takeovers, {d['split_brain']} split brain, "
+        f"{d['lost']} lost, {d['duplicated']} duplicated, {d['reordered']} reordered "
+        f"of {d['received']} packets received (since: {d['since']['kind']})"
+    )
+
+
+def _flag(n: int) -> str:
+    return f"[bold red]{n}[/]" if n else "0"

@@ -23,7 +23,7 @@ from lockstep.caller.orchestrator import GroupCaller, HostResult
 from lockstep.caller.report import OperationReport
 from lockstep.cli.certs import certs
 from lockstep.cli.lab import lab
-from lockstep.cli.output import console, emit, operation_progress, render_report, stderr
+from lockstep.cli.output import console, emit, error, operation_progress, render_report
 from lockstep.errors import ConfigError, LockstepError
 from lockstep.group import GroupSpec, group_file_path, load_group
 from lockstep.rpc import HostClient, channel_credentials
@@ -37,7 +37,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 
 def fail(message: str) -> None:
     """Print one sentence and exit 1."""
-    stderr.print(f"[bold red]lockstep:[/] {message}", highlight=False)
+    error(message)
     sys.exit(1)
 
 
@@ -48,7 +48,7 @@ def run_async(coro: Awaitable[T]) -> T:
     except LockstepError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
-        stderr.print("lockstep: interrupted")
+        error("interrupted")
         sys.exit(130)
     raise AssertionError("unreachable")
 
@@ -223,34 +223,57 @@ def _report(report: OperationReport, as_json: bool) -> None:
     emit(report.to_json(), as_json, lambda _d: render_report(report))
 
 
+force_option = click.option(
+    "--force", is_flag=True, help="Go on even if clock sync predicts more skew than the budget."
+)
+budget_option = click.option(
+    "--skew-budget",
+    type=float,
+    default=2.0,
+    show_default=True,
+    metavar="MS",
+    help="Refuse to start if clock error alone could cause more skew than this.",
+)
+
+
 @main.command()
 @click.argument("name")
 @click.option("--stop", is_flag=True, help="Destroy the VMs after saving (the paper's behaviour).")
+@force_option
+@budget_option
 @json_option
 @with_caller
-async def save(caller: GroupCaller, name: str, stop: bool, as_json: bool) -> None:
+async def save(
+    caller: GroupCaller, name: str, stop: bool, force: bool, skew_budget: float, as_json: bool
+) -> None:
     """Save the whole group as state NAME, every VM paused at one instant.
 
     By default every VM then resumes at one common instant on a new disk
     layer and gets the frames held for it while it was paused.
     """
+    caller.skew_budget = skew_budget / 1000
     with operation_progress(sys.stderr.isatty()) as progress:
-        report = await caller.save(name, stop=stop, progress=progress)
+        report = await caller.save(name, stop=stop, force=force, progress=progress)
     _report(report, as_json)
 
 
 @main.command()
 @click.argument("name")
+@force_option
+@budget_option
 @json_option
 @with_caller
-async def restore(caller: GroupCaller, name: str, as_json: bool) -> None:
+async def restore(
+    caller: GroupCaller, name: str, force: bool, skew_budget: float, as_json: bool
+) -> None:
     """Restore the whole group to state NAME; every VM resumes at one instant.
 
     The VMs the group runs now are replaced. The state stays as it was: it
     can be restored again and again.
     """
+    caller.skew_budget = skew_budget / 1000
     with operation_progress(sys.stderr.isatty()) as progress:
-        report = await caller.restore(name, progress=progress)
+        report = await caller.restore(name, force=force, progress=progress)
     _report(report, as_json)
 
 
@@ -293,7 +316,7 @@ async def states(caller: GroupCaller, as_json: bool) -> None:
             )  # fmt: skip
         console.print(table)
         for h, err in d["errors"].items():
-            stderr.print(f"[red]host {h}: {err}[/]")
+            error(f"host {h}: {err}", prefix="warning")
 
     emit(data, as_json, render)
 

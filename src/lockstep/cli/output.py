@@ -14,15 +14,21 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lockstep.caller.report import OperationReport
 
-__all__ = ["console", "emit", "operation_progress", "render_report", "stderr"]
+__all__ = ["console", "emit", "error", "operation_progress", "render_report", "stderr"]
 
 console = Console()
 stderr = Console(stderr=True)
+
+
+def error(message: str, prefix: str = "lockstep") -> None:
+    """Print one error sentence on stderr, exactly as given (no markup, one line in pipes)."""
+    stderr.print(f"[bold red]{prefix}:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
@@ -48,7 +54,7 @@ def render_report(report: OperationReport) -> None:
     title = f"{report.operation} {report.state!r}" + (" (--stop)" if report.stop else "")
     table = Table(title=title, title_justify="left")
     numbers = ("memory", "held", "delivered", "dropped")
-    for col in ("VM", "host", "paused at (UTC)", "resumed at (UTC)", *numbers):
+    for col in ("VM", "host", "paused at (UTC)", "resumed at (UTC)", "path", *numbers):
         table.add_column(col, justify="right" if col in numbers else "left")
     for v in report.vms:
         table.add_row(
@@ -56,12 +62,16 @@ def render_report(report: OperationReport) -> None:
             v.host,
             _instant(v.paused_at),
             _instant(v.resumed_at),
+            v.memory_path or "-",
             f"{v.memory_bytes / 2**20:.0f} MiB" if v.memory_bytes else "-",
             str(v.frames_held),
             str(v.frames_delivered),
             str(v.frames_dropped),
         )
     console.print(table)
+    for v in report.vms:
+        if v.memory_note:  # why the standard path, or how the RAM image was kept
+            console.print(f"  {v.name}: {v.memory_path} memory path: {v.memory_note}", markup=False)
     parts = []
     if report.pause_skew_ms is not None:
         parts.append(f"pause skew [bold]{_ms(report.pause_skew_ms)}[/]")

@@ -53,7 +53,12 @@ class VmStatus:
 
 @dataclass(frozen=True)
 class VmReport:
-    """What one step did to one VM: instants (execd clock), bytes and frames."""
+    """What one step did to one VM: instants (execd clock), bytes and frames.
+
+    ``memory_path`` is the path a memory step took ("fast" or "standard"; ""
+    for steps that touch no memory) and ``memory_note`` why it fell back to
+    the standard path, or how the fast path kept or mapped the RAM image.
+    """
 
     name: str
     paused_at: float | None = None
@@ -62,6 +67,8 @@ class VmReport:
     frames_held: int = 0
     frames_delivered: int = 0
     frames_dropped: int = 0
+    memory_path: str = ""
+    memory_note: str = ""
 
 
 @dataclass(frozen=True)

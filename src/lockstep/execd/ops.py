@@ -69,6 +69,8 @@ class Operation:
     vms: list[str]
     deadline: float
     keep_running: bool = True
+    # Found on disk after an execd restart: it can only expire or be aborted.
+    orphan: bool = False
     phase: OpPhase = OpPhase.OPEN
     history: list[OpPhase] = field(default_factory=lambda: [OpPhase.OPEN])
 
@@ -98,10 +100,35 @@ class Operation:
         self.phase = new
         self.history.append(new)
 
-    @property
-    def finished(self) -> bool:
-        """Whether nothing more can happen to it."""
-        return not _ALLOWED[self.phase] or (
-            self.phase is OpPhase.COMMITTED
-            and not (self.kind is OpKind.SAVE and not self.keep_running)
+    def to_json(self) -> dict[str, object]:
+        """What survives an execd restart: enough to resume its VMs at the deadline."""
+        return {
+            "id": self.id,
+            "kind": self.kind.value,
+            "state": self.state,
+            "vms": self.vms,
+            "deadline": self.deadline,
+        }
+
+    @classmethod
+    def orphan_from_json(cls, data: dict[str, object]) -> Operation:
+        """An operation read back after a restart, waiting for its deadline.
+
+        Raises:
+            ValueError: the record is malformed.
+        """
+        vms = data.get("vms")
+        deadline = data.get("deadline")
+        if not isinstance(vms, list) or not isinstance(deadline, int | float):
+            raise ValueError("operation record lacks vms or deadline")
+        kind = OpKind(str(data["kind"]))
+        op = cls(
+            id=str(data["id"]),
+            kind=kind,
+            state=str(data["state"]),
+            vms=[str(v) for v in vms],
+            deadline=float(deadline),
+            orphan=True,
         )
+        op.advance(OpPhase.PAUSED if kind is OpKind.SAVE else OpPhase.PREPARED)
+        return op

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 from lockstep import disk
-from lockstep.errors import LockstepError, VmError
+from lockstep.errors import LockstepError, StateNotFound, VmError
 from lockstep.execd.clock import ExecdClock
+from lockstep.execd.fault import Fault
 from lockstep.execd.model import (
     ExecdConfig,
     ProbeReply,
@@ -35,7 +38,9 @@ from lockstep.group import VmSpec, validate_name
 from lockstep.net.freeze import FreezeLimits, NicFreeze, cleanup_freeze_links
 from lockstep.net.links import create_tap, delete_link, tap_name
 from lockstep.store import Manifest, Staging, StateStore, VmRecord
-from lockstep.vm.machine import Machine, VmRunstate
+from lockstep.vm import memory
+from lockstep.vm.argv import RamFile, VmPaths
+from lockstep.vm.machine import Machine, MigrationProgress, VmRunstate
 
 __all__ = ["HostService"]
 
@@ -43,6 +48,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MEMORY_FILE = "{vm}.mem"
+_RAM_FILE = "{vm}.ram"  # the RAM image a fast save keeps (lockstep.vm.memory)
 
 
 @dataclass
@@ -55,6 +61,14 @@ class VmRuntime:
     layer: str | None = None  # active layer id (None: no disk)
     chain: list[str] = field(default_factory=list)  # layer ids over the base, ending in layer
     state: str | None = None  # state it was restored from or last saved as
+    ram: str | None = None  # the file guest RAM is in (None: anonymous memory)
+    ram_shared: bool = False  # the VM's own RAM file (else a state's image, mapped privately)
+    memory_note: str = ""  # why its next save cannot take the fast path ("" if it can)
+
+    @property
+    def ram_file(self) -> RamFile | None:
+        """Guest RAM's file as QEMU got it (None: anonymous memory)."""
+        return None if self.ram is None else RamFile(Path(self.ram), shared=self.ram_shared)
 
     def to_json(self) -> str:
         """Serialise for ``vm.json``."""
@@ -75,6 +89,33 @@ class _Vm:
     runtime: VmRuntime
     machine: Machine
     freeze: NicFreeze | None = None
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _step(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Mark a method ``(self, op, ...)`` as a step of operation ``op``.
+
+    The dead-man's timer never expires an operation while one of its steps runs.
+    """
+
+    @functools.wraps(fn)
+    async def step(*args: P.args, **kw: P.kwargs) -> R:
+        service = args[0]
+        op = kw["op"] if "op" in kw else args[1]
+        assert isinstance(service, HostService)
+        assert isinstance(op, str)
+        service._busy[op] = service._busy.get(op, 0) + 1
+        try:
+            return await fn(*args, **kw)
+        finally:
+            left = service._busy.pop(op, 1) - 1
+            if left:
+                service._busy[op] = left
+
+    return step
 
 
 async def _gather_all(aws: Sequence[Awaitable[T]]) -> list[T]:
@@ -102,6 +143,15 @@ class HostService:
         self._frozen: dict[tuple[str, str], tuple[str | None, list[str]]] = {}
         # (op, vm) -> pcap file names written into the state
         self._frames: dict[tuple[str, str], list[str]] = {}
+        # (op, vm) -> the RAM image file a fast save wrote into the state
+        self._ram_images: dict[tuple[str, str], str] = {}
+        # Recently committed saves (op -> state), so a group-level failure can
+        # still undo this host's commit through abort.
+        self._committed: dict[str, str] = {}
+        # op -> number of its steps running now (the dead-man waits for them)
+        self._busy: dict[str, int] = {}
+        self._watchdog: asyncio.Task[None] | None = None
+        self._fault = Fault.from_env()
         self._lock = asyncio.Lock()
 
     # -- lifecycle of the service -------------------------------------------
@@ -114,7 +164,9 @@ class HostService:
         still runs is driven again.
         """
         self.rundir.mkdir(parents=True, exist_ok=True)
+        self._opsdir.mkdir(parents=True, exist_ok=True)
         self.store.layers_dir.mkdir(parents=True, exist_ok=True)
+        orphans = self._load_orphan_ops()
         for left in self.store.cleanup_staging():
             log.info("removed staging state left by a crash: %s", left)
         for link in await cleanup_freeze_links(netns=self.config.netns):
@@ -128,15 +180,26 @@ class HostService:
                 log.warning("VM %s not re-attached: %s", runtime.spec.name, exc)
                 record.unlink()
                 continue
-            if machine.runstate is not VmRunstate.RUNNING:
-                # Paused by an operation that died with the old execd: let it run.
-                with contextlib.suppress(LockstepError):
-                    await machine.resume()
             self._vms[runtime.spec.name] = _Vm(runtime, machine)
             log.info("re-attached to VM %s (pid %s)", runtime.spec.name, machine.pid)
+        # Paused VMs of an operation that died with the old execd resume at
+        # that operation's deadline (a common instant with the other hosts);
+        # paused VMs of no known operation resume now.
+        waiting = {n for op in orphans for n in op.vms}
+        for name, vm in self._vms.items():
+            if vm.machine.runstate is not VmRunstate.RUNNING and name not in waiting:
+                with contextlib.suppress(LockstepError):
+                    await vm.machine.resume()
+        for op in orphans:
+            self._ops[op.id] = op
+        self._watchdog = asyncio.create_task(self._watch(), name="dead-man")
 
     async def close(self) -> None:
-        """Drop QMP connections; the VMs keep running."""
+        """Stop the dead-man's timer and drop QMP connections; the VMs keep running."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
         for vm in self._vms.values():
             await vm.machine._drop_qmp()
 
@@ -159,10 +222,103 @@ class HostService:
         (self.rundir / name / "vm.json").unlink(missing_ok=True)
         self._vms.pop(name, None)
 
+    # -- operations on disk, and the dead-man's timer ---------------------------
+
+    @property
+    def _opsdir(self) -> Path:
+        return self.rundir / "ops"
+
+    def _open_op(self, operation: Operation) -> None:
+        """Register an operation; its deadline is on disk before any VM pauses."""
+        path = self._opsdir / f"{operation.id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(operation.to_json()))
+        os.replace(tmp, path)
+        self._ops[operation.id] = operation
+
+    def _close_op(self, op: str) -> None:
+        """Forget an operation that ended (committed, aborted or expired)."""
+        self._ops.pop(op, None)
+        (self._opsdir / f"{op}.json").unlink(missing_ok=True)
+        self._forget_op_data(op)
+
+    def _load_orphan_ops(self) -> list[Operation]:
+        """Operations left on disk by a previous execd (their VMs may still be paused)."""
+        orphans = []
+        for path in sorted(self._opsdir.glob("*.json")):
+            try:
+                orphans.append(Operation.orphan_from_json(json.loads(path.read_text())))
+            except (ValueError, KeyError, OSError) as exc:
+                log.warning("dropping unreadable operation record %s: %s", path, exc)
+                path.unlink(missing_ok=True)
+        return orphans
+
+    async def _watch(self) -> None:
+        """The dead-man's timer: operations whose caller went quiet resume their VMs.
+
+        A caller commits, aborts or extends before an operation's deadline; if
+        none of that came, the paused VMs resume at the deadline (a common
+        instant with the other hosts, which got the same one), with their held
+        frames, and a save's staging state is dropped.
+        """
+        while True:
+            now = self.clock.now()
+            due = [
+                op
+                for op in self._ops.values()
+                if not self._busy.get(op.id)
+                and op.deadline - now < 0.01
+                and op.phase not in (OpPhase.COMMITTED, OpPhase.STOPPED, OpPhase.ABORTED)
+            ]
+            for op in due:
+                log.warning(
+                    "operation %s (%s %r): no word from the caller by its deadline;"
+                    " resuming its VMs",
+                    op.id, op.kind.value, op.state,
+                )  # fmt: skip
+                try:
+                    await self._expire(op)
+                except LockstepError as exc:
+                    log.error("operation %s could not expire cleanly: %s", op.id, exc)
+                    self._close_op(op.id)
+            nearest = min((op.deadline for op in self._ops.values()), default=now + 1.0)
+            await asyncio.sleep(min(0.05, max(0.0, nearest - self.clock.now() - 0.01)))
+
+    def _killer(self, operation: Operation) -> Callable[[], None]:
+        """For the fault hook: SIGKILL the operation's first VM's QEMU."""
+
+        def kill() -> None:
+            vms = self._op_vms(operation)
+            if vms and vms[0].machine.pid is not None:
+                os.kill(vms[0].machine.pid, 9)
+
+        return kill
+
+    async def _expire(self, operation: Operation) -> None:
+        """Let an abandoned operation's VMs run again, resumed at its deadline.
+
+        A restore orphaned by an execd restart is the exception: the caller saw
+        it fail and stopped the other hosts' half-restored VMs, so its VMs are
+        stopped too rather than resumed into an inconsistent group.
+        """
+        staging = self._staging.pop(operation.id, None)
+        if staging is not None:
+            staging.abort()
+        targets = self._op_vms(operation)
+        if operation.orphan and operation.kind is OpKind.RESTORE:
+            await _gather_all([self._discard(vm.runtime.spec.name) for vm in targets])
+            self._close_op(operation.id)
+            return
+        await self._resume_all(
+            targets, operation.deadline, restoring=operation.kind is OpKind.RESTORE
+        )
+        self._close_op(operation.id)
+
     # -- clock ----------------------------------------------------------------
 
     def probe(self) -> ProbeReply:
         """Stamp a clock probe on this execd's clock."""
+        self._fault.slow_probe()
         received = self.clock.now()
         return ProbeReply(received=received, sent=self.clock.now())
 
@@ -190,12 +346,60 @@ class HostService:
         return [tap_name(group, spec.name, i) for i in range(len(spec.nics))]
 
     async def _launch(self, runtime: VmRuntime, *, incoming: bool) -> Machine:
-        for tap, nic in zip(runtime.taps, runtime.spec.nics, strict=True):
-            await create_tap(tap, nic.bridge or nic.network, netns=self.config.netns)
         machine = self._machine(runtime.spec)
+        if not incoming:  # a restore has set up runtime.ram already
+            ram, runtime.memory_note = memory.boot_ram(runtime.spec, machine.paths.ram)
+            runtime.ram = None if ram is None else str(ram.path)
+            runtime.ram_shared = ram is not None
+        for tap, nic in zip(runtime.taps, runtime.spec.nics, strict=True):
+            if nic.bridge is None:
+                raise OperationError(
+                    f"VM {runtime.spec.name}: NIC on {nic.network} names no bridge"
+                )
+            await create_tap(tap, nic.bridge, netns=self.config.netns)
         layer = disk.layer_path(self.store.layers_dir, runtime.layer) if runtime.layer else None
-        await machine.start(disk=layer, taps=runtime.taps, incoming=incoming)
+        await machine.start(disk=layer, taps=runtime.taps, incoming=incoming, ram=runtime.ram_file)
         return machine
+
+    async def _save_vm_memory(
+        self, op: str, vm: _Vm, staging: Staging, keep_running: bool, progress: MigrationProgress
+    ) -> VmReport:
+        """Save one paused VM's memory into the staging state, fast or standard.
+
+        Fast: the stream holds device state only and the state keeps a RAM
+        image of the VM's RAM file (linked when the VM stops after the save,
+        else reflinked or copied): see :mod:`lockstep.vm.memory`.
+
+        Raises:
+            VmError: the memory or the RAM image could not be written, or the
+                VM's ``memory_path`` is "fast" and the fast path cannot be used.
+        """
+        rt = vm.runtime
+        name = rt.spec.name
+        shared = rt.ram is not None and rt.ram_shared
+        plan = memory.plan_save(
+            rt.spec,
+            rt.ram_file,
+            rt.memory_note,
+            qemu_ignores_shared=shared and await vm.machine.can_ignore_shared(),
+        )
+        size = await vm.machine.save_memory(
+            staging.file(_MEMORY_FILE.format(vm=name)), ignore_shared=plan.fast, progress=progress
+        )
+        if not plan.fast:
+            return VmReport(
+                name=name, memory_bytes=size, memory_path="standard", memory_note=plan.reason
+            )
+        assert rt.ram is not None
+        image = _RAM_FILE.format(vm=name)
+        kept = await asyncio.to_thread(
+            memory.keep_ram_image, Path(rt.ram), staging.file(image), link=not keep_running
+        )
+        self._ram_images[(op, name)] = image
+        size += (staging.path / image).stat().st_blocks * 512
+        return VmReport(
+            name=name, memory_bytes=size, memory_path="fast", memory_note=kept.describe()
+        )
 
     async def up(self, group: str, vms: Sequence[VmSpec]) -> list[VmStatus]:
         """Start the VMs that are not running, each on a fresh layer over its base.
@@ -268,11 +472,17 @@ class HostService:
 
     def _op(self, op: str) -> Operation:
         try:
-            return self._ops[op]
+            operation = self._ops[op]
         except KeyError:
             raise OperationError(
                 f"host {self.config.host} has no operation {op} (it ended, or execd restarted)"
             ) from None
+        if operation.orphan:
+            raise OperationError(
+                f"host {self.config.host}: execd restarted during operation {op}; it can only"
+                " be aborted (its VMs resume at its deadline)"
+            )
+        return operation
 
     def _op_vms(self, op: Operation) -> list[_Vm]:
         return [self._vms[n] for n in op.vms if n in self._vms]
@@ -288,6 +498,7 @@ class HostService:
             spill_dir=self.rundir / vm.runtime.spec.name,
         )
 
+    @_step
     async def pause(
         self, op: str, state: str, at: float, vms: Sequence[str], deadline: float
     ) -> list[VmReport]:
@@ -302,6 +513,8 @@ class HostService:
         if op in self._ops:
             raise OperationError(f"host {self.config.host}: operation {op} exists already")
         names = list(vms) or sorted(self._vms)
+        if not names:
+            raise OperationError(f"host {self.config.host} runs no VM to pause")
         for n in names:
             if n not in self._vms:
                 raise OperationError(f"host {self.config.host} runs no VM {n!r}")
@@ -310,9 +523,10 @@ class HostService:
                 raise OperationError(
                     f"VM {n} on host {self.config.host} is {rs.value}, not running"
                 )
+        await self._fault.at("pause:before")
         staging = self.store.begin(state)
         operation = Operation(op, OpKind.SAVE, state, names, deadline)
-        self._ops[op] = operation
+        self._open_op(operation)
         self._staging[op] = staging
         targets = self._op_vms(operation)
         for vm in targets:
@@ -330,8 +544,10 @@ class HostService:
         async with self.clock.at_instant(at, qemu, vcpus):
             reports = await _gather_all([one(vm) for vm in targets])
         operation.advance(OpPhase.PAUSED)
+        await self._fault.at("pause:after")
         return reports
 
+    @_step
     async def save_memory(
         self, op: str, keep_running: bool, progress: Callable[[SaveProgress], None] | None
     ) -> list[VmReport]:
@@ -368,16 +584,17 @@ class HostService:
                 if progress is not None:
                     progress(SaveProgress(vm=name, done=done, total=total))
 
-            size = await vm.machine.save_memory(
-                staging.file(_MEMORY_FILE.format(vm=name)), progress=report
-            )
-            report(size, size)
-            return VmReport(name=name, memory_bytes=size)
+            saved = await self._save_vm_memory(op, vm, staging, keep_running, report)
+            report(saved.memory_bytes, saved.memory_bytes)
+            return saved
 
+        await self._fault.at("save_memory:before", self._killer(operation))
         reports = await _gather_all([one(vm) for vm in self._op_vms(operation)])
         operation.advance(OpPhase.SAVED)
+        await self._fault.at("save_memory:after")
         return reports
 
+    @_step
     async def drain(self, op: str, quiet: float, limit: float) -> list[VmReport]:
         """Capture until quiet, then write each VM's held frames into the state (pcap).
 
@@ -404,10 +621,17 @@ class HostService:
                 )
             )
         operation.advance(OpPhase.DRAINED)
+        await self._fault.at("drain:after")
         return reports
 
-    async def _resume_all(self, targets: Sequence[_Vm], at: float | None) -> list[VmReport]:
-        """Resume paused VMs at ``at``, then deliver their held frames and lift freezes."""
+    async def _resume_all(
+        self, targets: Sequence[_Vm], at: float | None, *, restoring: bool = False
+    ) -> list[VmReport]:
+        """Resume paused VMs at ``at``, then deliver their held frames and lift freezes.
+
+        ``restoring``: live frames captured before the resume come from the
+        timeline the restore replaces; they are discarded, not delivered.
+        """
         walls: dict[str, float] = {}
 
         async def wake(vm: _Vm) -> None:
@@ -423,7 +647,11 @@ class HostService:
             wall = walls.get(name)
             held = delivered = dropped = 0
             if vm.freeze is not None:
-                await vm.freeze.deliver()
+                await vm.freeze.deliver(discard_before=wall if restoring else None)
+                if vm.freeze.stale:
+                    log.info(
+                        "VM %s: %d frames from before the restore discarded", name, vm.freeze.stale
+                    )
                 held, delivered, dropped = vm.freeze.held, vm.freeze.delivered, vm.freeze.dropped
                 await vm.freeze.lift()
                 vm.freeze = None
@@ -437,6 +665,7 @@ class HostService:
 
         return await _gather_all([one(vm) for vm in targets])
 
+    @_step
     async def resume(self, op: str, at: float) -> list[VmReport]:
         """At ``at`` resume the operation's VMs, then deliver their held frames.
 
@@ -446,12 +675,17 @@ class HostService:
         """
         operation = self._op(op)
         operation.require(OpPhase.DRAINED, OpPhase.PREPARED)
+        await self._fault.at("resume:before")
         if operation.kind is OpKind.SAVE and not operation.keep_running:
             raise OperationError(f"operation {op} saves with --stop; its VMs are not resumed")
-        reports = await self._resume_all(self._op_vms(operation), at)
+        reports = await self._resume_all(
+            self._op_vms(operation), at, restoring=operation.kind is OpKind.RESTORE
+        )
         operation.advance(OpPhase.RESUMED)
+        await self._fault.at("resume:after")
         return reports
 
+    @_step
     async def stop(self, op: str) -> list[VmReport]:
         """Destroy the operation's VMs after a committed ``save --stop``.
 
@@ -467,9 +701,10 @@ class HostService:
         ]
         await _gather_all([self._discard(vm.runtime.spec.name) for vm in targets])
         operation.advance(OpPhase.STOPPED)
-        self._ops.pop(op, None)
+        self._close_op(op)
         return reports
 
+    @_step
     async def commit(self, op: str) -> StateInfo | None:
         """Make the operation permanent: a save's staging state becomes visible.
 
@@ -481,7 +716,7 @@ class HostService:
         if operation.kind is OpKind.RESTORE:
             operation.require(OpPhase.RESUMED)
             operation.advance(OpPhase.COMMITTED)
-            self._ops.pop(op, None)
+            self._close_op(op)
             self._collect_garbage()
             return None
         if operation.keep_running:
@@ -490,15 +725,18 @@ class HostService:
             operation.require(OpPhase.DRAINED)
         staging = self._staging[op]
         manifest = self._manifest(operation)
+        await self._fault.at("commit:before")
         committed = await asyncio.to_thread(staging.commit, manifest)
         operation.advance(OpPhase.COMMITTED)
         self._staging.pop(op, None)
         for vm in self._op_vms(operation):
             vm.runtime.state = operation.state
             self._persist(vm.runtime)
+        self._committed[op] = operation.state
+        while len(self._committed) > 32:
+            del self._committed[next(iter(self._committed))]
         if operation.keep_running:
-            self._ops.pop(op, None)
-            self._forget_op_data(op)
+            self._close_op(op)
         return self._info(committed)
 
     def _manifest(self, operation: Operation) -> Manifest:
@@ -514,6 +752,7 @@ class HostService:
                 base=str(vm.runtime.spec.disk) if vm.runtime.spec.disk else None,
                 spec=vm.runtime.spec.model_dump(mode="json"),
                 memory=_MEMORY_FILE.format(vm=name),
+                ram=self._ram_images.get((operation.id, name)),
                 frames=self._frames.get((operation.id, name), []),
             )
         groups = {vm.runtime.group for vm in self._op_vms(operation)}
@@ -540,7 +779,10 @@ class HostService:
             del self._frozen[key]
         for key in [k for k in self._frames if k[0] == op]:
             del self._frames[key]
+        for key in [k for k in self._ram_images if k[0] == op]:
+            del self._ram_images[key]
 
+    @_step
     async def abort(self, op: str, resume_at: float | None) -> list[VmReport]:
         """Undo ``op``: drop its staging state; resume its paused VMs at ``resume_at``.
 
@@ -548,11 +790,23 @@ class HostService:
         half-restored VMs are stopped cleanly instead.
 
         An operation this host does not know (it never started here, or
-        already ended) has nothing to undo: that is not an error.
+        already ended) has nothing to undo: that is not an error. A save this
+        host already committed is undone: its state is removed (its disk
+        layers stay, the VMs run on them), because another host failed.
 
         Raises:
-            OperationError: the operation is already committed.
+            OperationError: the operation is committed and cannot be undone.
         """
+        if op in self._committed and (op not in self._ops or self._ops[op].kind is OpKind.SAVE):
+            state = self._committed.pop(op)
+            with contextlib.suppress(StateNotFound):
+                self.store.forget(state)
+            log.info("operation %s: commit of state %r undone", op, state)
+            reports: list[VmReport] = []
+            if op in self._ops:  # a `save --stop`: its VMs are still paused
+                reports = await self._resume_all(self._op_vms(self._ops[op]), resume_at)
+                self._close_op(op)
+            return reports
         if op not in self._ops:
             return []
         operation = self._ops[op]
@@ -569,18 +823,26 @@ class HostService:
             reports = await self._resume_all(targets, resume_at)
         if operation.phase is not OpPhase.ABORTED:
             operation.advance(OpPhase.ABORTED)
-        self._ops.pop(op, None)
-        self._forget_op_data(op)
+        self._close_op(op)
         return reports
 
     def extend(self, op: str, deadline: float) -> None:
-        """Push back ``op``'s dead-man deadline.
+        """Push back ``op``'s dead-man deadline (kept on disk, for a restart).
 
         Raises:
             OperationError: no such operation.
         """
-        self._op(op).deadline = deadline
+        if op not in self._ops:
+            self._op(op)
+        operation = self._ops[op]
+        operation.deadline = deadline
+        path = self._opsdir / f"{op}.json"
+        if path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(operation.to_json()))
+            os.replace(tmp, path)
 
+    @_step
     async def prepare_restore(self, op: str, state: str, deadline: float) -> list[VmReport]:
         """Replace this host's VMs of ``state`` by paused VMs loaded from it.
 
@@ -596,9 +858,10 @@ class HostService:
         validate_name("state", state)
         if op in self._ops:
             raise OperationError(f"host {self.config.host}: operation {op} exists already")
+        await self._fault.at("prepare_restore:before")
         manifest = self.store.show(state)
         operation = Operation(op, OpKind.RESTORE, state, sorted(manifest.vms), deadline)
-        self._ops[op] = operation
+        self._open_op(operation)
         state_dir = self.store.states_dir / state
 
         async def one(name: str, rec: VmRecord) -> VmReport:
@@ -615,25 +878,41 @@ class HostService:
                 await disk.create_overlay(plan)
                 runtime.layer = plan.layer_id
                 runtime.chain = [*rec.chain, plan.layer_id]
+            ram = await asyncio.to_thread(
+                memory.restore_ram,
+                spec,
+                None if rec.ram is None else state_dir / rec.ram,
+                VmPaths(self.rundir / name).ram,
+                state=state,
+            )
+            runtime.ram = None if ram.ram is None else str(ram.ram.path)
+            runtime.ram_shared = ram.ram is not None and ram.ram.shared
+            runtime.memory_note = ram.later
             machine = await self._launch(runtime, incoming=True)
             vm = _Vm(runtime, machine)
             self._vms[name] = vm
             self._persist(runtime)
             assert rec.memory is not None
-            await machine.load_memory(state_dir / rec.memory)
+            await machine.load_memory(state_dir / rec.memory, ignore_shared=ram.fast)
             vm.freeze = self._freeze_for(vm)
             await vm.freeze.prepare()
             await vm.freeze.engage()
             vm.freeze.load_pcaps([state_dir / f for f in rec.frames])
-            return VmReport(name=name, frames_held=vm.freeze.held)
+            return VmReport(
+                name=name,
+                frames_held=vm.freeze.held,
+                memory_path="fast" if ram.fast else "standard",
+                memory_note=ram.note,
+            )
 
         try:
             reports = await _gather_all([one(n, r) for n, r in sorted(manifest.vms.items())])
         except BaseException:
             operation.advance(OpPhase.ABORTED)
-            self._ops.pop(op, None)
+            self._close_op(op)
             raise
         operation.advance(OpPhase.PREPARED)
+        await self._fault.at("prepare_restore:after")
         return reports
 
     # -- states -------------------------------------------------------------------

@@ -77,7 +77,7 @@ INITRAMFS_MODULES = (
 """Modules the initramfs loads, in this order (each after what it depends on)."""
 
 BUSYBOX = Path("/bin/busybox")
-GUEST_FILES = ("initramfs-init", "lockstep-init", "lsctl.py")
+GUEST_FILES = ("initramfs-init", "lockstep-init", "lsctl.py", "lsagent.py")
 """Files of ``lockstep/lab/guest`` that go into the image."""
 
 BASE_CMDLINE = "console=ttyS0 root=/dev/vda rw quiet panic=-1"
@@ -724,10 +724,11 @@ def _install_guest_files(inputs: ImageInputs, root: Path) -> None:
     init = root / "sbin/lockstep-init"
     init.write_bytes(inputs.guest_file("lockstep-init"))
     init.chmod(0o755)
-    agent = root / "usr/lib/lockstep/lsctl.py"
-    agent.parent.mkdir(parents=True, exist_ok=True)
-    agent.write_bytes(inputs.guest_file("lsctl.py"))
-    agent.chmod(0o644)
+    for name in ("lsctl.py", "lsagent.py"):  # the control agent, the cluster agent
+        agent = root / "usr/lib/lockstep" / name
+        agent.parent.mkdir(parents=True, exist_ok=True)
+        agent.write_bytes(inputs.guest_file(name))
+        agent.chmod(0o644)
 
 
 def _rootfs_size(root: Path) -> int:

@@ -31,7 +31,7 @@ from lockstep.lab.guestctl import GuestControl
 from lockstep.lab.image import GuestImage, build_image
 from lockstep.lab.ledger import Ledger, PathEntry, ProcessEntry, lab_ledger_path
 from lockstep.lab.topology import LabPlan, lab_down, lab_up, plan_lab, vm_ip
-from lockstep.rpc import HostClient, channel_credentials, issue, make_ca
+from lockstep.rpc import HostClient, Timeout, channel_credentials, issue, make_ca
 
 __all__ = [
     "EXECD_PORT",
@@ -45,6 +45,17 @@ __all__ = [
 ]
 
 EXECD_PORT = 7443
+AGENT_PATH = "/usr/lib/lockstep/lsagent.py"  # where image.py installs guest/lsagent.py
+GUEST_CLOCK = "clocksource=hpet tsc=unstable"
+"""Guests keep time with QEMU's HPET and never with their TSC.
+
+Under TCG a guest calibrates its TSC at boot against emulated timers; on a busy
+host that calibration can be far off, and a guest was seen keeping time 2.6
+times too fast for its whole life (its peers' 1 s heartbeats arrived every
+2.6 s of its own clock: a false failover). The HPET counts QEMU's virtual clock,
+so it is right however busy the host is, and stops while the VM is paused, as
+the TSC does. ``tsc=unstable`` keeps the kernel's scheduler clock off the TSC too.
+"""
 Say = Callable[[str], None]
 
 
@@ -142,14 +153,22 @@ def _write_execd_config(data: Path, host: str, listen: str) -> Path:
     return path
 
 
-def _start_execd(netns: str, config: Path, offset: float, log: Path) -> int:
+def _start_execd(
+    netns: str, config: Path, offset: float, log: Path, env: Mapping[str, str] | None = None
+) -> int:
     argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "lockstep.cli.execd"]
     argv += ["--config", str(config)]
     if offset:
         argv += ["--clock-offset", repr(offset)]
+    environ = {k: v for k, v in os.environ.items() if k != "LOCKSTEP_FAULT"} | dict(env or {})
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            env=environ,
         )
     return proc.pid
 
@@ -178,6 +197,7 @@ def _group_document(
                     hostname=vm.name,
                     ip=f"{vm.ip}/{ipaddress.IPv4Network(plan.vm_subnet).prefixlen}",
                     start=_start_command(opts, vm, vms),
+                    extra=GUEST_CLOCK,
                 ),
                 "nics": [{"network": "lan", "mac": vm.mac}],
             }
@@ -186,22 +206,67 @@ def _group_document(
     }
 
 
-def _start_command(opts: LabOptions, vm: LabVm, vms: Sequence[LabVm]) -> str | None:
-    return opts.start.get(vm.name) or None
+def _start_command(opts: LabOptions, vm: LabVm, vms: Sequence[LabVm]) -> str:
+    """The guest's start command: the cluster agent (guest/lsagent.py), then the user's own.
+
+    Short options keep the kernel command line, which carries it, well under its limit.
+    """
+    peer = next(v for v in vms if v.name == vm.peer)
+    others = ",".join(v.ip for v in vms if v.name != vm.name)
+    agent = (
+        f"python3 {AGENT_PATH} -n {vm.name} -r {vm.role} -p {peer.name} -a {peer.ip}"
+        f" -b {opts.heartbeat!r} -t {opts.timeout!r} -s {others} -R {opts.stream_rate}"
+    )
+    user = opts.start.get(vm.name)
+    return f"{agent} & {user}" if user else agent
 
 
-def clients_for(group: GroupSpec) -> dict[str, HostClient]:
-    """One mutual-TLS client per host of ``group``.
+def _check_options(opts: LabOptions) -> None:
+    """Refuse options the guests' agent would refuse, before anything is made.
+
+    Raises:
+        LabError: the heartbeat is not shorter than the timeout, or the rate is negative.
+    """
+    if not 0 < opts.heartbeat < opts.timeout:
+        raise LabError(
+            f"the heartbeat ({opts.heartbeat:g} s) must be positive and shorter than "
+            f"the failure timeout ({opts.timeout:g} s)"
+        )
+    if opts.stream_rate < 0:
+        raise LabError(
+            f"the stream rate must be 0 or more packets per second, not {opts.stream_rate}"
+        )
+
+
+def clients_for(
+    group: GroupSpec, timeouts: Mapping[Timeout, float] | None = None
+) -> dict[str, HostClient]:
+    """One mutual-TLS client per host of ``group`` (``timeouts`` overrides the call table's).
 
     Raises:
         ConfigError: the group has no [tls] or its files are unusable.
     """
-    assert group.tls is not None
+    if group.tls is None:
+        raise LabError("the group file has no [tls] section")
     creds = channel_credentials(group.tls.ca, group.tls.cert, group.tls.key)
     return {
-        name: HostClient(name, host.address, creds, target_name=name)
+        name: HostClient(name, host.address, creds, target_name=name, timeouts=timeouts)
         for name, host in group.hosts.items()
     }
+
+
+async def wait_execds(group: GroupSpec, timeout: float = 30.0) -> None:
+    """Wait until every execd of ``group`` answers a probe.
+
+    Raises:
+        LabError: one did not answer within ``timeout`` seconds.
+    """
+    clients = clients_for(group)
+    try:
+        await _wait_execds(clients, timeout)
+    finally:
+        for c in clients.values():
+            await c.close()
 
 
 async def _wait_execds(clients: Mapping[str, HostClient], timeout: float = 30.0) -> None:
@@ -233,6 +298,7 @@ async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
     """
     from lockstep.caller.orchestrator import GroupCaller
 
+    _check_options(opts)
     plan = plan_lab(
         opts.hosts, name=opts.name, lan_subnet=opts.lan_subnet, vm_subnet=opts.vm_subnet
     )
@@ -291,16 +357,23 @@ def execd_pid(name: str, host: str) -> int | None:
     ledger = Ledger.for_lab(name)
     found = None
     for entry in ledger.entries() if ledger.exists() else []:
-        if isinstance(entry, ProcessEntry) and entry.what == f"lockstep-execd {host}":
-            if entry.alive():
-                found = entry.pid
+        is_execd = isinstance(entry, ProcessEntry) and entry.what == f"lockstep-execd {host}"
+        if is_execd and entry.alive():  # type: ignore[union-attr]
+            found = entry.pid  # type: ignore[union-attr]
     return found
 
 
-def restart_execd(name: str, host: str, *, offset: float | None = None) -> int:
+def restart_execd(
+    name: str,
+    host: str,
+    *,
+    offset: float | None = None,
+    env: Mapping[str, str] | None = None,
+) -> int:
     """(Re)start lab ``name``'s execd for ``host``, as ``lab up`` did; return its pid.
 
-    The VMs it ran keep running: the new execd re-attaches to them.
+    The VMs it ran keep running: the new execd re-attaches to them. ``env``
+    adds environment variables (the fault tests arm ``LOCKSTEP_FAULT`` so).
 
     Raises:
         LabError: the lab or host is unknown, or an execd for it still runs.
@@ -314,7 +387,7 @@ def restart_execd(name: str, host: str, *, offset: float | None = None) -> int:
     info = json.loads((data / "lab.json").read_text())
     if offset is None:
         offset = float(info["options"]["clock_offsets"].get(host, 0.0))
-    pid = _start_execd(f"{name}-{host}", config, offset, config.parent / "execd.log")
+    pid = _start_execd(f"{name}-{host}", config, offset, config.parent / "execd.log", env)
     Ledger.for_lab(name).record(ProcessEntry.of(pid, f"lockstep-execd {host}"))
     return pid
 

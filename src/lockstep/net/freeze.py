@@ -160,6 +160,7 @@ class _Nic:
         self.tap = tap
         self.redirect_end, self.capture_end = freeze_pair(tap)
         self.queue = _FrameQueue(limits.in_memory, spill_dir)
+        self.saved: list[pcap.Frame] = []  # loaded from a state: delivered first
         self.capture: socket.socket | None = None
         self.inject: socket.socket | None = None
         self.redirect_mac = b""
@@ -189,6 +190,7 @@ class NicFreeze:
         self.held = 0
         self.delivered = 0
         self.dropped = 0
+        self.stale = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -353,8 +355,10 @@ class NicFreeze:
         if len(paths) > len(self._nics):
             raise NetError(f"VM {self.vm}: {len(paths)} frame files for {len(self._nics)} NICs")
         for nic, path in zip(self._nics, paths, strict=False):
-            for ts, data in pcap.read_pcap(path):
-                self._hold(nic, ts, data)
+            frames = list(pcap.read_pcap(path))
+            with self._lock:
+                nic.saved.extend(frames)
+                self.held += len(frames)
 
     # -- deliver / lift -----------------------------------------------------------
 
@@ -381,31 +385,43 @@ class NicFreeze:
                 await asyncio.sleep(_PACE_PAUSE)
         return sent
 
-    async def deliver(self) -> None:
+    def _take(self, nic: _Nic, discard_before: float | None) -> list[pcap.Frame]:
+        """The live frames held so far, minus those from before ``discard_before``."""
+        with self._lock:
+            batch = list(nic.queue)
+            nic.queue.clear()
+            if discard_before is None:
+                return batch
+            fresh = [f for f in batch if f[0] >= discard_before]
+            self.stale += len(batch) - len(fresh)
+            self.held -= len(batch) - len(fresh)
+            return fresh
+
+    async def deliver(self, discard_before: float | None = None) -> None:
         """Inject the held frames in order (the VM must be running), then lift.
 
-        Frames arriving while injecting are held and injected after; what the
-        tap drops because the VM could not take it is counted as dropped.
+        A state's saved frames go first, then the frames captured live, then
+        those arriving while injecting. With ``discard_before`` (a restore: the
+        instant the VM resumed), live frames captured before it belong to the
+        timeline being replaced and are discarded (counted as ``stale``), never
+        delivered. What the tap drops because the VM could not take it is
+        counted as dropped.
         """
         if self.state not in (FreezeState.ENGAGED, FreezeState.PREPARED):
             return
         for nic in self._nics:
             before = await self._tx_dropped(nic)
-            sent = 0
+            saved, nic.saved = nic.saved, []
+            sent = await self._inject(nic, saved)
             while True:
-                with self._lock:
-                    batch = list(nic.queue)
-                    nic.queue.clear()
+                batch = self._take(nic, discard_before)
                 if not batch:
                     break
                 sent += await self._inject(nic, batch)
             await self._remove_filter(nic)
             # Frames captured between the last batch and the filter's removal.
             await asyncio.sleep(0.01)
-            with self._lock:
-                late = list(nic.queue)
-                nic.queue.clear()
-            sent += await self._inject(nic, late)
+            sent += await self._inject(nic, self._take(nic, discard_before))
             lost = max(0, await self._tx_dropped(nic) - before)
             with self._lock:
                 self.delivered += sent - lost

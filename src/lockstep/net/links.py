@@ -50,7 +50,7 @@ async def netlink(netns: str | None = None) -> AsyncIterator[Any]:
     ipr = AsyncIPRoute(netns=netns, flags=0) if netns else AsyncIPRoute()
     try:
         await ipr.setup_endpoint()
-    except (OSError, NetlinkError) as exc:
+    except (OSError, NetlinkError, RuntimeError) as exc:  # pyroute2: "child process is dead"
         ipr.close()
         where = f"namespace {netns}" if netns else "this host"
         raise NetError(f"cannot open netlink in {where}: {exc}") from exc

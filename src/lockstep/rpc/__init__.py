@@ -12,7 +12,7 @@ One concern per module, re-exported here (import from ``lockstep.rpc``):
 Nothing here knows about VMs; nothing here imports the caller or the CLI.
 """
 
-from lockstep.rpc.client import CALLS, HostClient, RemoteCallError, Timeout
+from lockstep.rpc.client import CALLS, HostClient, Timeout
 from lockstep.rpc.convert import ERROR_KIND_KEY
 from lockstep.rpc.server import STATUS_FOR_ERROR, ExecdServicer, serve, start_server
 from lockstep.rpc.tls import (
@@ -35,7 +35,6 @@ __all__ = [
     "CertKind",
     "ExecdServicer",
     "HostClient",
-    "RemoteCallError",
     "Timeout",
     "channel_credentials",
     "issue",

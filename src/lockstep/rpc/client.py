@@ -9,9 +9,9 @@ gRPC errors are mapped here, at the boundary, keeping the original as the cause:
 - UNAVAILABLE (refused, down, TLS handshake failed) and a deadline that passed
   before any connection was made -> :class:`~lockstep.errors.HostUnreachable`;
 - DEADLINE_EXCEEDED on a connected channel -> :class:`~lockstep.errors.HostTimeout`;
-- any other status -> :class:`RemoteCallError` (a
-  :class:`~lockstep.errors.RemoteError`) carrying ``host``, ``kind`` (the execd's
-  error class, from the ``lockstep-error`` metadata) and ``code``.
+- any other status -> :class:`~lockstep.errors.RemoteError` carrying ``host``,
+  ``kind`` (the execd's error class, from the ``lockstep-error`` metadata) and
+  ``code`` (the status code's name, e.g. ``"NOT_FOUND"``).
 
 ``asyncio.CancelledError`` is never caught: a cancelled call cancels its RPC.
 """
@@ -34,7 +34,7 @@ from lockstep.rpc.convert import ERROR_KIND_KEY
 from lockstep.rpc.generated import execd_pb2 as pb
 from lockstep.rpc.generated import execd_pb2_grpc as pb_grpc
 
-__all__ = ["CALLS", "HostClient", "RemoteCallError", "Timeout"]
+__all__ = ["CALLS", "HostClient", "Timeout"]
 
 M = TypeVar("M", bound=Message)
 
@@ -72,16 +72,6 @@ CALLS: Final[Mapping[str, Timeout]] = MappingProxyType(
 
 # What gRPC's UNAVAILABLE details say when TLS (rather than the network) refused.
 _TLS_MARKERS = ("andshake", "Socket closed", "certificate", "Hostname Verification")
-
-
-class RemoteCallError(RemoteError):
-    """The execd refused or failed a call: its message, error class and status code."""
-
-    def __init__(self, message: str, *, host: str, kind: str, code: grpc.StatusCode) -> None:
-        super().__init__(message)
-        self.host = host
-        self.kind = kind  # the execd's error class name, e.g. "StateNotFound"; "" if unknown
-        self.code = code
 
 
 class HostClient:
@@ -181,7 +171,7 @@ class HostClient:
         for key, value in metadata:
             if key == ERROR_KIND_KEY:
                 kind = value.decode() if isinstance(value, bytes) else value
-        return RemoteCallError(f"{self.host}: {details}", host=self.host, kind=kind, code=code)
+        return RemoteError(f"{self.host}: {details}", host=self.host, kind=kind, code=code.name)
 
     async def _unary(self, call: str, request: Message, reply_type: type[M]) -> M:
         method = getattr(self._connect(), call)
@@ -265,12 +255,7 @@ class HostClient:
             raise self._error("SaveMemory", exc) from exc
         finally:
             stream.cancel()  # a no-op once the call has finished
-        raise RemoteCallError(
-            f"{self.host}: SaveMemory ended without a result",
-            host=self.host,
-            kind="",
-            code=grpc.StatusCode.OK,
-        )
+        raise RemoteError(f"{self.host}: SaveMemory ended without a result", host=self.host)
 
     async def drain(self, op: str, quiet: float, limit: float) -> list[VmReport]:
         """Capture until ``quiet`` seconds pass without a frame (at most ``limit``).
@@ -356,9 +341,7 @@ class HostClient:
         try:
             return convert.manifest_from_pb(reply)
         except ValueError as exc:
-            raise RemoteCallError(
-                f"{self.host}: {exc}", host=self.host, kind="", code=grpc.StatusCode.OK
-            ) from exc
+            raise RemoteError(f"{self.host}: {exc}", host=self.host) from exc
 
     async def state_delete(self, name: str) -> list[str]:
         """Delete state ``name``; returns the layers removed.

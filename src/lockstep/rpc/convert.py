@@ -106,6 +106,8 @@ def vm_report_to_pb(report: VmReport) -> pb.VmReport:
         frames_held=report.frames_held,
         frames_delivered=report.frames_delivered,
         frames_dropped=report.frames_dropped,
+        memory_path=report.memory_path,
+        memory_note=report.memory_note,
     )
     if report.paused_at is not None:
         msg.paused_at = report.paused_at
@@ -124,6 +126,8 @@ def vm_report_from_pb(msg: pb.VmReport) -> VmReport:
         frames_held=msg.frames_held,
         frames_delivered=msg.frames_delivered,
         frames_dropped=msg.frames_dropped,
+        memory_path=msg.memory_path,
+        memory_note=msg.memory_note,
     )
 
 
@@ -235,7 +239,8 @@ def specs_from_json(texts: Sequence[str]) -> list[VmSpec]:
 
     Raises:
         ValueError: a spec is not valid JSON, not a valid VM spec, has a bad name,
-            or two specs have the same name; the message names the spec.
+            a relative file path or a NIC without its bridge, or two specs have the
+            same name; the message names the spec.
     """
     specs: list[VmSpec] = []
     seen: set[str] = set()
@@ -245,6 +250,16 @@ def specs_from_json(texts: Sequence[str]) -> list[VmSpec]:
         except ValidationError as exc:
             raise ValueError(f"VM spec #{i + 1} is invalid: {validation_message(exc)}") from exc
         validate_name("VM", spec.name)
+        for j, nic in enumerate(spec.nics):
+            if nic.bridge is None:  # the caller fills it in from the group's [networks]
+                raise ValueError(f"VM spec #{i + 1} is invalid: nics.{j}.bridge: is missing")
+        for key in ("disk", "kernel", "initrd"):
+            path = getattr(spec, key)
+            if path is not None and not path.is_absolute():
+                # It would be taken from the execd's working directory.
+                raise ValueError(
+                    f"VM spec #{i + 1} is invalid: {key}: {str(path)!r} is not an absolute path"
+                )
         if spec.name in seen:
             raise ValueError(f"VM {spec.name!r} is listed twice")
         seen.add(spec.name)

@@ -1,12 +1,16 @@
 """The execd's gRPC server: a thin adapter from the Execd service to an ``ExecdApi``.
 
 The service (:class:`lockstep.execd.api.ExecdApi`) knows nothing of gRPC; this
-module only (1) validates every request field before the service sees it,
-(2) converts messages to and from the model dataclasses (:mod:`lockstep.rpc.convert`),
-(3) maps the service's errors to status codes (:data:`STATUS_FOR_ERROR`) with the
-error's class name in the ``lockstep-error`` trailing metadata, so the client can
-tell kinds apart. Unexpected exceptions become INTERNAL with a one-line message;
-their traceback goes to this process's log, never over the wire.
+module only
+
+1. validates every request before the service sees it: a message that does not
+   decode, a bad name, a time that is not finite or lies more than
+   :data:`MAX_AHEAD` seconds ahead are all INVALID_ARGUMENT;
+2. converts messages to and from the model dataclasses (:mod:`lockstep.rpc.convert`);
+3. maps the service's errors to status codes (:data:`STATUS_FOR_ERROR`) with the
+   error's class name in the ``lockstep-error`` trailing metadata, so the client
+   can tell kinds apart. Unexpected exceptions become INTERNAL with a one-line
+   message; their traceback goes to this process's log, never over the wire.
 
 The server listens with mutual TLS only (:mod:`lockstep.rpc.tls`); there is no
 plaintext port.
@@ -22,7 +26,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 from pydantic import ValidationError
@@ -42,12 +46,16 @@ from lockstep.rpc.convert import ERROR_KIND_KEY
 from lockstep.rpc.generated import execd_pb2 as pb
 from lockstep.rpc.generated import execd_pb2_grpc as pb_grpc
 
-__all__ = ["STATUS_FOR_ERROR", "ExecdServicer", "serve", "start_server"]
+__all__ = ["MAX_AHEAD", "STATUS_FOR_ERROR", "ExecdServicer", "serve", "start_server"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
+if TYPE_CHECKING:  # generic only in grpc-stubs
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
 
 # First match wins: subclasses before their bases.
 STATUS_FOR_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
@@ -60,6 +68,11 @@ STATUS_FOR_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (LockstepError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 _MAX_MESSAGE = 1000
+# Actions are scheduled a few seconds ahead. An instant much later is a caller's
+# bug, and waiting for it would tie up the call, and the operation it opened,
+# until the caller gives up; no call may take longer than the slowest timeout
+# class (600 s), so nothing further ahead can ever be met.
+MAX_AHEAD = 600.0
 
 
 @dataclass(frozen=True)
@@ -72,10 +85,13 @@ class _Failure:
 
 
 def _one_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, control characters escaped, cut if long."""
     if isinstance(exc, ValidationError):
         text = convert.validation_message(exc)
     else:
-        text = str(exc).strip().split("\n", 1)[0] or type(exc).__name__
+        text = next(iter(str(exc).strip().splitlines()), "") or type(exc).__name__
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
@@ -114,10 +130,14 @@ def _state(value: str) -> str:
 
 
 def _vms(values: Sequence[str]) -> list[str]:
-    names = [validate_name("VM", v) for v in values]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise ValueError(f"VM {dup!r} is listed twice")
+    names: list[str] = []
+    seen: set[str] = set()
+    for value in values:
+        name = validate_name("VM", value)
+        if name in seen:
+            raise ValueError(f"VM {name!r} is listed twice")
+        seen.add(name)
+        names.append(name)
     return names
 
 
@@ -139,11 +159,82 @@ def _reap(task: asyncio.Task[Any]) -> None:
         log.warning("abandoned service call failed", exc_info=task.exception())
 
 
+class _DecodeInHandler(_Interceptor):
+    """Decode each request inside its handler, so a corrupt one is refused as bad input.
+
+    Left to gRPC, a request that is not a valid protobuf message ends the call
+    with UNKNOWN and a traceback in the log; here it is INVALID_ARGUMENT in one line.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler: Any = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler  # type: ignore[no-any-return]
+        decode: Callable[[bytes], Any] = handler.request_deserializer
+        call = handler_call_details.method.rsplit("/", 1)[-1]
+
+        async def request(raw: bytes, context: Context) -> Any:
+            try:
+                return decode(raw)
+            except Exception as exc:  # protobuf's DecodeError, or worse
+                log.info("%s refused: the request is not a valid message: %s", call, exc)
+                await _abort(
+                    context,
+                    _Failure(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the {call} request is not a valid protobuf message",
+                        type(exc).__name__,
+                    ),
+                )
+
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_unary(raw: bytes, context: Context) -> Any:
+                return await unary(await request(raw, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, response_serializer=handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            async def unary_stream(raw: bytes, context: Context) -> AsyncIterator[Any]:
+                replies = stream(await request(raw, context), context)
+                try:
+                    async for reply in replies:
+                        yield reply
+                finally:
+                    await replies.aclose()
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, response_serializer=handler.response_serializer
+            )
+        return handler  # type: ignore[no-any-return]
+
+
 class ExecdServicer(pb_grpc.ExecdServicer):
     """Serves one :class:`~lockstep.execd.api.ExecdApi` over gRPC."""
 
     def __init__(self, api: ExecdApi) -> None:
         self._api = api
+
+    def _soon(self, what: str, value: float) -> float:
+        """``value`` if it is a finite instant at most :data:`MAX_AHEAD` s from now."""
+        _instant(what, value)
+        ahead = value - self._api.probe().received
+        if ahead > MAX_AHEAD:
+            raise ValueError(
+                f"{what} {value} is {ahead:.0f} s ahead of this execd's clock;"
+                f" an action is scheduled at most {MAX_AHEAD:.0f} s ahead"
+            )
+        return value
 
     async def _guard(self, call: str, context: Context, body: Callable[[], Awaitable[T]]) -> T:
         """Run ``body``; on error abort the RPC with the mapped status (never returns then)."""
@@ -199,6 +290,7 @@ class ExecdServicer(pb_grpc.ExecdServicer):
             deadline = _instant("deadline", request.deadline)
             if deadline <= at:
                 raise ValueError(f"deadline {deadline} is not after the pause time {at}")
+            self._soon("at", at)
             return convert.vm_reports_to_pb(await self._api.pause(op, state, at, vms, deadline))
 
         return await self._guard("Pause", context, body)
@@ -252,7 +344,7 @@ class ExecdServicer(pb_grpc.ExecdServicer):
         """Resume the operation's VMs at ``at``."""
 
         async def body() -> pb.VmReportList:
-            op, at = _op(request.op), _instant("at", request.at)
+            op, at = _op(request.op), self._soon("at", request.at)
             return convert.vm_reports_to_pb(await self._api.resume(op, at))
 
         return await self._guard("Resume", context, body)
@@ -282,7 +374,9 @@ class ExecdServicer(pb_grpc.ExecdServicer):
         async def body() -> pb.VmReportList:
             op = _op(request.op)
             resume_at = (
-                _instant("resume_at", request.resume_at) if request.HasField("resume_at") else None
+                self._soon("resume_at", request.resume_at)
+                if request.HasField("resume_at")
+                else None
             )
             return convert.vm_reports_to_pb(await self._api.abort(op, resume_at))
 
@@ -347,7 +441,7 @@ async def start_server(
         ConfigError: the address cannot be bound (bad address, or in use).
     """
     # SO_REUSEPORT (gRPC's default) would let two execds share a port silently.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=[_DecodeInHandler()], options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ExecdServicer_to_server(ExecdServicer(api), server)  # type: ignore[no-untyped-call]
     why = "the address is invalid, not on this host, or in use (another lockstep-execd?)"
     try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from lockstep.errors import ConfigError
-from lockstep.group import validate_name
+from lockstep.group import is_dns_name, validate_name
 
 __all__ = [
     "CaFiles",
@@ -53,8 +52,6 @@ __all__ = [
 ]
 
 CertKind = Literal["server", "client"]
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 # Certificates start a little in the past so a host whose clock is slightly behind
 # the issuer's still accepts them.
 _BACKDATE = dt.timedelta(minutes=5)
@@ -199,7 +196,7 @@ def _san(host: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         pass
-    if not _DNS_NAME.match(host):
+    if not is_dns_name(host):
         raise ConfigError(f"{host!r} is neither an IP address nor a DNS name")
     return x509.DNSName(host)
 
@@ -227,10 +224,7 @@ def issue(
         ConfigError: bad name, kind or host; hosts given for a client certificate;
             the CA files are unreadable or not a CA; the files cannot be written.
     """
-    try:
-        validate_name("certificate", name)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    validate_name("certificate", name)  # InvalidName is a ConfigError
     if kind not in ("server", "client"):
         raise ConfigError(f"certificate kind {kind!r} is not 'server' or 'client'")
     if kind == "client" and hosts:

@@ -96,6 +96,8 @@ class VmRecord(_Model):
     ``chain`` lists layer ids above ``base``, oldest first, ending with ``layer``
     (the layer the state froze); ``spec`` is the VM's spec, opaque to the store.
     A VM without a disk (booted from a kernel alone) has no layer, chain or base.
+    ``memory`` is the migration stream; ``ram`` the guest's RAM image when the
+    fast memory path saved it (the stream then holds only device state).
     """
 
     layer: str | None = None
@@ -103,6 +105,7 @@ class VmRecord(_Model):
     base: str | None = None
     spec: dict[str, Any] = Field(default_factory=dict)
     memory: str | None = None
+    ram: str | None = None
     frames: list[str] = Field(default_factory=list)
 
     @field_validator("layer")
@@ -126,7 +129,7 @@ class VmRecord(_Model):
             raise ValueError(f"base image {v!r} is not an absolute path")
         return v
 
-    @field_validator("memory")
+    @field_validator("memory", "ram")
     @classmethod
     def _memory(cls, v: str | None) -> str | None:
         return None if v is None else check_relpath(v)
@@ -149,8 +152,8 @@ class VmRecord(_Model):
         return self
 
     def own_files(self) -> list[str]:
-        """The state files this VM needs: its memory file and its frame files."""
-        return ([self.memory] if self.memory else []) + list(self.frames)
+        """The state files this VM needs: its memory files and its frame files."""
+        return [f for f in (self.memory, self.ram) if f] + list(self.frames)
 
 
 class Manifest(_Model):

@@ -449,6 +449,26 @@ class StateStore:
             kept = {layer for m in others for chain in m.chains().values() for layer in chain}
             kept.update(layer for chain in active.values() for layer in chain)
             garbage = {layer for chain in manifest.chains().values() for layer in chain} - kept
+        self._remove(name, folder)
+        return sorted(garbage)
+
+    def forget(self, name: str) -> None:
+        """Remove state ``name``'s record and files but none of its disk layers.
+
+        This undoes a commit whose group operation failed on another host: the
+        state must not be listed, while VMs may run on top of its layers (they
+        stay as plain links of those VMs' chains).
+
+        Raises:
+            StoreError: invalid name, or the folder could not be removed.
+            StateNotFound: there is no such state here.
+        """
+        folder = self._state_dir(name)
+        if not folder.is_dir() or folder.is_symlink():
+            raise StateNotFound(f"no state {name!r} in {self.root}")
+        self._remove(name, folder)
+
+    def _remove(self, name: str, folder: Path) -> None:
         # Move it out of states/ in one rename, so a crash never leaves half a state.
         doomed = self.staging_dir / f"{name}.{secrets.token_hex(4)}.{_DELETING}"
         try:
@@ -459,7 +479,6 @@ class StateStore:
             raise StoreError(
                 f"cannot delete state {name!r} at {exc.filename or folder}: {exc.strerror}"
             ) from exc
-        return sorted(garbage)
 
     def cleanup_staging(self) -> builtins.list[Path]:
         """Remove every leftover staging dir (states half written or half deleted).

@@ -3,6 +3,12 @@
 Everything that makes two QEMU processes of the same VM compatible for
 migration (machine type, devices, their ids and order) is decided here and only
 here, so a VM saved by one process can always be loaded by the next one.
+
+Guest RAM is either anonymous memory (plain ``-m``) or a file
+(:class:`RamFile`, ``memory-backend-file``; see :mod:`lockstep.vm.memory`). The
+file backend takes the id QEMU gives the RAM of a plain ``-m`` pc machine,
+``pc.ram``, so its RAM block has the same name either way and a migration
+stream written by one kind of VM loads into the other.
 """
 
 from __future__ import annotations
@@ -14,10 +20,27 @@ from pathlib import Path
 from lockstep.group import VmSpec
 from lockstep.units import format_size
 
-__all__ = ["DRIVE_ID", "QEMU_BINARY", "VmPaths", "qemu_argv"]
+__all__ = ["DRIVE_ID", "QEMU_BINARY", "RAM_BACKEND_ID", "RamFile", "VmPaths", "qemu_argv"]
 
 QEMU_BINARY = "qemu-system-x86_64"
 DRIVE_ID = "drive0"
+# The id of a pc machine's default RAM backend: the RAM block keeps its name.
+RAM_BACKEND_ID = "pc.ram"
+
+
+@dataclass(frozen=True)
+class RamFile:
+    """Guest RAM as a file (``memory-backend-file``) instead of anonymous memory.
+
+    ``shared`` (``share=on``): the guest writes into the file itself; it is the
+    VM's own RAM file, which a save with ``x-ignore-shared`` leaves out of the
+    migration stream. Not shared (``share=off``): a private copy-on-write
+    mapping of a state's RAM image; pages are read from it when first touched
+    and the guest's writes stay in the QEMU process, never in the file.
+    """
+
+    path: Path
+    shared: bool
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,11 @@ class VmPaths:
         """QEMU's own stderr, quoted in errors when it fails."""
         return self.rundir / "qemu.stderr"
 
+    @property
+    def ram(self) -> Path:
+        """The VM's own RAM file, when its RAM is a shared file (the fast memory path)."""
+        return self.rundir / "guest.ram"
+
 
 def _opt(path: Path) -> str:
     """A path as a QEMU option value (commas doubled)."""
@@ -65,6 +93,7 @@ def qemu_argv(
     taps: Sequence[str],
     incoming: bool = False,
     paused: bool = False,
+    ram: RamFile | None = None,
     qemu_binary: str = QEMU_BINARY,
 ) -> list[str]:
     """The full argv of QEMU for ``spec``.
@@ -72,19 +101,22 @@ def qemu_argv(
     ``disk`` is the VM's active qcow2 layer (never the base image), ``taps`` the
     tap device for each NIC in order. ``incoming`` waits for memory through
     ``migrate-incoming``; ``paused`` (or ``incoming``) keeps the vCPUs stopped
-    until ``cont``.
+    until ``cont``. ``ram`` puts guest RAM in a file; None keeps it anonymous.
     """
     if len(taps) != len(spec.nics):
         raise ValueError(f"VM {spec.name}: {len(spec.nics)} NICs but {len(taps)} taps given")
     if spec.disk is not None and disk is None:
         raise ValueError(f"VM {spec.name}: a disk layer is needed")
+    machine = f"pc,accel={spec.accel}"
+    if ram is not None:
+        machine += f",memory-backend={RAM_BACKEND_ID}"
     argv = [
         qemu_binary,
         "-name", f"{spec.name},debug-threads=on",
         "-nodefaults",
         "-no-user-config",
         "-display", "none",
-        "-machine", f"pc,accel={spec.accel}",
+        "-machine", machine,
         "-m", format_size(spec.memory),
         "-smp", str(spec.vcpus),
         "-pidfile", str(paths.pidfile),
@@ -95,6 +127,12 @@ def qemu_argv(
         "-chardev", f"socket,id=channel,path={_opt(paths.channel)},server=on,wait=off",
         "-serial", "chardev:channel",
     ]  # fmt: skip
+    if ram is not None:
+        argv += [
+            "-object",
+            f"memory-backend-file,id={RAM_BACKEND_ID},mem-path={_opt(ram.path)},"
+            f"size={format_size(spec.memory)},share={'on' if ram.shared else 'off'}",
+        ]
     if spec.accel == "kvm":
         argv += ["-cpu", "host"]
     if spec.kernel is not None:

@@ -8,6 +8,11 @@ QEMU is started in its own session with its stderr in a file, so it outlives
 an execd restart; :meth:`Machine.attach` finds it again through its pid file and
 QMP socket. Every instant reported (pause, resume) is QEMU's own event
 timestamp (host wall clock, seconds), never the time a reply arrived.
+
+Memory is saved and loaded by migration to and from a file descriptor, all of
+it (the standard path) or, with ``ignore_shared``, all but the RAM kept in a
+shared file (the fast path: :mod:`lockstep.vm.memory`). The VM's own RAM file
+(:attr:`VmPaths.ram`) goes when its QEMU has gone.
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ from qemu.qmp.message import Message
 from lockstep.errors import QemuStartError, QmpError, VmError, VmStateError
 from lockstep.group import VmSpec
 from lockstep.proc import in_netns
-from lockstep.vm.argv import DRIVE_ID, QEMU_BINARY, VmPaths, qemu_argv
+from lockstep.vm.argv import DRIVE_ID, QEMU_BINARY, RamFile, VmPaths, qemu_argv
 
 __all__ = ["Machine", "MigrationProgress", "VmRunstate"]
 
 # Unlimited for all practical purposes (QEMU 7.2 caps migration at 128 MiB/s by default).
 _MAX_BANDWIDTH = 1 << 50
+_IGNORE_SHARED = "x-ignore-shared"
 _STDERR_TAIL = 1500
 
 
@@ -52,8 +58,15 @@ class VmRunstate(enum.Enum):
 
 _ALLOWED: dict[VmRunstate, frozenset[VmRunstate]] = {
     VmRunstate.NEW: frozenset({VmRunstate.STARTING, VmRunstate.GONE}),
+    # attach() may find QEMU in any state, including after a completed save.
     VmRunstate.STARTING: frozenset(
-        {VmRunstate.RUNNING, VmRunstate.PAUSED, VmRunstate.INCOMING, VmRunstate.GONE}
+        {
+            VmRunstate.RUNNING,
+            VmRunstate.PAUSED,
+            VmRunstate.SAVED,
+            VmRunstate.INCOMING,
+            VmRunstate.GONE,
+        }
     ),
     VmRunstate.RUNNING: frozenset({VmRunstate.PAUSED, VmRunstate.GONE}),
     VmRunstate.PAUSED: frozenset({VmRunstate.RUNNING, VmRunstate.SAVED, VmRunstate.GONE}),
@@ -197,9 +210,12 @@ class Machine:
         taps: Sequence[str],
         incoming: bool = False,
         paused: bool = False,
+        ram: RamFile | None = None,
         timeout: float = 30.0,
     ) -> None:
         """Start QEMU and connect QMP; the VM runs unless ``paused`` or ``incoming``.
+
+        ``ram`` puts guest RAM in a file (None: anonymous memory).
 
         Raises:
             VmStateError: the VM was already started.
@@ -216,6 +232,7 @@ class Machine:
             taps=taps,
             incoming=incoming,
             paused=paused,
+            ram=ram,
             qemu_binary=self.qemu_binary,
         )
         self._set(VmRunstate.STARTING)
@@ -279,16 +296,18 @@ class Machine:
         except (OSError, ValueError) as exc:
             raise VmError(f"VM {self.name}: no QEMU pid file at {self.paths.pidfile}") from exc
         if not _pid_alive(pid):
+            self.paths.ram.unlink(missing_ok=True)
             raise VmError(f"VM {self.name}: its QEMU (pid {pid}) is no longer running")
         self._pid = pid
         self._set(VmRunstate.STARTING)
         try:
             await self._connect(timeout)
             status = await self.execute("query-status")
+            self._set(_QEMU_STATUS.get(str(status["status"]), VmRunstate.PAUSED))
         except BaseException:
-            self._set(VmRunstate.GONE)
+            # A QEMU of ours we cannot drive must not live on holding its taps.
+            await self.kill()
             raise
-        self._set(_QEMU_STATUS.get(str(status["status"]), VmRunstate.PAUSED))
 
     def alive(self) -> bool:
         """Whether the QEMU process still runs."""
@@ -341,6 +360,9 @@ class Machine:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=1)
         self.paths.pidfile.unlink(missing_ok=True)
+        if not self.alive():
+            # A state that needs these bytes has its own link, clone or copy.
+            self.paths.ram.unlink(missing_ok=True)
 
     # -- QMP ------------------------------------------------------------------
 
@@ -415,8 +437,31 @@ class Machine:
             {"device": DRIVE_ID, "snapshot-file": str(new_layer), "format": "qcow2"},
         )
 
-    async def _migration_setup(self) -> None:
+    async def _migration_setup(self, *, ignore_shared: bool) -> None:
+        # A capability stays as last set for the life of the process (an earlier
+        # save may have set it), and the stream's layout depends on it: set it
+        # to what is asked, but never touch it on a QEMU that lacks it.
+        if ignore_shared or await self._ignore_shared_state():
+            await self.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": _IGNORE_SHARED, "state": ignore_shared}]},
+            )
         await self.execute("migrate-set-parameters", {"max-bandwidth": _MAX_BANDWIDTH})
+
+    async def _ignore_shared_state(self) -> bool | None:
+        caps = await self.execute("query-migrate-capabilities")
+        for cap in caps:
+            if cap.get("capability") == _IGNORE_SHARED:
+                return bool(cap.get("state"))
+        return None
+
+    async def can_ignore_shared(self) -> bool:
+        """Whether this QEMU can leave shared RAM out of a migration (``x-ignore-shared``).
+
+        Raises:
+            QmpError: QEMU did not answer.
+        """
+        return await self._ignore_shared_state() is not None
 
     async def _wait_migration(
         self, what: str, progress: MigrationProgress | None, timeout: float
@@ -454,20 +499,23 @@ class Machine:
         self,
         path: Path,
         *,
+        ignore_shared: bool = False,
         progress: MigrationProgress | None = None,
         timeout: float = 600.0,
     ) -> int:
         """Write the paused VM's memory and device state to ``path``; it stays paused.
 
         Uses migration to a file descriptor we open (no shell, no exec: URI),
-        with the bandwidth cap lifted. Returns the number of bytes written.
+        with the bandwidth cap lifted. ``ignore_shared`` leaves RAM kept in a
+        shared file out (the fast path: only device state is written). Returns
+        the number of bytes written.
 
         Raises:
             VmStateError: the VM is not paused.
             VmError: the file cannot be written or the migration failed.
         """
         self._require(VmRunstate.PAUSED)
-        await self._migration_setup()
+        await self._migration_setup(ignore_shared=ignore_shared)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -488,8 +536,13 @@ class Machine:
         self._set(VmRunstate.SAVED)
         return path.stat().st_size
 
-    async def load_memory(self, path: Path, *, timeout: float = 600.0) -> None:
+    async def load_memory(
+        self, path: Path, *, ignore_shared: bool = False, timeout: float = 600.0
+    ) -> None:
         """Load memory saved by :meth:`save_memory` into this incoming VM; it stays paused.
+
+        ``ignore_shared`` must be what the save used (the stream's layout
+        depends on it); the RAM it left out is the file the VM was started on.
 
         Raises:
             VmStateError: the VM was not started with ``incoming=True``.
@@ -502,10 +555,13 @@ class Machine:
             raise VmError(
                 f"VM {self.name}: cannot read memory from {path}: {exc.strerror}"
             ) from exc
+        # QEMU reads the stream in small pieces: let the kernel read far ahead.
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         try:
             self._send_fd(fd, "memfile")
             await self.execute("getfd", {"fdname": "memfile"})
-            await self._migration_setup()
+            await self._migration_setup(ignore_shared=ignore_shared)
             await self.execute("migrate-incoming", {"uri": "fd:memfile"})
             await self._wait_migration(f"loading memory from {path}", None, timeout)
         finally:

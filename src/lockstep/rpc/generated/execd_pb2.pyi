@@ -59,7 +59,7 @@ class VmStatusList(_message.Message):
     def __init__(self, vms: _Optional[_Iterable[_Union[VmStatus, _Mapping]]] = ...) -> None: ...
 
 class VmReport(_message.Message):
-    __slots__ = ("name", "paused_at", "resumed_at", "memory_bytes", "frames_held", "frames_delivered", "frames_dropped")
+    __slots__ = ("name", "paused_at", "resumed_at", "memory_bytes", "frames_held", "frames_delivered", "frames_dropped", "memory_path", "memory_note")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAUSED_AT_FIELD_NUMBER: _ClassVar[int]
     RESUMED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class VmReport(_message.Message):
     FRAMES_HELD_FIELD_NUMBER: _ClassVar[int]
     FRAMES_DELIVERED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PATH_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     paused_at: float
     resumed_at: float
@@ -74,7 +76,9 @@ class VmReport(_message.Message):
     frames_held: int
     frames_delivered: int
     frames_dropped: int
-    def __init__(self, name: _Optional[str] = ..., paused_at: _Optional[float] = ..., resumed_at: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., frames_held: _Optional[int] = ..., frames_delivered: _Optional[int] = ..., frames_dropped: _Optional[int] = ...) -> None: ...
+    memory_path: str
+    memory_note: str
+    def __init__(self, name: _Optional[str] = ..., paused_at: _Optional[float] = ..., resumed_at: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., frames_held: _Optional[int] = ..., frames_delivered: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., memory_path: _Optional[str] = ..., memory_note: _Optional[str] = ...) -> None: ...
 
 class VmReportList(_message.Message):
     __slots__ = ("vms",)

@@ -1,0 +1,217 @@
+"""The cluster agent in real lab guests, and ``lockstep lab verify`` reading what they said.
+
+Each test brings up a lab of its own: a unique name ("lsv" + 3 letters) and
+free subnets in 10.200-10.250, so it never meets a user's or another session's
+lab. A fixture finalizer always takes it down; on failure the guests' console
+logs are first copied to ``build/test-logs/<lab>/`` and their agent lines are
+in the assertion message. Labs are brought up one at a time (2 cores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import signal
+import string
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lockstep.caller.orchestrator import GroupCaller
+from lockstep.group import GroupSpec
+from lockstep.lab.lab import LabOptions, bring_up, clients_for, lab_data_dir, take_down
+from lockstep.lab.verify import (
+    EVERYTHING,
+    LAST_RESTORE,
+    Since,
+    VmInfo,
+    lab_vms,
+    read_logs,
+    verify_lab,
+)
+from lockstep.proc import run, which
+from tests.integration.test_topology import free_subnets
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (namespaces, taps, QEMU)"),
+    pytest.mark.skipif(which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64"),
+]
+
+IDLE_S = 30.0  # the control case: this long with nothing done to the lab
+LOGS = Path(__file__).resolve().parents[2] / "build" / "test-logs"
+
+
+@dataclass
+class OwnLab:
+    """A lab this test brought up."""
+
+    name: str
+    opts: LabOptions
+    group: GroupSpec
+    data: Path
+
+    def verify(self, since: Since = EVERYTHING) -> dict[str, Any]:
+        """``lockstep lab verify --json`` of this lab, as a dict."""
+        return verify_lab(self.name, since).to_json()
+
+    def group_operation(self, operation: str, state: str) -> None:
+        """``lockstep save STATE`` or ``lockstep restore STATE`` on this lab, over gRPC."""
+
+        async def act() -> None:
+            clients = clients_for(self.group)
+            try:
+                caller = GroupCaller(self.group, clients)
+                await (caller.save(state) if operation == "save" else caller.restore(state))
+            finally:
+                for c in clients.values():
+                    await c.close()
+
+        asyncio.run(act())
+
+    def vms(self) -> list[VmInfo]:
+        """The VMs as ``lab up`` placed them."""
+        return lab_vms(self.data)
+
+    def explain(self, report: dict[str, Any]) -> str:
+        """An assertion message: the figures, then every guest's agent lines (no stats)."""
+        lines = [f"lab {self.name}: {_figures(report)}", f"load: {_loadavg()}"]
+        for vm, text in read_logs(self.data, self.vms()).items():
+            agent = [raw for raw in text.splitlines() if '{"t":' in raw and "_stats" not in raw]
+            lines += [f"--- {vm} ({len(agent)} lines, last 40):", *agent[-40:]]
+        return "\n".join(lines)
+
+
+def _figures(d: dict[str, Any]) -> str:
+    keys = ("transitions", "split_brain", "lost", "duplicated", "reordered", "received")
+    gaps = {v["name"]: v["heartbeat_gap_max_s"] for v in d["vms"]}
+    misses = {v["name"]: v["heartbeat_misses"] for v in d["vms"]}
+    counts = ", ".join(f"{k} {d[k]}" for k in keys)
+    return f"{counts}; heartbeat gap max {gaps}; heartbeat misses {misses}"
+
+
+def _loadavg() -> str:
+    return Path("/proc/loadavg").read_text().strip()
+
+
+def _unused_name() -> str:
+    """A lab name, "lsv" + 3 random letters, naming no namespace or lab dir yet."""
+    taken = run(["ip", "netns", "list"]).text
+    for _ in range(50):
+        name = "lsv" + "".join(random.choices(string.ascii_lowercase, k=3))
+        if f"{name}-" not in taken and not lab_data_dir(name).parent.exists():
+            return name
+    pytest.skip("found no unused lab name")
+
+
+@pytest.fixture
+def own_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., OwnLab]]:
+    """Factory: bring up a lab with these options; always taken down, logs kept on failure."""
+    made: list[str] = []
+    failed_before = request.session.testsfailed
+
+    def make(**options: Any) -> OwnLab:
+        name = _unused_name()
+        lan, vms = free_subnets()
+        opts = LabOptions(
+            name=name,
+            lan_subnet=lan,
+            vm_subnet=vms,
+            group_file=tmp_path / f"{name}.toml",
+            **options,
+        )
+        made.append(name)
+        group = asyncio.run(bring_up(opts))
+        return OwnLab(name, opts, group, lab_data_dir(name))
+
+    yield make
+    for name in made:
+        data = lab_data_dir(name)
+        if request.session.testsfailed > failed_before and data.exists():
+            dest = LOGS / name
+            shutil.rmtree(dest, ignore_errors=True)
+            for log in data.glob("hosts/*/root/run/*/console.log"):
+                target = dest / log.relative_to(data)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(log, target)
+        if data.parent.exists():
+            asyncio.run(take_down(name))
+
+
+def _wait_for(
+    lab: OwnLab, done: Callable[[dict[str, Any]], bool], seconds: float
+) -> dict[str, Any]:
+    """Verify every half second until ``done`` says yes or ``seconds`` pass; the last report."""
+    deadline = time.monotonic() + seconds
+    while True:
+        report = lab.verify()
+        if done(report) or time.monotonic() > deadline:
+            return report
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "timeout"), [(1.0, 3.0), (0.1, 0.3)], ids=["1s-3s", "100ms-300ms"]
+)
+def test_idle_lab_notices_nothing_then_a_killed_primary_is_taken_over(
+    own_lab: Callable[..., OwnLab], heartbeat: float, timeout: float
+) -> None:
+    """Control case, then a real failure, both as the guests tell it.
+
+    Idle for IDLE_S seconds with no save or restore: no takeover, no split
+    brain, nothing lost, duplicated or reordered, while every stream carried
+    packets (so a quiet report is not a dead lab). Then p1's QEMU is killed:
+    its standby s1 takes over after the timeout, and nothing else changes role.
+    """
+    lab = own_lab(heartbeat=heartbeat, timeout=timeout)
+    time.sleep(IDLE_S)
+    idle = lab.verify()
+    print(
+        f"\nidle {IDLE_S:.0f} s at {heartbeat:g}/{timeout:g} s: {_figures(idle)}; load {_loadavg()}"
+    )
+    why = lab.explain(idle)
+    assert not idle["warnings"], why
+    quiet = {k: idle[k] for k in ("transitions", "split_brain", "lost", "duplicated", "reordered")}
+    assert quiet == dict.fromkeys(quiet, 0), why
+    assert idle["ok"], why
+    assert len(idle["streams"]) == 12, why  # every guest hears every other guest
+    floor = 0.3 * lab.opts.stream_rate * IDLE_S
+    assert all(s["received"] > floor for s in idle["streams"]), why
+
+    pid = int((lab.data / "hosts" / "h1" / "root" / "run" / "p1" / "qemu.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    after = _wait_for(lab, lambda d: d["transitions"] > 0, timeout + 20)
+    time.sleep(2 * timeout)  # room for any second, wrong, takeover to show
+    after = lab.verify()
+    why = lab.explain(after)
+    pairs = {p["pair"]: p for p in after["pairs"]}
+    assert pairs["p1/s1"]["transitions"] == 1, why
+    assert pairs["p1/s1"]["roles_now"]["s1"] == "primary", why
+    assert pairs["p2/s2"]["transitions"] == 0 and after["split_brain"] == 0, why
+    s1 = next(v for v in after["vms"] if v["name"] == "s1")
+    assert s1["transitions"][0]["silent_s"] > timeout, why
+
+
+def test_save_and_restore_go_unnoticed(own_lab: Callable[..., OwnLab]) -> None:
+    """A save (VMs go on) and a restore to it, at 1 s/3 s: the guests notice nothing.
+
+    Checked twice: over the whole log (save included, with the abandoned
+    timeline between save and restore), and since the restore alone.
+    """
+    lab = own_lab(heartbeat=1.0, timeout=3.0)
+    time.sleep(10)
+    lab.group_operation("save", "base")
+    time.sleep(5)
+    lab.group_operation("restore", "base")
+    time.sleep(10)
+    everything, since = lab.verify(), lab.verify(Since(LAST_RESTORE))
+    print(f"\nwhole log: {_figures(everything)}\nsince the restore: {_figures(since)}")
+    assert all(v["restores"] == 1 for v in since["vms"]), lab.explain(since)
+    assert since["ok"], lab.explain(since)
+    assert everything["ok"], lab.explain(everything)
