@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MEMORY_FILE = "{vm}.mem"
+# Frames captured this long before a restore's resume instant are from the old
+# timeline; later ones may come from restored peers resuming a bit earlier.
+_STALE_MARGIN = 0.05
 _RAM_FILE = "{vm}.ram"  # the RAM image a fast save keeps (lockstep.vm.memory)
 
 
@@ -629,9 +632,15 @@ class HostService:
     ) -> list[VmReport]:
         """Resume paused VMs at ``at``, then deliver their held frames and lift freezes.
 
-        ``restoring``: live frames captured before the resume come from the
-        timeline the restore replaces; they are discarded, not delivered.
+        ``restoring``: live frames captured well before the common resume
+        instant come from the timeline the restore replaces (its VMs were
+        destroyed while preparing); they are discarded, not delivered. The
+        boundary is the instant minus a margin, because a restored peer on
+        another host may resume (and send) a little before this host's instant.
         """
+        stale_before = None
+        if restoring and at is not None:
+            stale_before = at - self.clock.offset - _STALE_MARGIN
         walls: dict[str, float] = {}
 
         async def wake(vm: _Vm) -> None:
@@ -647,7 +656,7 @@ class HostService:
             wall = walls.get(name)
             held = delivered = dropped = 0
             if vm.freeze is not None:
-                await vm.freeze.deliver(discard_before=wall if restoring else None)
+                await vm.freeze.deliver(discard_before=stale_before)
                 if vm.freeze.stale:
                     log.info(
                         "VM %s: %d frames from before the restore discarded", name, vm.freeze.stale
