@@ -15,7 +15,11 @@ For each tap of the VM (DESIGN.md, "The freeze"):
   then ``lift`` removes the filter, the qdisc and the veth pair.
 
 Frames are held in memory up to a bound, spilled to a pcap file beyond it, and
-dropped (and counted) past a hard limit: never silently.
+dropped (and counted) past a hard limit: never silently. Captured frames get
+their deferred (offloaded) checksums completed (:mod:`lockstep.net.frames`), so
+they are valid both when injected and in the state's pcap. GSO super-frames
+(larger than the MTU) are counted in ``gso`` and kept as they are: plain
+injection cannot segment them (a known limit; UDP streams never produce them).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from lockstep.errors import NetError
 from lockstep.net import pcap
+from lockstep.net.frames import finish_frame
 from lockstep.net.links import OUR_LINK, delete_link, netlink
 
 __all__ = ["FreezeLimits", "FreezeState", "NicFreeze", "cleanup_freeze_links", "freeze_pair"]
@@ -43,6 +48,7 @@ __all__ = ["FreezeLimits", "FreezeState", "NicFreeze", "cleanup_freeze_links", "
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_QDISC_BYPASS = 20
+PACKET_VNET_HDR = 15
 PACKET_OUTGOING = 4
 SO_RCVBUFFORCE = 33
 CLSACT_EGRESS = 0xFFFFFFF3
@@ -191,6 +197,7 @@ class NicFreeze:
         self.delivered = 0
         self.dropped = 0
         self.stale = 0
+        self.gso = 0  # GSO super-frames held (delivered as captured; see module doc)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -251,6 +258,8 @@ class NicFreeze:
         def sockets() -> tuple[socket.socket, socket.socket]:
             cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
             cap.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
+            # Each frame with its virtio-net header: deferred checksums show.
+            cap.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             cap.bind((nic.capture_end, ETH_P_ALL))
             cap.settimeout(0.05)
             inj = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
@@ -270,11 +279,17 @@ class NicFreeze:
                 continue
             except OSError:
                 return
+            try:
+                frame, gso = finish_frame(data)
+            except ValueError:
+                continue
             # Only frames the tap's filter redirected: not our own end's
             # emissions (outgoing) and not what the redirect end itself sent.
-            if addr[2] == PACKET_OUTGOING or data[6:12] == nic.redirect_mac:
+            if addr[2] == PACKET_OUTGOING or frame[6:12] == nic.redirect_mac:
                 continue
-            self._hold(nic, time.time(), data)
+            if gso:
+                self.gso += 1
+            self._hold(nic, time.time(), frame)
 
     def _hold(self, nic: _Nic, ts: float, data: bytes) -> None:
         with self._lock:
