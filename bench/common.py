@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.group import load_group
 from lockstep.lab.lab import LabOptions, bring_up, clients_for, take_down
+from lockstep.proc import run
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -18,6 +21,35 @@ def percentile(values: Sequence[float], p: float) -> float:
     ranked = sorted(values)
     k = max(0, min(len(ranked) - 1, math.ceil(p / 100 * len(ranked)) - 1))
     return ranked[k]
+
+
+def free_subnets(first: int, last: int) -> tuple[str, str]:
+    """Two free /24s ``10.b.0.0/24``, ``10.b+1.0.0/24``, b in [first, last): no route overlaps them.
+
+    Raises:
+        RuntimeError: every pair in the range overlaps a route of this machine.
+    """
+    routes = [ipaddress.ip_network(r) for r in route_prefixes()]
+    candidates = list(range(first, last - 1, 2))
+    random.shuffle(candidates)
+    for b in candidates:
+        nets = [ipaddress.ip_network(f"10.{b}.0.0/24"), ipaddress.ip_network(f"10.{b + 1}.0.0/24")]
+        if not any(n.overlaps(r) for n in nets for r in routes):
+            return str(nets[0]), str(nets[1])
+    raise RuntimeError(f"no free subnets in 10.{first}-10.{last - 1} for a lab")
+
+
+def route_prefixes() -> list[str]:
+    """Destinations of every IPv4 route of this machine, all tables (``ip route``)."""
+    out = run(["ip", "-4", "route", "show", "table", "all"]).text
+    prefixes = []
+    for line in out.splitlines():
+        first = line.split()[0] if line.split() else ""
+        if first in ("broadcast", "local", "unreachable", "blackhole"):
+            first = line.split()[1]
+        if first and first != "default" and first[0].isdigit():
+            prefixes.append(first if "/" in first else first + "/32")
+    return prefixes
 
 
 def say(line: str) -> None:

@@ -11,7 +11,6 @@ the guests' console logs and execd logs are copied to ``build/test-logs/``.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import random
 import shutil
@@ -24,11 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import free_subnets
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.group import GroupSpec, load_group
 from lockstep.lab.guestctl import GuestControl
 from lockstep.lab.lab import LabOptions, bring_up, clients_for, guest, lab_data_dir, take_down
-from lockstep.proc import run, which
+from lockstep.proc import which
 
 LOGS = Path(__file__).resolve().parents[2] / "build" / "test-logs"
 
@@ -94,26 +94,7 @@ def _keep_logs(data: Path, name: str) -> None:
 
 def _free_subnets() -> tuple[str, str]:
     """Two /24s in 10.160-10.239 that no route of this machine overlaps."""
-    routes = [ipaddress.ip_network(r) for r in _route_prefixes()]
-    candidates = list(range(160, 240, 2))
-    random.shuffle(candidates)
-    for b in candidates:
-        nets = [ipaddress.ip_network(f"10.{b}.0.0/24"), ipaddress.ip_network(f"10.{b + 1}.0.0/24")]
-        if not any(n.overlaps(r) for n in nets for r in routes):
-            return str(nets[0]), str(nets[1])
-    raise RuntimeError("no free 10.x subnets for the test lab")
-
-
-def _route_prefixes() -> list[str]:
-    out = run(["ip", "-4", "route", "show", "table", "all"]).text
-    prefixes = []
-    for line in out.splitlines():
-        first = line.split()[0] if line.split() else ""
-        if first in ("broadcast", "local", "unreachable", "blackhole"):
-            first = line.split()[1]
-        if first and first != "default" and first[0].isdigit():
-            prefixes.append(first if "/" in first else first + "/32")
-    return prefixes
+    return free_subnets(160, 240)
 
 
 @pytest.fixture(scope="session")

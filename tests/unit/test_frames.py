@@ -12,7 +12,7 @@ from lockstep.net.frames import VNET_HDR_LEN, complete_checksum, finish_frame, p
 def _csum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    s = sum(struct.unpack(f">{len(data) // 2}H", data))
+    s: int = sum(struct.unpack(f">{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return s

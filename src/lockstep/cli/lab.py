@@ -46,6 +46,16 @@ def _offsets(values: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+def _starts(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        vm, sep, command = v.partition("=")
+        if not sep or not vm or not command.strip():
+            raise click.BadParameter(f"{v!r} is not VM=COMMAND (for example p1='keepalived -n')")
+        out[vm] = command
+    return out
+
+
 @click.group()
 def lab() -> None:
     """The embedded lab: hosts as network namespaces, VMs in primary/standby pairs.
@@ -86,10 +96,18 @@ def lab() -> None:
     metavar="PKG",
     help="Extra Debian package for the guest image.",
 )
+@click.option(
+    "--start",
+    "starts",
+    multiple=True,
+    metavar="VM=COMMAND",
+    help="A shell command VM runs at boot, beside the lab's agent (e.g. your cluster software).",
+)
 @click.pass_context
 def lab_up(
     ctx: click.Context, name: str, hosts: int, vms: int, memory: str, heartbeat: str,
     fail_timeout: str, stream_rate: int, offsets: tuple[str, ...], packages: tuple[str, ...],
+    starts: tuple[str, ...],
 ) -> None:  # fmt: skip
     """Bring the lab up and write its group file (./lockstep.toml unless -g)."""
     parent = ctx.parent.parent if ctx.parent else None
@@ -100,7 +118,7 @@ def lab_up(
             heartbeat=parse_duration(heartbeat), timeout=parse_duration(fail_timeout),
             stream_rate=stream_rate,
             clock_offsets=_offsets(offsets), extra_packages=packages,
-            group_file=group_file_path(group_opt),
+            start=_starts(starts), group_file=group_file_path(group_opt),
         )  # fmt: skip
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc

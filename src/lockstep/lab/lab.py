@@ -303,6 +303,12 @@ async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
         opts.hosts, name=opts.name, lan_subnet=opts.lan_subnet, vm_subnet=opts.vm_subnet
     )
     vms = plan_vms(plan, opts.vms)
+    strangers = sorted(set(opts.start) - {vm.name for vm in vms})
+    if strangers:
+        raise LabError(
+            f"--start names VM {', '.join(strangers)}, not in this lab"
+            f" (its VMs: {', '.join(vm.name for vm in vms)})"
+        )
     unknown = sorted(set(opts.clock_offsets) - {h.name for h in plan.hosts})
     if unknown:
         raise LabError(f"--clock-offset names unknown lab host {', '.join(unknown)}")
