@@ -111,6 +111,8 @@ class Row:
     cli_restore_s: float | None = None  # `lockstep restore` as a process, start to exit
     resume_skew_ms: list[float] = field(default_factory=list)
     guests_answer_s: list[float] = field(default_factory=list)  # last resume -> all guests answer
+    save_phases: dict[str, float] = field(default_factory=dict)  # s in each phase of the save
+    restore_phases: dict[str, float] = field(default_factory=dict)  # the same, last restore
     restore_read_bytes: int = 0  # what a restore reads up front (standard: all RAM)
     raw_read_bytes: int = 0
     raw_read_s: float | None = None
@@ -186,6 +188,27 @@ def _free_subnets() -> tuple[str, str]:
     raise RuntimeError("no free subnets in 10.140-10.159 for the benchmark lab")
 
 
+class PhaseClock:
+    """A caller's progress callback that notes when each phase began."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.marks: list[tuple[str, float]] = []
+
+    def __call__(self, event: str, details: Mapping[str, Any]) -> None:
+        """Note a phase's start (other events are ignored)."""
+        if event == "phase":
+            self.marks.append((str(details["name"]), time.time()))
+
+    def durations(self) -> dict[str, float]:
+        """Seconds from each phase's start to the next one's (the last one to now)."""
+        ends = [t for _, t in self.marks[1:]] + [time.time()]
+        out: dict[str, float] = {}
+        for (name, begin), end in zip(self.marks, ends, strict=True):
+            out[name] = out.get(name, 0.0) + end - begin
+        return out
+
+
 class Bench:
     """One benchmark lab: its group, a caller, and the figures it measures."""
 
@@ -229,8 +252,28 @@ class Bench:
             raise RuntimeError(f"guest {vm}: `{command[:60]}...` exited {rc}: {out[-300:]}")
         return out
 
+    async def settle(self) -> None:
+        """Get one answer from every guest's control channel, retrying a lost request.
+
+        The first request after a guest boots is sometimes lost (noise from
+        the boot left half a line in the agent's buffer), and a fill must not
+        wait out its long timeout for nothing.
+        """
+
+        async def one(vm: str) -> None:
+            for attempt in range(5):
+                try:
+                    await self.sh(vm, "true", 10)
+                    return
+                except LockstepError:
+                    if attempt == 4:
+                        raise
+
+        await asyncio.gather(*(one(vm) for vm in self.group.vms))
+
     async def fill(self, mib: int) -> float:
         """Make every guest write ``mib`` MiB of its RAM; return the seconds it took."""
+        await self.settle()
         started = time.monotonic()
         await asyncio.gather(*(self.sh(vm, _fill_command(mib), 3600) for vm in self.group.vms))
         return time.monotonic() - started
@@ -238,7 +281,7 @@ class Bench:
     async def guests_answer(self) -> float:
         """Seconds until every guest runs a command (its pages come back as it runs)."""
         started = time.monotonic()
-        await asyncio.gather(*(self.sh(vm, "true", 600) for vm in self.group.vms))
+        await self.settle()
         return time.monotonic() - started
 
     def state_files(self, state: str, suffixes: Sequence[str]) -> list[Path]:
@@ -256,7 +299,9 @@ class Bench:
         """Save once (downtime), restore ``repeat`` times (cold cache), read the files raw."""
         state = f"{row.path}-1"
         await asyncio.to_thread(os.sync)
-        saved: OperationReport = await self.call(lambda c: c.save(state))
+        clock = PhaseClock()
+        saved: OperationReport = await self.call(lambda c: c.save(state, progress=clock))
+        row.save_phases = clock.durations()
         row.save_s = saved.duration_s
         for v in saved.vms:
             if v.paused_at is not None and v.resumed_at is not None:
@@ -273,7 +318,11 @@ class Bench:
         for i in range(self.repeat):
             await asyncio.to_thread(drop_caches)
             started = time.time()
-            restored: OperationReport = await self.call(lambda c: c.restore(state))
+            clock = PhaseClock()
+            restored: OperationReport = await self.call(
+                lambda c, clock=clock: c.restore(state, progress=clock)
+            )
+            row.restore_phases = clock.durations()
             last = max(v.resumed_at for v in restored.vms if v.resumed_at is not None)
             row.restore_s.append(last - started)
             row.restore_total_s.append(restored.duration_s)
@@ -422,6 +471,8 @@ async def _measure(bench: Bench, row: Row, mib: int, body: Any, fill: bool = Tru
 
 def _brief(row: Row) -> dict[str, Any]:
     return {
+        "save_phases": {k: round(v, 3) for k, v in row.save_phases.items()},
+        "restore_phases": {k: round(v, 3) for k, v in row.restore_phases.items()},
         "downtime_ms_max": max(row.downtime_ms, default=None),
         "restore_s": [round(x, 3) for x in row.restore_s],
         "raw_read_gbps": row.raw_read_gbps,

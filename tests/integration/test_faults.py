@@ -338,12 +338,18 @@ def test_disk_full_while_writing_memory(fresh: Lab) -> None:
     """No room for the memory file: the save fails, is rolled back, VMs run, no state."""
     staging = fresh.data / "hosts" / "h2" / "root" / "staging"
     staging.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(staging)], check=True)
+    # `ip netns exec` gave the execd its own mount namespace: mount in there.
+    pid = execd_pid(fresh.name, "h2")
+    assert pid is not None
+    in_execd = ["nsenter", "-t", str(pid), "-m"]
+    subprocess.run(
+        [*in_execd, "mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(staging)], check=True
+    )
     try:
         with pytest.raises(OperationFailed, match="host h2"):
             asyncio.run(_save(fresh, "f-full"))
     finally:
-        subprocess.run(["umount", str(staging)], check=True)
+        subprocess.run([*in_execd, "umount", str(staging)], check=True)
     asyncio.run(_settle(fresh))
     _no_partial_state(fresh, "f-full")
 

@@ -13,27 +13,12 @@ def _ip(lab: Lab, vm: str) -> str:
     return next(p.split("=", 1)[1].split("/")[0] for p in cmdline.split() if p.startswith("ls.ip="))
 
 
-def test_guests_on_two_hosts_reach_each_other_across_vxlan(fresh: Lab) -> None:
-    """p1 (host h1) and s1 (host h2) exchange UDP over the VXLAN-joined VM bridges."""
-    s1 = _ip(fresh, "s1")
-    probe = (
-        'python3 -c "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM);'
-        f" s.settimeout(5); s.sendto(b'hello', ('{s1}', 7777)); print(s.recvfrom(100)[0].decode())\""
-    )
-    echo = (
-        'python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM);'
-        " s.bind(('', 7777)); d,a=s.recvfrom(100); s.sendto(d.upper(), a)\""
-    )
-
-    async def run() -> str:
-        async with fresh.guest("s1") as s1ctl:
-            server = asyncio.create_task(s1ctl.run(echo, timeout=20))
-            await asyncio.sleep(1.5)
-            out = await fresh.sh("p1", probe, timeout=15)
-            await server
-            return out
-
-    assert asyncio.run(run()).strip() == "HELLO"
+def test_guests_on_two_hosts_ping_each_other_across_vxlan(fresh: Lab) -> None:
+    """p1 (host h1) and s1 (host h2) ping each other over the VXLAN-joined VM bridges."""
+    out_p1 = asyncio.run(fresh.sh("p1", f"ping -c 3 -W 3 {_ip(fresh, 's1')}", timeout=20))
+    out_s1 = asyncio.run(fresh.sh("s1", f"ping -c 3 -W 3 {_ip(fresh, 'p1')}", timeout=20))
+    for out in (out_p1, out_s1):
+        assert " 0% packet loss" in out, out
 
 
 def _uptime(text: str) -> float:

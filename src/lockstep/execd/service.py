@@ -875,16 +875,20 @@ class HostService:
 
         async def one(name: str, rec: VmRecord) -> VmReport:
             spec = VmSpec.model_validate(rec.spec)
-            if name in self._vms:
-                await self._discard(name)
             runtime = VmRuntime(
                 spec=spec, group=manifest.group, taps=self._taps(manifest.group, spec), state=state
             )
+            plan = None
             if rec.layer is not None:
                 plan = disk.plan_fresh_overlay(
                     self.store.layers_dir, name, disk.layer_path(self.store.layers_dir, rec.layer)
                 )
-                await disk.create_overlay(plan)
+            # The VM it replaces quits while the new layer is made (other files).
+            await _gather_all(
+                ([self._discard(name)] if name in self._vms else [])
+                + ([disk.create_overlay(plan)] if plan is not None else [])
+            )
+            if plan is not None:
                 runtime.layer = plan.layer_id
                 runtime.chain = [*rec.chain, plan.layer_id]
             ram = await asyncio.to_thread(

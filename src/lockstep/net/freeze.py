@@ -279,17 +279,35 @@ class NicFreeze:
                 continue
             except OSError:
                 return
+            self._accept(nic, data, addr)
+
+    def _accept(self, nic: _Nic, data: bytes, addr: tuple[object, ...]) -> None:
+        """Hold one frame read from the capture socket, if it is one the filter redirected."""
+        try:
+            frame, gso = finish_frame(data)
+        except ValueError:
+            return
+        # Not our own end's emissions (outgoing), nor what the redirect end sent.
+        if addr[2] == PACKET_OUTGOING or frame[6:12] == nic.redirect_mac:
+            return
+        if gso:
+            self.gso += 1
+        self._hold(nic, time.time(), frame)
+
+    def _read_pending(self, nic: _Nic) -> None:
+        """Hold every frame still in the capture socket (its reader thread has stopped)."""
+        sock = nic.capture
+        if sock is None:
+            return
+        sock.setblocking(False)
+        while True:
             try:
-                frame, gso = finish_frame(data)
-            except ValueError:
-                continue
-            # Only frames the tap's filter redirected: not our own end's
-            # emissions (outgoing) and not what the redirect end itself sent.
-            if addr[2] == PACKET_OUTGOING or frame[6:12] == nic.redirect_mac:
-                continue
-            if gso:
-                self.gso += 1
-            self._hold(nic, time.time(), frame)
+                data, addr = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self._accept(nic, data, addr)
 
     def _hold(self, nic: _Nic, ts: float, data: bytes) -> None:
         with self._lock:
@@ -424,24 +442,34 @@ class NicFreeze:
         """
         if self.state not in (FreezeState.ENGAGED, FreezeState.PREPARED):
             return
-        for nic in self._nics:
-            before = await self._tx_dropped(nic)
+        before = [await self._tx_dropped(nic) for nic in self._nics]
+        sent = [0] * len(self._nics)
+        for i, nic in enumerate(self._nics):
             saved, nic.saved = nic.saved, []
-            sent = await self._inject(nic, saved)
-            while True:
-                batch = self._take(nic, discard_before)
-                if not batch:
-                    break
-                sent += await self._inject(nic, batch)
+            sent[i] = await self._inject(nic, saved)
+            while batch := self._take(nic, discard_before):
+                sent[i] += await self._inject(nic, batch)
+        # No frame is redirected once the filters are gone; then every frame
+        # captured so far is in the queues or still in the capture sockets:
+        # stop the readers and take the sockets' rest ourselves, so none is
+        # lost with the sockets (a starved reader thread lags behind).
+        for nic in self._nics:
             await self._remove_filter(nic)
-            # Frames captured between the last batch and the filter's removal.
-            await asyncio.sleep(0.01)
-            sent += await self._inject(nic, self._take(nic, discard_before))
-            lost = max(0, await self._tx_dropped(nic) - before)
+        await self._stop_readers()
+        for i, nic in enumerate(self._nics):
+            self._read_pending(nic)
+            sent[i] += await self._inject(nic, self._take(nic, discard_before))
+            lost = max(0, await self._tx_dropped(nic) - before[i])
             with self._lock:
-                self.delivered += sent - lost
+                self.delivered += sent[i] - lost
                 self.dropped += lost
         await self.lift()
+
+    async def _stop_readers(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            await asyncio.to_thread(t.join, 1.0)
+        self._threads = []
 
     async def _remove_filter(self, nic: _Nic) -> None:
         if self._ipr is None or not nic.tap_index:
@@ -458,9 +486,7 @@ class NicFreeze:
             return
         for nic in self._nics:
             await self._remove_filter(nic)
-        self._stop.set()
-        for t in self._threads:
-            await asyncio.to_thread(t.join, 1.0)
+        await self._stop_readers()
         for nic in self._nics:
             for s in (nic.capture, nic.inject):
                 if s is not None:

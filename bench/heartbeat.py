@@ -1,0 +1,265 @@
+"""Failovers caused by a group save/restore: lockstep against the naive baseline.
+
+For each heartbeat/timeout setting of the lab's cluster agent, a lab of 4 VMs
+(2 primary/standby pairs) on 2 hosts is brought up and left to settle; a
+lockstep state ``origin`` is saved. Then N cycles of lockstep save+restore run,
+the lab goes back to ``origin`` (the original roles), and N cycles of the naive
+baseline (bench/naive.py: every VM saved, then every VM restored, one after
+another) run. What each method caused is read from the guests' own console
+logs (``lockstep lab verify``), counted before and after that method's cycles:
+role changes (transitions), split brains, stream packets lost and duplicated.
+Lockstep's max resume skew and the naive restore's resume spread are shown too.
+Goal: lockstep causes zero transitions at every setting.
+
+    python -m bench.heartbeat [--cycles 20] [--settings 1s/3s,100ms/300ms,30ms/100ms]
+                              [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import free_subnets, say
+from bench.naive import naive_restore, naive_save
+from lockstep.caller.orchestrator import GroupCaller
+from lockstep.errors import LockstepError
+from lockstep.lab.lab import LabOptions, bring_up, clients_for, take_down
+from lockstep.lab.verify import verify_lab
+
+LAB = "lshb"
+DEFAULT_SETTINGS = "1s/3s,100ms/300ms,30ms/100ms"
+COUNTS = ("transitions", "split_brain", "lost", "duplicated")
+SKEW_BUDGET = 0.05  # s: this small shared machine's clock delays are a few ms (as in the tests)
+
+
+def parse_duration(text: str) -> float:
+    """``1s``, ``300ms`` or a bare number of seconds, in seconds.
+
+    Raises:
+        ValueError: the text is none of these.
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*", text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a duration such as 1s or 300ms")
+    value = float(m.group(1))
+    return value / 1000 if m.group(2) == "ms" else value
+
+
+def parse_settings(text: str) -> list[tuple[float, float]]:
+    """``1s/3s,100ms/300ms`` as [(heartbeat, timeout), ...] in seconds.
+
+    Raises:
+        ValueError: an item is not HEARTBEAT/TIMEOUT or the heartbeat is not shorter.
+    """
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        parts = item.split("/")
+        if len(parts) != 2:
+            raise ValueError(f"setting {item!r} is not HEARTBEAT/TIMEOUT, e.g. 1s/3s")
+        hb, to = parse_duration(parts[0]), parse_duration(parts[1])
+        if not 0 < hb < to:
+            raise ValueError(f"setting {item!r}: the heartbeat must be shorter than the timeout")
+        out.append((hb, to))
+    return out
+
+
+def label(heartbeat: float, timeout: float) -> str:
+    """A setting as ``1s/3s`` or ``100ms/300ms``."""
+
+    def one(s: float) -> str:
+        return f"{s:g}s" if s >= 1 else f"{s * 1000:g}ms"
+
+    return f"{one(heartbeat)}/{one(timeout)}"
+
+
+def counts(lab: str) -> dict[str, int]:
+    """What the lab's guests have noticed so far (whole console logs)."""
+    r = verify_lab(lab)
+    return {
+        "transitions": r.transitions,
+        "split_brain": r.split_brain,
+        "lost": r.total("lost"),
+        "duplicated": r.total("duplicated"),
+    }
+
+
+def takeovers(lab: str) -> list[dict[str, Any]]:
+    """Every takeover the lab's guests logged so far: who, when, why, after how long a silence."""
+    return [t | {"vm": v.info.name} for v in verify_lab(lab).vms for t in v.transitions]
+
+
+async def caused(
+    lab: str, tail: float, cycles: Callable[[], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Run ``cycles`` and return what the guests noticed meanwhile, plus its own figures.
+
+    ``tail`` seconds are waited after the cycles, so a takeover that was
+    already due and the agents' periodic lines land in the window.
+    """
+    before, seen = counts(lab), takeovers(lab)
+    started = time.monotonic()
+    figures = await cycles()
+    await asyncio.sleep(tail)
+    after = counts(lab)
+    new = [t for t in takeovers(lab) if t not in seen]
+    window = {"window_s": round(time.monotonic() - started, 1), "takeovers": new}
+    return {k: after[k] - before[k] for k in COUNTS} | figures | window
+
+
+async def one_setting(heartbeat: float, timeout: float, cycles: int) -> dict[str, Any]:
+    """Bring a lab up at this setting, run both methods' cycles, take the lab down."""
+    work = Path(tempfile.mkdtemp(prefix="lockstep-bench-hb-"))
+    lan, vms = free_subnets(170, 200)
+    opts = LabOptions(
+        name=LAB,
+        heartbeat=heartbeat,
+        timeout=timeout,
+        group_file=work / "lockstep.toml",
+        lan_subnet=lan,
+        vm_subnet=vms,
+    )
+    settle = max(3.0, 2 * timeout)
+    tail = timeout + 2 * heartbeat + 1.5  # stats lines come every second
+    say(f"{label(heartbeat, timeout)}: lab {LAB} on {lan} and {vms}")
+    group = None
+    try:
+        group = await bring_up(opts, say)
+        clients = clients_for(group)
+        caller = GroupCaller(group, clients, skew_budget=SKEW_BUDGET)
+        try:
+            await asyncio.sleep(settle)
+            await caller.save("origin")
+            await asyncio.sleep(settle)
+
+            async def lockstep() -> dict[str, Any]:
+                skews: list[float] = []
+                for i in range(cycles):
+                    saved = await caller.save(f"hb-{i}")
+                    restored = await caller.restore(f"hb-{i}")
+                    skews += [
+                        s for s in (saved.resume_skew_ms, restored.resume_skew_ms) if s is not None
+                    ]
+                    say(f"  lockstep cycle {i + 1}/{cycles}: resume skew {max(skews):.3f} ms max")
+                return {"max_resume_skew_ms": max(skews) if skews else None}
+
+            async def naive() -> dict[str, Any]:
+                spreads: list[float] = []
+                for i in range(cycles):
+                    est = await caller.sync()
+                    await naive_save(group, clients, est, f"nv{i}")
+                    est = await caller.sync()
+                    run = await naive_restore(group, clients, est, f"nv{i}")
+                    at = run.resumed_at.values()
+                    spreads.append((max(at) - min(at)) * 1000 if at else float("nan"))
+                    say(f"  naive cycle {i + 1}/{cycles}: resume spread {spreads[-1]:.0f} ms")
+                return {"max_resume_spread_ms": max(spreads) if spreads else None}
+
+            result: dict[str, Any] = {"heartbeat_s": heartbeat, "timeout_s": timeout}
+            result["lockstep"] = await caused(LAB, tail, lockstep)
+            idle_s = result["lockstep"]["window_s"] - tail
+
+            async def idle() -> dict[str, Any]:
+                await asyncio.sleep(idle_s)
+                return {}
+
+            result["idle"] = await caused(LAB, tail, idle)  # the control: as long, nothing done
+            await caller.restore("origin")  # back to the original roles
+            await asyncio.sleep(settle)
+            result["naive"] = await caused(LAB, tail, naive)
+            result["whole_log"] = counts(LAB)
+            return result
+        finally:
+            for c in clients.values():
+                await c.close()
+    finally:
+        if group is not None:  # bring_up takes down what it made when it fails
+            await take_down(LAB, say)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def run(settings: list[tuple[float, float]], cycles: int) -> dict[str, Any]:
+    """Every setting in turn; the machine's load before and after."""
+    load_before = os.getloadavg()
+    results = []
+    for hb, to in settings:
+        try:
+            results.append(await one_setting(hb, to, cycles))
+        except (LockstepError, RuntimeError) as exc:
+            say(f"{label(hb, to)} failed: {exc}")
+            results.append({"heartbeat_s": hb, "timeout_s": to, "error": str(exc)})
+    return {
+        "cycles": cycles,
+        "vms": 4,
+        "hosts": 2,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "settings": results,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    """The figures of :func:`run` as a text table, with the goal's verdict."""
+    lines = [
+        f"caused by {result['cycles']} save+restore cycles, 4 VMs (2 pairs) on 2 hosts"
+        " (idle: as long as lockstep's window, nothing done)",
+        f"{'setting':14} {'method':9} {'transitions':>11} {'split brain':>11} {'lost':>7}"
+        f" {'dup':>7}  resume skew/spread max (ms)",
+    ]
+    goal = True
+    for s in result["settings"]:
+        name = label(s["heartbeat_s"], s["timeout_s"])
+        if "error" in s:
+            lines.append(f"{name:14} failed: {s['error']}")
+            goal = False
+            continue
+        for method, key in (
+            ("idle", ""),
+            ("lockstep", "max_resume_skew_ms"),
+            ("naive", "max_resume_spread_ms"),
+        ):
+            m = s[method]
+            v = m.get(key)
+            lines.append(
+                f"{name:14} {method:9} {m['transitions']:11d} {m['split_brain']:11d}"
+                f" {m['lost']:7d} {m['duplicated']:7d}  {'-' if v is None else f'{v:.3f}'}"
+            )
+        goal = goal and s["lockstep"]["transitions"] == 0
+    lines.append(
+        f"goal: lockstep causes 0 transitions at every setting: {'met' if goal else 'NOT met'}"
+    )
+    lb, la = result["loadavg_before"], result["loadavg_after"]
+    lines.append(f"load average before {lb[0]:.2f} {lb[1]:.2f}, after {la[0]:.2f} {la[1]:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run the benchmark and print its table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--cycles", type=int, default=20)
+    ap.add_argument("--settings", default=DEFAULT_SETTINGS, help="HEARTBEAT/TIMEOUT,...")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    try:
+        settings = parse_settings(args.settings)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.cycles < 1:
+        ap.error("--cycles must be at least 1")
+    result = asyncio.run(run(settings, args.cycles))
+    print(table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
