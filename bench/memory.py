@@ -66,7 +66,7 @@ from lockstep.lab.lab import (
 from lockstep.proc import run
 from lockstep.units import parse_size
 
-__all__ = ["PATHS", "Row", "fill_mib", "run_matrix"]
+__all__ = ["PATHS", "Row", "run_matrix"]
 
 PATHS = ("fast", "standard", "naive")
 LAB = "lsfb"
@@ -76,20 +76,24 @@ _HOST_MARGIN = 2 << 30  # kept free for everything else on the host
 _KEEP_MS = re.compile(r" in ([0-9.]+) ms")
 
 
-def fill_mib(memory: int) -> int:
-    """MiB a guest of ``memory`` bytes writes: most of it, leaving its kernel and agent room."""
-    mib = memory >> 20
-    return mib - max(96, mib * 6 // 100)
+_GUEST_SPARE_MIB = 64  # left to the guest's agent and the fill's own python
 
 
-def _fill_command(mib: int) -> str:
-    # A random MiB, numbered: no two MiB alike (nothing to dedupe), fast under TCG.
+def _fill_command() -> str:
+    """Write all of the guest's available RAM but a little to a tmpfs file; print the MiB.
+
+    Numbered random MiB: no two alike (nothing a migration could skip), and
+    fast under TCG (one random MiB, copied with its number).
+    """
     return (
         "mkdir -p /run/fill && (mountpoint -q /run/fill ||"
         " mount -t tmpfs -o size=100% fill /run/fill) && rm -f /run/fill/buf &&"
-        ' head -c 1048576 /dev/urandom > /run/seed && python3 -c "import sys;'
+        " head -c 1048576 /dev/urandom > /run/seed &&"
+        " n=$(( $(awk '/MemAvailable/ {print int($2/1024)}' /proc/meminfo)"
+        f' - {_GUEST_SPARE_MIB} )) && python3 -c "import sys;'
         " s=open('/run/seed','rb').read()[8:]; f=open('/run/fill/buf','wb');"
-        f" [f.write(i.to_bytes(8,'little')+s) for i in range({mib})]\" && echo filled"
+        " [f.write(i.to_bytes(8,'little')+s) for i in range(int(sys.argv[1]))]\" $n &&"
+        " echo $n"
     )
 
 
@@ -271,12 +275,12 @@ class Bench:
 
         await asyncio.gather(*(one(vm) for vm in self.group.vms))
 
-    async def fill(self, mib: int) -> float:
-        """Make every guest write ``mib`` MiB of its RAM; return the seconds it took."""
+    async def fill(self) -> tuple[int, float]:
+        """Make every guest write most of its RAM; return the least MiB one wrote, and seconds."""
         await self.settle()
         started = time.monotonic()
-        await asyncio.gather(*(self.sh(vm, _fill_command(mib), 3600) for vm in self.group.vms))
-        return time.monotonic() - started
+        outs = await asyncio.gather(*(self.sh(vm, _fill_command(), 3600) for vm in self.group.vms))
+        return min(int(out.split()[-1]) for out in outs), time.monotonic() - started
 
     async def guests_answer(self) -> float:
         """Seconds until every guest runs a command (its pages come back as it runs)."""
@@ -405,8 +409,7 @@ async def run_combo(
 ) -> list[Row]:
     """Run the wanted paths for ``vms`` guests of ``memory`` RAM on one lab; one row per path."""
     size = parse_size(memory)
-    mib = fill_mib(size)
-    rows = {p: Row(vms=vms, memory=memory, path=p, fill_mib=mib) for p in paths}
+    rows = {p: Row(vms=vms, memory=memory, path=p) for p in paths}
     root = Path(os.environ.get("LOCKSTEP_STATE") or "/var/lib/lockstep")
     root.mkdir(parents=True, exist_ok=True)
     if "fast" in rows and (why := file_fit(vms, size, root)):
@@ -428,7 +431,7 @@ async def run_combo(
     try:
         bench = Bench(opts.group_file, repeat)
         if "fast" in rows and rows["fast"].status == "ok":
-            await _measure(bench, rows["fast"], mib, lambda: bench.lockstep_path(rows["fast"]))
+            await _measure(bench, rows["fast"], lambda: bench.lockstep_path(rows["fast"]))
         wanted = [p for p in ("standard", "naive") if p in rows]
         if wanted:
             # The fast VMs go first: their RAM is in page cache, not anonymous memory.
@@ -444,24 +447,24 @@ async def run_combo(
                 await bench.switch("standard")
                 if "standard" in rows:
                     std = rows["standard"]
-                    await _measure(bench, std, mib, lambda: bench.lockstep_path(std), fill=True)
+                    await _measure(bench, std, lambda: bench.lockstep_path(std))
                 if "naive" in rows:
                     nv = rows["naive"]
-                    await _measure(
-                        bench, nv, mib, lambda: bench.naive(nv), fill="standard" not in rows
-                    )
+                    if "standard" in rows:
+                        nv.fill_mib = rows["standard"].fill_mib
+                    await _measure(bench, nv, lambda: bench.naive(nv), fill="standard" not in rows)
     finally:
         say(f"== {vms} VMs x {memory}: lab down")
         await take_down(LAB)
     return list(rows.values())
 
 
-async def _measure(bench: Bench, row: Row, mib: int, body: Any, fill: bool = True) -> None:
+async def _measure(bench: Bench, row: Row, body: Any, fill: bool = True) -> None:
     """Fill the guests (if asked), then run ``body``; a failure is recorded in the row."""
     try:
         if fill:
-            took = await bench.fill(mib)
-            say(f"  {row.path}: guests wrote {mib} MiB each in {took:.0f} s")
+            row.fill_mib, took = await bench.fill()
+            say(f"  {row.path}: guests wrote {row.fill_mib} MiB or more each in {took:.0f} s")
         await body()
         say(f"  {row.path}: {json.dumps(_brief(row))}")
     except Exception as exc:  # a benchmark reports what failed and goes on
