@@ -194,7 +194,12 @@ def test_digest_changes_with_every_input(change: dict[str, object]) -> None:
 
 def test_package_list() -> None:
     """Extra packages join the base ones, sorted and de-duplicated; bad names are refused."""
-    assert image.package_list(["keepalived", "python3"]) == ("iproute2", "keepalived", "python3")
+    assert image.package_list(["keepalived", "python3"]) == (
+        "iproute2",
+        "iputils-ping",
+        "keepalived",
+        "python3",
+    )
     with pytest.raises(ImageBuildError, match="not Debian package names"):
         image.package_list(["keepalived,evil"])
     with pytest.raises(ImageBuildError):

@@ -59,7 +59,7 @@ CALLS: Final[Mapping[str, Timeout]] = MappingProxyType(
         "Drain": Timeout.NORMAL,
         "Resume": Timeout.NORMAL,
         "Stop": Timeout.NORMAL,
-        "Commit": Timeout.NORMAL,
+        "Commit": Timeout.SLOW,  # fsyncs and hashes the state's memory files (guest RAM)
         "Abort": Timeout.NORMAL,
         "Extend": Timeout.FAST,
         "PrepareRestore": Timeout.SLOW,

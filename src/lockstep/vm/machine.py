@@ -23,6 +23,7 @@ import enum
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +42,11 @@ __all__ = ["Machine", "MigrationProgress", "VmRunstate"]
 # Unlimited for all practical purposes (QEMU 7.2 caps migration at 128 MiB/s by default).
 _MAX_BANDWIDTH = 1 << 50
 _IGNORE_SHARED = "x-ignore-shared"
+_POLL = 0.005  # s between looks at a starting or ending QEMU
+_MIGRATION_POLL = 0.01  # s between query-migrate calls, at most
+_READ_AHEAD_FROM = 64 << 20  # bytes: a stream this big is read ahead for QEMU
+_READ_AHEAD_CHUNK = 16 << 20
+_READ_AHEAD_WINDOW = 512 << 20
 _STDERR_TAIL = 1500
 
 
@@ -93,6 +99,26 @@ MigrationProgress = Callable[[int, int], None]
 def _event_time(event: Message) -> float:
     ts: dict[str, int] = event["timestamp"]  # type: ignore[assignment]
     return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+
+
+def _read_ahead(fd: int, stop: threading.Event) -> None:
+    """Read ``fd`` in big pieces into the page cache, ahead of QEMU, until ``stop``.
+
+    QEMU got this very open file (SCM_RIGHTS), so its reads move the offset
+    this thread sees: it stays at most a window ahead of them, so what it read
+    is still cached when QEMU gets there.
+    """
+    buf = bytearray(_READ_AHEAD_CHUNK)
+    offset = 0
+    with contextlib.suppress(OSError):
+        while not stop.is_set():
+            if offset - os.lseek(fd, 0, os.SEEK_CUR) > _READ_AHEAD_WINDOW:
+                stop.wait(0.002)
+                continue
+            n = os.preadv(fd, [buf], offset)
+            if n <= 0:
+                return
+            offset += n
 
 
 def _pid_alive(pid: int) -> bool:
@@ -277,7 +303,7 @@ class Machine:
                 else:
                     self._qmp = qmp
                     return
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(_POLL)
         raise QemuStartError(
             f"VM {self.name}: QEMU offered no QMP on {self.paths.qmp} within {timeout:.0f} s"
             f" ({last or 'socket never appeared'}): {self._stderr_tail()}"
@@ -320,7 +346,7 @@ class Machine:
         while time.monotonic() < deadline:
             if not self.alive():
                 return True
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(_POLL)
         return not self.alive()
 
     async def _drop_qmp(self) -> None:
@@ -486,7 +512,8 @@ class Machine:
             if not self.alive():
                 raise VmError(f"VM {self.name}: QEMU died during {what}: {self._stderr_tail()}")
             await asyncio.sleep(interval)
-            interval = min(interval * 2, 0.05)
+            # A restore waits on this: poll often (a QMP round trip costs ~0.1 ms).
+            interval = min(interval * 2, _MIGRATION_POLL)
 
     def _send_fd(self, fd: int, name: str) -> None:
         assert self._qmp is not None
@@ -555,9 +582,13 @@ class Machine:
             raise VmError(
                 f"VM {self.name}: cannot read memory from {path}: {exc.strerror}"
             ) from exc
-        # QEMU reads the stream in small pieces: let the kernel read far ahead.
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        # QEMU reads the stream 32 KiB at a time: a thread reads it ahead in
+        # big pieces, so the disk streams at its own speed and QEMU copies
+        # from the page cache (the whole of it for a standard stream).
+        stop = threading.Event()
+        ahead = None
+        if os.fstat(fd).st_size >= _READ_AHEAD_FROM:
+            ahead = asyncio.create_task(asyncio.to_thread(_read_ahead, fd, stop))
         try:
             self._send_fd(fd, "memfile")
             await self.execute("getfd", {"fdname": "memfile"})
@@ -565,5 +596,10 @@ class Machine:
             await self.execute("migrate-incoming", {"uri": "fd:memfile"})
             await self._wait_migration(f"loading memory from {path}", None, timeout)
         finally:
+            stop.set()
+            if ahead is not None:
+                await asyncio.gather(ahead, return_exceptions=True)
+            with contextlib.suppress(OSError):  # loaded: its pages are of no more use
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
         self._set(VmRunstate.PAUSED)
