@@ -37,7 +37,7 @@ demo: setup image
 	@$(PY) -m lockstep.lab.demo
 
 bench: setup image
-	$(PY) -m bench.skew
+	$(PY) -m bench $(BENCH_ARGS)
 
 proto: setup
 	$(PY) -m lockstep.rpc.gen

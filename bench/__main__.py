@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import shlex
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -79,9 +80,14 @@ def _filesystem(kind: str, gib: int) -> Iterator[None]:
         yield
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so the labs and the scratch filesystem are taken down
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run what was asked; print the tables; write the files."""
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what in ("all", "memory"):

@@ -17,9 +17,13 @@ guest RAM size (256M, 1G, 4G), on a lab of its own:
    (anonymous RAM), filled again, and measured the same way; then
 4. ``naive``: the same VMs saved and destroyed one after another, then restored
    and resumed one after another (``bench/naive.py``);
-5. ``raw``: the saved memory files read once more, sequentially with a 16 MiB
-   buffer after dropping the page cache: the disk's read bandwidth for the
-   very bytes a standard restore reads.
+5. ``raw``: right before each standard (and the naive) restore, the very bytes
+   it is about to read are read sequentially, 16 MiB at a time, after dropping
+   the page cache: the disk's speed at that moment. "loading / raw" is the
+   time of that read over the time of the restore's loading phase, paired per
+   repeat (the disk's speed here varies a lot from minute to minute). For the
+   fast path the state's files, RAM images included, are read once: what
+   reading them all would have cost.
 
 A combination that cannot run here is reported with the reason, not run: the
 standard path and the naive baseline keep guest RAM in anonymous memory, which
@@ -33,6 +37,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import math
 import os
 import re
 import statistics
@@ -74,6 +79,7 @@ _READ_BUFFER = 16 << 20
 _QEMU_OVERHEAD = 256 << 20  # per VM, beyond guest RAM, for the fit check
 _HOST_MARGIN = 2 << 30  # kept free for everything else on the host
 _KEEP_MS = re.compile(r" in ([0-9.]+) ms")
+_LOAD_PHASE = "load VMs paused, frames held"  # the restore phase that reads memory
 
 
 _GUEST_SPARE_MIB = 64  # left to the guest's agent and the fill's own python
@@ -118,29 +124,40 @@ class Row:
     save_phases: dict[str, float] = field(default_factory=dict)  # s in each phase of the save
     restore_phases: dict[str, float] = field(default_factory=dict)  # the same, last restore
     restore_read_bytes: int = 0  # what a restore reads up front (standard: all RAM)
+    load_s: list[float] = field(default_factory=list)  # the loading phase, per repeat
+    # Reading the files a restore reads (fast: its RAM images too), just before
+    # each restore; for the fast path once, after the restores.
     raw_read_bytes: int = 0
-    raw_read_s: float | None = None
+    raw_read_s: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def restore_read_gbps(self) -> float | None:
-        """Bytes a restore read over the median restore time (GB/s)."""
-        if not self.restore_s or not self.restore_read_bytes:
+        """Bytes a restore read over the median loading phase (GB/s)."""
+        if not self.load_s or not self.restore_read_bytes:
             return None
-        return self.restore_read_bytes / statistics.median(self.restore_s) / 1e9
+        return self.restore_read_bytes / statistics.median(self.load_s) / 1e9
 
     @property
     def raw_read_gbps(self) -> float | None:
-        """The disk's sequential read bandwidth for the state's files (GB/s)."""
+        """The disk's sequential read bandwidth for the state's files (median, GB/s)."""
         if not self.raw_read_s or not self.raw_read_bytes:
             return None
-        return self.raw_read_bytes / self.raw_read_s / 1e9
+        return self.raw_read_bytes / statistics.median(self.raw_read_s) / 1e9
+
+    @property
+    def of_raw(self) -> float | None:
+        """Loading over raw reading of the same bytes, paired per repeat (median)."""
+        if self.path == "fast" or not self.load_s or len(self.raw_read_s) != len(self.load_s):
+            return None
+        return statistics.median(r / t for r, t in zip(self.raw_read_s, self.load_s, strict=True))
 
     def to_json(self) -> dict[str, Any]:
         """The row with its derived figures."""
         data = asdict(self)
         data["restore_read_gbps"] = self.restore_read_gbps
         data["raw_read_gbps"] = self.raw_read_gbps
+        data["of_raw"] = self.of_raw
         return data
 
 
@@ -319,7 +336,10 @@ class Bench:
                 row.notes.append(f"{v.name}: {v.memory_note}")
         streams = self.state_files(state, [".mem"])
         row.restore_read_bytes = sum(p.stat().st_size for p in streams)
+        row.raw_read_bytes = row.restore_read_bytes
         for i in range(self.repeat):
+            if row.path != "fast":  # the disk's speed now, for the bytes the restore reads
+                row.raw_read_s.append(await asyncio.to_thread(read_raw, streams))
             await asyncio.to_thread(drop_caches)
             started = time.time()
             clock = PhaseClock()
@@ -327,6 +347,7 @@ class Bench:
                 lambda c, clock=clock: c.restore(state, progress=clock)
             )
             row.restore_phases = clock.durations()
+            row.load_s.append(row.restore_phases.get(_LOAD_PHASE, math.nan))
             last = max(v.resumed_at for v in restored.vms if v.resumed_at is not None)
             row.restore_s.append(last - started)
             row.restore_total_s.append(restored.duration_s)
@@ -340,8 +361,10 @@ class Bench:
             notes = {f"{v.name}: {v.memory_note}" for v in restored.vms if v.memory_note}
             row.notes += sorted(n for n in notes if n not in row.notes)[:2]
         row.cli_restore_s = await self.cli_restore(state)
-        files = self.state_files(state, [".mem", ".ram"] if row.path == "fast" else [".mem"])
-        row.raw_read_bytes, row.raw_read_s = await asyncio.to_thread(read_raw, files)
+        if row.path == "fast":  # what reading it all would have cost
+            files = self.state_files(state, [".mem", ".ram"])
+            row.raw_read_bytes = sum(p.stat().st_size for p in files)
+            row.raw_read_s.append(await asyncio.to_thread(read_raw, files))
 
     async def cli_restore(self, state: str) -> float:
         """`lockstep restore` run as a command (Python start-up included), start to exit."""
@@ -365,6 +388,9 @@ class Bench:
             est = await caller.sync()
             saved = await naive_save(self.group, clients, est, "naive")
             row.save_s = saved.seconds
+            files = [p for vm in self.group.vms for p in self.state_files(f"naive-{vm}", [".mem"])]
+            row.restore_read_bytes = row.raw_read_bytes = sum(p.stat().st_size for p in files)
+            row.raw_read_s.append(await asyncio.to_thread(read_raw, files))
             await asyncio.to_thread(drop_caches)
             restored = await naive_restore(self.group, clients, est, "naive")
         finally:
@@ -373,11 +399,9 @@ class Bench:
         instants = list(restored.resumed_at.values())
         row.restore_s.append(max(instants) - restored.started)
         row.restore_total_s.append(restored.seconds)
+        row.load_s.append(restored.seconds)  # it reads all memory, one VM after another
         row.resume_skew_ms.append((max(instants) - min(instants)) * 1000)
         row.guests_answer_s.append(await self.guests_answer())
-        files = [p for vm in self.group.vms for p in self.state_files(f"naive-{vm}", [".mem"])]
-        row.restore_read_bytes = sum(p.stat().st_size for p in files)
-        row.raw_read_bytes, row.raw_read_s = await asyncio.to_thread(read_raw, files)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -387,21 +411,20 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_raw(files: Sequence[Path]) -> tuple[int, float]:
-    """Read ``files`` one after another from a cold page cache; return (bytes, seconds)."""
+def read_raw(files: Sequence[Path]) -> float:
+    """Seconds to read ``files`` one after another from a cold page cache, 16 MiB a read."""
     drop_caches()
     buf = bytearray(_READ_BUFFER)
-    total = 0
     started = time.monotonic()
     for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            while n := os.readv(fd, [buf]):
-                total += n
+            while os.readv(fd, [buf]):
+                pass
         finally:
             os.close(fd)
-    return total, time.monotonic() - started
+    return time.monotonic() - started
 
 
 async def run_combo(

@@ -59,7 +59,7 @@ class Guest:
         except FileNotFoundError:
             return "(no console log)"
 
-    def run(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
+    def run(self, command: str, timeout: float = 90.0) -> tuple[int, str]:
         """Run ``command`` in the guest through a fresh control connection."""
 
         async def go() -> tuple[int, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from lockstep.vm.argv import RamFile
 from lockstep.vm.memory import (
     ImageKept,
     boot_ram,
+    discard_ram_file,
     keep_ram_image,
     memory_conflict,
     plan_save,
@@ -205,3 +207,19 @@ def test_restore_of_a_fast_state_maps_or_clones_the_image(tmp_path: Path) -> Non
     assert fast.later == ""
     assert own.read_bytes()[:5] == b"saved"
     assert own.stat().st_ino != image.stat().st_ino
+
+
+def test_discarded_ram_file_goes_at_once_and_leftovers_with_it(tmp_path: Path) -> None:
+    """The RAM file leaves its name at once; it and a crash's leftover are unlinked behind."""
+    own = tmp_path / "guest.ram"
+    _sparse_file(own, 8 * MiB, {0: b"x"})
+    leftover = tmp_path / ".guest.ram.0badc0de.gone"
+    leftover.write_bytes(b"left by a crash")
+    discard_ram_file(own)
+    assert not own.exists()
+    for _ in range(200):
+        if not list(tmp_path.iterdir()):
+            break
+        time.sleep(0.01)
+    assert list(tmp_path.iterdir()) == []
+    discard_ram_file(own)  # nothing there: nothing to do

@@ -36,6 +36,7 @@ from lockstep.errors import QemuStartError, QmpError, VmError, VmStateError
 from lockstep.group import VmSpec
 from lockstep.proc import in_netns
 from lockstep.vm.argv import DRIVE_ID, QEMU_BINARY, RamFile, VmPaths, qemu_argv
+from lockstep.vm.memory import discard_ram_file
 
 __all__ = ["Machine", "MigrationProgress", "VmRunstate"]
 
@@ -322,7 +323,7 @@ class Machine:
         except (OSError, ValueError) as exc:
             raise VmError(f"VM {self.name}: no QEMU pid file at {self.paths.pidfile}") from exc
         if not _pid_alive(pid):
-            self.paths.ram.unlink(missing_ok=True)
+            discard_ram_file(self.paths.ram)
             raise VmError(f"VM {self.name}: its QEMU (pid {pid}) is no longer running")
         self._pid = pid
         self._set(VmRunstate.STARTING)
@@ -388,7 +389,7 @@ class Machine:
         self.paths.pidfile.unlink(missing_ok=True)
         if not self.alive():
             # A state that needs these bytes has its own link, clone or copy.
-            self.paths.ram.unlink(missing_ok=True)
+            discard_ram_file(self.paths.ram)
 
     # -- QMP ------------------------------------------------------------------
 

@@ -63,9 +63,12 @@ copy-on-write pages of a privately mapped image cannot leave RAM without swap.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +83,7 @@ __all__ = [
     "RestoreRam",
     "SavePlan",
     "boot_ram",
+    "discard_ram_file",
     "keep_ram_image",
     "memory_conflict",
     "plan_save",
@@ -114,6 +118,33 @@ def memory_conflict(spec: VmSpec) -> str | None:
     return None
 
 
+def discard_ram_file(path: Path) -> None:
+    """Remove a VM's RAM file without waiting for it to go.
+
+    Freeing GiBs of page cache and extents takes a while, and a restore
+    replacing several VMs must not wait for it: the file is renamed out of the
+    way at once and unlinked by a background thread (one left by a crash goes
+    with the next).
+    """
+    try:
+        os.rename(path, path.with_name(f".{path.name}.{secrets.token_hex(4)}.gone"))
+    except FileNotFoundError:
+        pass
+    except OSError:
+        path.unlink(missing_ok=True)
+    doomed = list(path.parent.glob(f".{path.name}.*.gone"))
+    if doomed:
+        threading.Thread(
+            target=_unlink_all, args=(doomed,), name="discard RAM", daemon=True
+        ).start()
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):  # the folder went, or a permission changed
+            path.unlink(missing_ok=True)
+
+
 def boot_ram(spec: VmSpec, own: Path) -> tuple[RamFile | None, str]:
     """How a VM booted from scratch keeps its RAM, and why not in a file if it cannot.
 
@@ -131,7 +162,7 @@ def boot_ram(spec: VmSpec, own: Path) -> tuple[RamFile | None, str]:
         if spec.memory_path == "fast":
             raise ConfigError(f'VM {spec.name}: memory_path is "fast" but {conflict}')
         return None, conflict
-    own.unlink(missing_ok=True)
+    discard_ram_file(own)
     return RamFile(own, shared=True), ""
 
 
@@ -321,7 +352,7 @@ def restore_ram(spec: VmSpec, image: Path | None, own: Path, *, state: str) -> R
     Raises:
         VmError: the RAM image could not be reflinked or copied.
     """
-    own.unlink(missing_ok=True)
+    discard_ram_file(own)
     if image is None:
         if spec.memory_path == "standard":
             return RestoreRam(None, fast=False, note="")
