@@ -32,7 +32,7 @@ DEADMAN = 4.0
 # This 2-core machine runs TCG guests and maybe other tests: clock delays of a
 # few ms are normal here. The budget refusal has its own test below.
 BUDGET = 0.05
-TIMEOUTS = {Timeout.FAST: 3.0, Timeout.NORMAL: 8.0, Timeout.SLOW: 20.0}
+TIMEOUTS = {Timeout.FAST: 3.0, Timeout.NORMAL: 20.0, Timeout.SLOW: 40.0}
 ALL_VMS = ["p1", "p2", "s1", "s2"]
 
 
