@@ -305,8 +305,9 @@ def sparse_copy(src: Path, dst: Path) -> int:
 def keep_ram_image(ram: Path, image: Path, *, link: bool) -> ImageKept:
     """Make the state's RAM image ``image`` from a paused VM's RAM file ``ram`` (blocking).
 
-    ``link`` (the VM is stopped after the save): a hard link. Otherwise a
-    reflink where the filesystem has them, else a sparse copy.
+    ``link`` (the VM is stopped after the save): a hard link. Otherwise, or
+    when the two are on different filesystems, a reflink where the filesystem
+    has them, else a sparse copy.
 
     Raises:
         VmError: the image could not be made (disk full, no such RAM file...).
@@ -314,8 +315,12 @@ def keep_ram_image(ram: Path, image: Path, *, link: bool) -> ImageKept:
     started = time.monotonic()
     try:
         if link:
-            os.link(ram, image)
-            return ImageKept("link", 0, time.monotonic() - started)
+            try:
+                os.link(ram, image)
+                return ImageKept("link", 0, time.monotonic() - started)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
         if reflink(ram, image):
             return ImageKept("reflink", 0, time.monotonic() - started)
         copied = sparse_copy(ram, image)
