@@ -348,18 +348,21 @@ class HostService:
     def _taps(self, group: str, spec: VmSpec) -> list[str]:
         return [tap_name(group, spec.name, i) for i in range(len(spec.nics))]
 
-    async def _launch(self, runtime: VmRuntime, *, incoming: bool) -> Machine:
-        machine = self._machine(runtime.spec)
-        if not incoming:  # a restore has set up runtime.ram already
-            ram, runtime.memory_note = memory.boot_ram(runtime.spec, machine.paths.ram)
-            runtime.ram = None if ram is None else str(ram.path)
-            runtime.ram_shared = ram is not None
+    async def _make_taps(self, runtime: VmRuntime) -> None:
         for tap, nic in zip(runtime.taps, runtime.spec.nics, strict=True):
             if nic.bridge is None:
                 raise OperationError(
                     f"VM {runtime.spec.name}: NIC on {nic.network} names no bridge"
                 )
             await create_tap(tap, nic.bridge, netns=self.config.netns)
+
+    async def _launch(self, runtime: VmRuntime, *, incoming: bool) -> Machine:
+        machine = self._machine(runtime.spec)
+        if not incoming:  # a restore has set up runtime.ram already
+            ram, runtime.memory_note = memory.boot_ram(runtime.spec, machine.paths.ram)
+            runtime.ram = None if ram is None else str(ram.path)
+            runtime.ram_shared = ram is not None
+        await self._make_taps(runtime)
         layer = disk.layer_path(self.store.layers_dir, runtime.layer) if runtime.layer else None
         await machine.start(disk=layer, taps=runtime.taps, incoming=incoming, ram=runtime.ram_file)
         return machine
@@ -491,14 +494,17 @@ class HostService:
         return [self._vms[n] for n in op.vms if n in self._vms]
 
     def _freeze_for(self, vm: _Vm) -> NicFreeze:
+        return self._freeze_for_taps(vm.runtime.spec.name, vm.runtime.taps)
+
+    def _freeze_for_taps(self, name: str, taps: Sequence[str]) -> NicFreeze:
         return NicFreeze(
-            vm.runtime.spec.name,
-            vm.runtime.taps,
+            name,
+            taps,
             netns=self.config.netns,
             limits=FreezeLimits(
                 in_memory=self.config.frames_in_memory, limit=self.config.frames_limit
             ),
-            spill_dir=self.rundir / vm.runtime.spec.name,
+            spill_dir=self.rundir / name,
         )
 
     @_step
@@ -901,19 +907,27 @@ class HostService:
             runtime.ram = None if ram.ram is None else str(ram.ram.path)
             runtime.ram_shared = ram.ram is not None and ram.ram.shared
             runtime.memory_note = ram.later
-            machine = await self._launch(runtime, incoming=True)
-            vm = _Vm(runtime, machine)
+            # Frozen before QEMU opens the taps: a frame of the timeline being
+            # replaced (a peer elsewhere not yet stopped) must not wait in a
+            # tap's queue for the restored VM; the freeze catches it as stale.
+            await self._make_taps(runtime)
+            freeze = self._freeze_for_taps(name, runtime.taps)
+            try:
+                await freeze.prepare()
+                await freeze.engage()
+                machine = await self._launch(runtime, incoming=True)
+            except BaseException:
+                await freeze.lift()
+                raise
+            vm = _Vm(runtime, machine, freeze=freeze)
             self._vms[name] = vm
             self._persist(runtime)
             assert rec.memory is not None
             await machine.load_memory(state_dir / rec.memory, ignore_shared=ram.fast)
-            vm.freeze = self._freeze_for(vm)
-            await vm.freeze.prepare()
-            await vm.freeze.engage()
-            vm.freeze.load_pcaps([state_dir / f for f in rec.frames])
+            freeze.load_pcaps([state_dir / f for f in rec.frames])
             return VmReport(
                 name=name,
-                frames_held=vm.freeze.held,
+                frames_held=freeze.held,
                 memory_path="fast" if ram.fast else "standard",
                 memory_note=ram.note,
             )

@@ -56,6 +56,7 @@ _FILTER_PRIO = 1
 _RCVBUF = 32 << 20
 _PACE_BURST = 32
 _PACE_PAUSE = 0.002
+_SETTLE_LIMIT = 0.5  # s: longest wait at lift for redirected frames still on their way
 
 T = TypeVar("T")
 
@@ -112,6 +113,14 @@ def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
         raise box["error"]
     value: T = box["value"]
     return value
+
+
+def _disable_ipv6(*links: str) -> None:
+    """Turn IPv6 off on ``links`` (in the calling thread's namespace), if it is there."""
+    for link in links:
+        knob = Path("/proc/sys/net/ipv6/conf") / link / "disable_ipv6"
+        with contextlib.suppress(FileNotFoundError):
+            knob.write_text("1\n")
 
 
 class _FrameQueue:
@@ -172,6 +181,12 @@ class _Nic:
         self.redirect_mac = b""
         self.tap_index = 0
         self.redirect_index = 0
+        self.capture_index = 0
+        # Frames the capture end received (the kernel's count, at engage) and
+        # those our socket read since (its own count): equal once none is on its way.
+        self.rx_base = 0
+        self.seen = 0
+        self.seen_base = 0
 
 
 class NicFreeze:
@@ -246,9 +261,15 @@ class NicFreeze:
             if await ipr.link_lookup(ifname=end):
                 await ipr.link("del", ifname=end)
         await ipr.link("add", ifname=nic.redirect_end, kind="veth", peer=nic.capture_end)
+        # No IPv6 on the pair: nothing of their own (DAD, router solicitations)
+        # mixes with the held frames or their count.
+        await asyncio.to_thread(
+            in_netns, self.netns, lambda: _disable_ipv6(nic.redirect_end, nic.capture_end)
+        )
         for end in (nic.redirect_end, nic.capture_end):
             await ipr.link("set", ifname=end, state="up")
         nic.redirect_index = (await ipr.link_lookup(ifname=nic.redirect_end))[0]
+        nic.capture_index = (await ipr.link_lookup(ifname=nic.capture_end))[0]
         links = [link async for link in await ipr.get_links(nic.redirect_index)]
         nic.redirect_mac = bytes.fromhex(str(links[0].get("address")).replace(":", ""))
         with contextlib.suppress(NetlinkError):
@@ -256,7 +277,10 @@ class NicFreeze:
         await ipr.tc("add", "clsact", index=nic.tap_index)
 
         def sockets() -> tuple[socket.socket, socket.socket]:
-            cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            # Protocol 0 receives nothing until bound: a socket made with
+            # ETH_P_ALL queues every interface's frames until its bind, and
+            # those would be taken for frames held for this VM.
+            cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             cap.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
             # Each frame with its virtio-net header: deferred checksums show.
             cap.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
@@ -283,12 +307,15 @@ class NicFreeze:
 
     def _accept(self, nic: _Nic, data: bytes, addr: tuple[object, ...]) -> None:
         """Hold one frame read from the capture socket, if it is one the filter redirected."""
+        if addr[2] == PACKET_OUTGOING:  # the capture end's own emission: not received
+            return
+        with self._lock:
+            nic.seen += 1
         try:
             frame, gso = finish_frame(data)
         except ValueError:
             return
-        # Not our own end's emissions (outgoing), nor what the redirect end sent.
-        if addr[2] == PACKET_OUTGOING or frame[6:12] == nic.redirect_mac:
+        if frame[6:12] == nic.redirect_mac:  # what the redirect end itself sent
             return
         if gso:
             self.gso += 1
@@ -333,6 +360,9 @@ class NicFreeze:
             raise NetError(f"freeze of VM {self.vm} is {self.state}; engage needs it prepared")
         try:
             for nic in self._nics:
+                nic.rx_base = (await self._counters(nic.capture_index))[0]
+                with self._lock:
+                    nic.seen_base = nic.seen
                 await self._ipr.tc(
                     "add-filter",
                     "u32",
@@ -395,13 +425,35 @@ class NicFreeze:
 
     # -- deliver / lift -----------------------------------------------------------
 
-    async def _tx_dropped(self, nic: _Nic) -> int:
+    async def _counters(self, index: int) -> tuple[int, int]:
+        """(rx_packets, tx_dropped) of link ``index``; zeros if it cannot be read."""
         try:
-            link = next(iter([x async for x in await self._ipr.get_links(nic.tap_index)]))
+            link = next(iter([x async for x in await self._ipr.get_links(index)]))
             stats = link.get("IFLA_STATS64") or link.get("IFLA_STATS") or {}
-            return int(stats.get("tx_dropped", 0))
+            return int(stats.get("rx_packets", 0)), int(stats.get("tx_dropped", 0))
         except (NetlinkError, IndexError, OSError):
-            return 0
+            return 0, 0
+
+    async def _tx_dropped(self, nic: _Nic) -> int:
+        return (await self._counters(nic.tap_index))[1]
+
+    async def _in_flight(self, nic: _Nic) -> int:
+        """Frames the capture end received that our socket has not read yet."""
+        received = (await self._counters(nic.capture_index))[0] - nic.rx_base
+        with self._lock:
+            return received - (nic.seen - nic.seen_base)
+
+    async def _settle(self, nic: _Nic) -> None:
+        """Wait (bounded) until every frame redirected before the filter went has been read.
+
+        A redirected frame reaches the capture end through the kernel's backlog:
+        it can still be on its way when the filter is gone.
+        """
+        end = time.monotonic() + _SETTLE_LIMIT
+        while time.monotonic() < end:
+            if await self._in_flight(nic) <= 0:
+                return
+            await asyncio.sleep(0.001)  # polled: the kernel's count has no event to wait on
 
     async def _inject(self, nic: _Nic, frames: list[pcap.Frame]) -> int:
         sock = nic.inject
@@ -449,20 +501,26 @@ class NicFreeze:
             sent[i] = await self._inject(nic, saved)
             while batch := self._take(nic, discard_before):
                 sent[i] += await self._inject(nic, batch)
-        # No frame is redirected once the filters are gone; then every frame
-        # captured so far is in the queues or still in the capture sockets:
-        # stop the readers and take the sockets' rest ourselves, so none is
-        # lost with the sockets (a starved reader thread lags behind).
+        # No frame is redirected once the filters are gone. Those redirected
+        # just before may still be on their way to the capture end: wait until
+        # the readers have every one (the kernel's count says when), deliver
+        # them, then stop the readers and take whatever they left in the sockets.
+        # Frames that never arrived, or that a full socket dropped, are counted.
         for nic in self._nics:
             await self._remove_filter(nic)
+        for nic in self._nics:
+            await self._settle(nic)
+        for i, nic in enumerate(self._nics):
+            sent[i] += await self._inject(nic, self._take(nic, discard_before))
         await self._stop_readers()
         for i, nic in enumerate(self._nics):
             self._read_pending(nic)
             sent[i] += await self._inject(nic, self._take(nic, discard_before))
+            missing = max(await self._in_flight(nic), 0)  # a full socket dropped them, say
             lost = max(0, await self._tx_dropped(nic) - before[i])
             with self._lock:
                 self.delivered += sent[i] - lost
-                self.dropped += lost
+                self.dropped += lost + missing
         await self.lift()
 
     async def _stop_readers(self) -> None:
