@@ -12,6 +12,7 @@
     [frames]
     in_memory = 4096                   # per VM, then spilled to disk
     limit = 262144                     # per VM, then dropped and counted
+    lead_ms = 20                       # NICs freeze this long before the VMs pause
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class _Frames(BaseModel):
     model_config = ConfigDict(extra="forbid")
     in_memory: int = Field(default=4096, ge=0)
     limit: int = Field(default=262144, ge=1)
+    lead_ms: float = Field(default=20.0, ge=0, le=1000)
 
 
 class _File(BaseModel):
@@ -83,4 +85,5 @@ def load_execd_config(path: Path, *, clock_offset: float = 0.0) -> ExecdConfig:
         qemu_binary=f.qemu_binary,
         frames_in_memory=f.frames.in_memory,
         frames_limit=f.frames.limit,
+        frames_lead=f.frames.lead_ms / 1000,
     )

@@ -30,6 +30,10 @@ class ExecdConfig:
     # Frames: how many to hold in memory per VM, and the hard limit (issue 4).
     frames_in_memory: int = 4096
     frames_limit: int = 262144
+    # How long before the pause the NICs freeze: QEMU drops a frame it read
+    # from the tap but could not hand to the guest yet when the VM stops, so
+    # the guest gets this long to take what already reached QEMU.
+    frames_lead: float = 0.02
 
 
 @dataclass(frozen=True)

@@ -511,7 +511,11 @@ class HostService:
     async def pause(
         self, op: str, state: str, at: float, vms: Sequence[str], deadline: float
     ) -> list[VmReport]:
-        """Open save ``op`` of ``state``; at ``at`` freeze each VM's NICs, then pause it.
+        """Open save ``op`` of ``state``: freeze each VM's NICs just before ``at``, pause at ``at``.
+
+        The NICs freeze ``frames_lead`` before the pause (see ExecdConfig): a
+        frame that reached QEMU but not yet the guest when the VM stops would
+        be dropped by QEMU; the lead lets the guest take it first.
 
         Raises:
             StateExists: the state is already on this host.
@@ -543,11 +547,11 @@ class HostService:
             await vm.freeze.prepare()
 
         async def one(vm: _Vm) -> VmReport:
-            assert vm.freeze is not None
-            await vm.freeze.engage()
             wall = await vm.machine.pause()
             return VmReport(name=vm.runtime.spec.name, paused_at=self.clock.from_wall(wall))
 
+        await self.clock.wait_until(at - self.config.frames_lead)
+        await _gather_all([vm.freeze.engage() for vm in targets if vm.freeze is not None])
         qemu = [t for vm in targets for t in vm.machine.control_threads()]
         vcpus = [t for vm in targets for t in vm.machine.vcpu_threads()]
         async with self.clock.at_instant(at, qemu, vcpus):

@@ -3,8 +3,10 @@
 For each tap of the VM (DESIGN.md, "The freeze"):
 
 - ``prepare``: a veth pair made for that tap (``ls<hash>f<i>`` / ``ls<hash>g<i>``),
-  a ``clsact`` qdisc on the tap, an AF_PACKET socket reading the ``g`` end in a
-  capture thread, and an AF_PACKET socket on the tap for injection;
+  an AF_PACKET socket reading the ``g`` end in a capture thread, and an
+  AF_PACKET socket on the tap for injection. The tap's ``clsact`` qdisc comes
+  with the tap (:func:`lockstep.net.links.create_tap`): adding or removing a
+  qdisc on a running link drops the frames in flight, adding a filter does not;
 - ``engage`` (at the scheduled instant, before the VM pauses): an egress ``u32``
   match-all filter on the tap with ``mirred egress redirect`` to the ``f`` end.
   Every frame the host would hand to the VM now lands in our capture instead;
@@ -12,7 +14,7 @@ For each tap of the VM (DESIGN.md, "The freeze"):
 - ``deliver`` (after the VM resumed): inject the held frames in their order
   through the tap socket with ``PACKET_QDISC_BYPASS`` (so they skip the tap's
   qdisc and are not captured again), paced, then those that arrived meanwhile;
-  then ``lift`` removes the filter, the qdisc and the veth pair.
+  then ``lift`` removes the filter and the veth pair.
 
 Frames are held in memory up to a bound, spilled to a pcap file beyond it, and
 dropped (and counted) past a hard limit: never silently. Captured frames get
@@ -41,7 +43,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from lockstep.errors import NetError
 from lockstep.net import pcap
 from lockstep.net.frames import finish_frame
-from lockstep.net.links import OUR_LINK, delete_link, netlink
+from lockstep.net.links import OUR_LINK, delete_link, ensure_clsact, netlink
 
 __all__ = ["FreezeLimits", "FreezeState", "NicFreeze", "cleanup_freeze_links", "freeze_pair"]
 
@@ -113,6 +115,17 @@ def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
         raise box["error"]
     value: T = box["value"]
     return value
+
+
+async def _delete_filter(ipr: Any, index: int) -> bool:
+    """Delete the freeze's filter from tap ``index`` (not the qdisc); say whether it was there."""
+    try:
+        await ipr.tc(
+            "del-filter", index=index, parent=CLSACT_EGRESS, protocol=ETH_P_ALL, prio=_FILTER_PRIO
+        )
+    except NetlinkError:
+        return False
+    return True
 
 
 def _disable_ipv6(*links: str) -> None:
@@ -272,9 +285,8 @@ class NicFreeze:
         nic.capture_index = (await ipr.link_lookup(ifname=nic.capture_end))[0]
         links = [link async for link in await ipr.get_links(nic.redirect_index)]
         nic.redirect_mac = bytes.fromhex(str(links[0].get("address")).replace(":", ""))
-        with contextlib.suppress(NetlinkError):
-            await ipr.tc("del", "clsact", index=nic.tap_index)
-        await ipr.tc("add", "clsact", index=nic.tap_index)
+        await ensure_clsact(ipr, nic.tap_index)  # a tap made before clsact came with taps
+        await _delete_filter(ipr, nic.tap_index)
 
         def sockets() -> tuple[socket.socket, socket.socket]:
             # Protocol 0 receives nothing until bound: a socket made with
@@ -532,11 +544,10 @@ class NicFreeze:
     async def _remove_filter(self, nic: _Nic) -> None:
         if self._ipr is None or not nic.tap_index:
             return
-        with contextlib.suppress(NetlinkError):
-            await self._ipr.tc("del", "clsact", index=nic.tap_index)
+        await _delete_filter(self._ipr, nic.tap_index)
 
     async def lift(self) -> None:
-        """Remove filters, qdiscs, veths and sockets; frames still held are discarded.
+        """Remove filters, veths and sockets; frames still held are discarded.
 
         Idempotent; never raises for what is already gone.
         """
@@ -562,7 +573,7 @@ class NicFreeze:
 
 
 async def cleanup_freeze_links(*, netns: str | None = None) -> list[str]:
-    """Remove every freeze leftover of lockstep's (veth pairs, clsact on its taps).
+    """Remove every freeze leftover of lockstep's (veth pairs, filters on its taps).
 
     Called at execd start: a crash mid-freeze must not leave a filter that
     would redirect a VM's frames into a dead socket.
@@ -579,11 +590,8 @@ async def cleanup_freeze_links(*, netns: str | None = None) -> list[str]:
             if not m:
                 continue
             if m.group(1) == "t":
-                try:
-                    await ipr.tc("del", "clsact", index=link["index"])
-                    removed.append(f"clsact on {name}")
-                except NetlinkError:
-                    pass
+                if await _delete_filter(ipr, link["index"]):
+                    removed.append(f"filter on {name}")
             elif m.group(1) == "f":
                 stale.append(name)
     for name in stale:

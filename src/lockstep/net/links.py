@@ -8,6 +8,7 @@ host service in-process against a lab host; a real execd runs inside its host.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ __all__ = [
     "OUR_LINK",
     "create_tap",
     "delete_link",
+    "ensure_clsact",
     "link_exists",
     "list_links",
     "netlink",
@@ -86,9 +88,13 @@ async def list_links(*, netns: str | None = None) -> list[str]:
 
 
 async def create_tap(name: str, bridge: str, *, netns: str | None = None) -> None:
-    """Create persistent tap ``name``, enslave it to ``bridge`` and set it up.
+    """Create persistent tap ``name`` with a ``clsact`` qdisc, enslave it to ``bridge``, set it up.
 
-    An existing tap of that name is reused (an execd restarted mid-way).
+    An existing tap of that name is reused (an execd restarted mid-way). The
+    clsact qdisc is the freeze's hook (:mod:`lockstep.net.freeze`). It comes
+    with the tap, before any traffic, because adding or removing a qdisc on a
+    running link makes the kernel swap in its drop-all qdisc for a moment
+    (``dev_deactivate``): frames to the VM would be lost at every freeze.
 
     Raises:
         NetError: the bridge is missing or the tap could not be made.
@@ -100,9 +106,24 @@ async def create_tap(name: str, bridge: str, *, netns: str | None = None) -> Non
         try:
             if not await ipr.link_lookup(ifname=name):
                 await ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+            index = (await ipr.link_lookup(ifname=name))[0]
+            await ensure_clsact(ipr, index)
             await ipr.link("set", ifname=name, master=br[0], state="up")
         except NetlinkError as exc:
             raise NetError(f"cannot create tap {_where(name, netns)} on {bridge}: {exc}") from exc
+
+
+async def ensure_clsact(ipr: Any, index: int) -> None:
+    """Give link ``index`` a ``clsact`` qdisc unless it has one.
+
+    Raises:
+        NetlinkError: the qdisc could not be added.
+    """
+    try:
+        await ipr.tc("add", "clsact", index=index)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
 
 
 async def delete_link(name: str, *, netns: str | None = None) -> bool:
