@@ -14,6 +14,8 @@ A group file is TOML::
 
     [networks.lan]
     bridge = "lsvm"             # the VM bridge on every host
+    hold = "all"                # frozen NICs hold every frame; "group": only the
+                                # group's own (others are counted, not held)
 
     [vms.p1]
     host = "h1"
@@ -164,6 +166,9 @@ class NetworkSpec(_Model):
     """An L2 segment; on every host its VMs' taps join ``bridge``."""
 
     bridge: str
+    # What a frozen NIC on this network holds: every frame, or only those sent
+    # by the group's own NICs (outside machines cannot fill the buffer).
+    hold: Literal["all", "group"] = "all"
 
     @field_validator("bridge")
     @classmethod
@@ -186,6 +191,10 @@ class NicSpec(_Model):
     # The network's bridge on the VM's host; filled in from [networks] on load,
     # so a VmSpec sent to an execd stands alone.
     bridge: str | None = None
+    # On a network with hold = "group": the MACs whose frames a frozen NIC
+    # holds (the group's NICs on that network); None holds every frame. Filled
+    # in from [networks] on load, like the bridge.
+    hold_from: list[str] | None = None
 
     @field_validator("network")
     @classmethod
@@ -196,6 +205,15 @@ class NicSpec(_Model):
     @classmethod
     def _bridge(cls, v: str | None) -> str | None:
         return None if v is None else _link_name(v)
+
+    @field_validator("hold_from")
+    @classmethod
+    def _hold_from(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            for mac in v:
+                if not _MAC.fullmatch(mac):
+                    raise ValueError(f"hold_from: {_shown(mac)} is not a MAC address")
+        return v
 
     @field_validator("mac", mode="before")
     @classmethod
@@ -270,12 +288,30 @@ class VmSpec(_Model):
         return self
 
 
-def _with_bridge(nic: Any, networks: Any) -> Any:
-    if isinstance(nic, dict) and "bridge" not in nic and isinstance(networks, dict):
-        net = networks.get(str(nic.get("network")))
-        if isinstance(net, dict) and isinstance(net.get("bridge"), str):
-            return {**nic, "bridge": net["bridge"]}
+def _with_network(nic: Any, networks: dict[str, Any], held: dict[str, list[str]]) -> Any:
+    """A NIC's raw table with its network's bridge and, if it holds only the group's, the MACs."""
+    if not isinstance(nic, dict):
+        return nic
+    net = networks.get(str(nic.get("network")))
+    if not isinstance(net, dict):
+        return nic
+    if "bridge" not in nic and isinstance(net.get("bridge"), str):
+        nic = {**nic, "bridge": net["bridge"]}
+    if net.get("hold") == "group" and "hold_from" not in nic:
+        nic = {**nic, "hold_from": held.get(str(nic.get("network")), [])}
     return nic
+
+
+def _group_macs(vms: dict[str, Any]) -> dict[str, list[str]]:
+    """Per network, the (well-formed) MACs of the group's NICs on it, from the raw tables."""
+    held: dict[str, set[str]] = {}
+    for vm in vms.values():
+        nics = vm.get("nics") if isinstance(vm, dict) else None
+        for nic in nics if isinstance(nics, list) else []:
+            mac = nic.get("mac") if isinstance(nic, dict) else None
+            if isinstance(mac, str) and _MAC.fullmatch(mac.lower()):
+                held.setdefault(str(nic.get("network")), set()).add(mac.lower())
+    return {net: sorted(macs) for net, macs in held.items()}
 
 
 class GroupSpec(_Model):
@@ -290,17 +326,19 @@ class GroupSpec(_Model):
     @model_validator(mode="before")
     @classmethod
     def _names(cls, data: Any) -> Any:
-        # A VM's name is its key, and a NIC's bridge is its network's: copy them
-        # in so a VmSpec stands alone.
+        # A VM's name is its key, a NIC's bridge is its network's, and so is
+        # what its freeze holds: copy them in so a VmSpec stands alone.
         if not isinstance(data, dict) or not isinstance(data.get("vms"), dict):
             return data
-        networks = data.get("networks") if isinstance(data.get("networks"), dict) else {}
+        raw_networks = data.get("networks")
+        networks: dict[str, Any] = raw_networks if isinstance(raw_networks, dict) else {}
+        held = _group_macs(data["vms"])
         vms = {}
         for key, vm in data["vms"].items():
             if isinstance(vm, dict):
                 vm = {**vm, "name": key}
                 if isinstance(vm.get("nics"), list):
-                    vm["nics"] = [_with_bridge(nic, networks) for nic in vm["nics"]]
+                    vm["nics"] = [_with_network(nic, networks, held) for nic in vm["nics"]]
             vms[key] = vm
         return {**data, "vms": vms}
 

@@ -201,6 +201,7 @@ ARGS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
     "States": st.tuples(),
     "StateShow": st.tuples(states),
     "StateDelete": st.tuples(states),
+    "StateFrames": st.tuples(states, vms),
 }
 
 

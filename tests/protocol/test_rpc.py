@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,13 @@ from tests.helpers.rpc import LOOPBACK, Pki, free_port, run, serving
 STATUS = [VmStatus("p1", "running", pid=11, layer="l-1", state="s0"), VmStatus("s1", "paused")]
 STATES = [StateInfo("s0", "h1", "2026-11-26T05:00:00Z", vms=["p1", "s1"])]
 MANIFEST = {"name": "s1", "vms": {"p1": {"layer": "l-1"}}, "complete": True}
+# Two NICs' pcap files, the first in three chunks (the middle one 3 MiB).
+FRAME_CHUNKS = [
+    ("p1.nic0.pcap", b"A" * 1000),
+    ("p1.nic0.pcap", bytes(range(256)) * 12288),
+    ("p1.nic0.pcap", b"tail"),
+    ("p1.nic1.pcap", b"B" * 24),
+]
 
 
 @dataclass
@@ -153,6 +160,10 @@ class StubApi:
     async def state_delete(self, name: str) -> list[str]:
         self._record("state_delete", name)
         return ["l-1", "l-2"]
+
+    def state_frames(self, name: str, vm: str) -> Iterator[tuple[str, bytes]]:
+        self._record("state_frames", name, vm)
+        return iter(FRAME_CHUNKS)
 
 
 def _is_execd_api(api: ExecdApi) -> ExecdApi:
@@ -299,6 +310,34 @@ def test_cancelled_save_memory_cancels_the_service_call(pki: Pki) -> None:
     assert api.save_cancelled
 
 
+def test_state_frames_streams_each_file_whole_in_order(pki: Pki) -> None:
+    """StateFrames brings back every NIC's file, in order, its chunks joined byte for byte."""
+    api = StubApi()
+
+    async def body() -> list[tuple[str, bytes]]:
+        async with connected(api, pki) as c:
+            return await c.state_frames("s1", "p1")
+
+    files = run(body())
+    assert [name for name, _ in files] == ["p1.nic0.pcap", "p1.nic1.pcap"]
+    assert files[0][1] == b"".join(d for n, d in FRAME_CHUNKS if n == "p1.nic0.pcap")
+    assert files[1][1] == b"B" * 24
+    assert api.calls == [("state_frames", ("s1", "p1"))]
+
+
+def test_state_frames_of_a_missing_state_is_not_found(pki: Pki) -> None:
+    """A service error on the stream reaches the caller as NOT_FOUND with its sentence."""
+    api = StubApi(fail={"state_frames": StateNotFound("state 's9' on host h1 has no VM 'p1'")})
+
+    async def body() -> None:
+        async with connected(api, pki) as c:
+            await c.state_frames("s9", "p1")
+
+    with pytest.raises(RemoteError, match="has no VM 'p1'") as info:
+        run(body())
+    assert (info.value.code, info.value.kind) == ("NOT_FOUND", "StateNotFound")
+
+
 def test_call_table_covers_the_service_exactly() -> None:
     """CALLS names every RPC of the proto once; HostClient and ExecdApi have a method for each."""
     service = pb.DESCRIPTOR.services_by_name["Execd"]
@@ -409,7 +448,7 @@ async def _raw_call(address: str, pki: Pki, method: str, request: Any) -> grpc.a
         stub: Any = pb_grpc.ExecdStub(channel)  # type: ignore[no-untyped-call]
         call = getattr(stub, method)(request, timeout=5)
         try:
-            if method == "SaveMemory":  # server-streaming
+            if method in ("SaveMemory", "StateFrames"):  # server-streaming
                 _ = [msg async for msg in call]
             else:
                 await call
@@ -451,6 +490,8 @@ BAD_INPUTS: list[tuple[str, Any, str, str]] = [
     ("Up", pb.UpRequest(group="lab", vm_specs_json=['{"name": "p1", "host": "h1", "kernel": "/k", "nics": [{"network": "lan", "mac": "52:54:00:00:00:01", "bridge": "br0;x"}]}']), "is not a link name", "ValueError"),
     ("Up", pb.UpRequest(group="../g", vm_specs_json=[]), "group name", "InvalidName"),
     ("SaveMemory", pb.SaveMemoryRequest(op="../op"), "operation name", "InvalidName"),
+    ("StateFrames", pb.StateFramesRequest(name="s/1", vm="p1"), "state name 's/1'", "InvalidName"),
+    ("StateFrames", pb.StateFramesRequest(name="s1", vm="p1 p2"), "VM name 'p1 p2'", "InvalidName"),
 ]  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Completing deferred (CHECKSUM_PARTIAL) checksums of captured frames."""
+"""Captured frames: completing deferred (CHECKSUM_PARTIAL) checksums, describing them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import struct
 
 import pytest
 
-from lockstep.net.frames import VNET_HDR_LEN, complete_checksum, finish_frame, parse_vnet_hdr
+from lockstep.net.frames import (
+    VNET_HDR_LEN,
+    complete_checksum,
+    describe,
+    finish_frame,
+    mac_text,
+    parse_vnet_hdr,
+)
 
 
 def _csum(data: bytes) -> int:
@@ -64,3 +71,20 @@ def test_malformed_input_is_refused() -> None:
         parse_vnet_hdr(b"\x01" * (VNET_HDR_LEN - 1))
     with pytest.raises(ValueError, match="outside"):
         complete_checksum(b"\x00" * 20, 18, 6)
+
+
+def test_describe_says_what_a_frame_carries() -> None:
+    """UDP, ARP, IPv6 and unknown frames get one tcpdump-like line each; junk never raises."""
+    udp, _ = _udp_frame(b"hello")
+    assert describe(udp) == "IPv4 UDP 10.0.0.1:7102 > 10.0.0.2:7102 (5 bytes)"
+    arp = bytes(12) + b"\x08\x06" + struct.pack(">HHBBH", 1, 0x0800, 6, 4, 1)
+    arp += bytes.fromhex("020000000001") + bytes([10, 0, 0, 1]) + bytes(6) + bytes([10, 0, 0, 2])
+    assert describe(arp) == "ARP who-has 10.0.0.2 tell 10.0.0.1"
+    reply = arp[:20] + b"\x00\x02" + arp[22:]
+    assert describe(reply) == "ARP reply 10.0.0.1 is-at 02:00:00:00:00:01"
+    v6 = bytes(12) + b"\x86\xdd" + bytes(6) + bytes([58, 255]) + bytes(15) + b"\x01" + bytes(16)
+    assert describe(v6) == "IPv6 ICMPv6 ::1 > ::"
+    assert describe(bytes(12) + b"\x88\xb5" + bytes(50)) == "ethertype 0x88b5 (64 bytes)"
+    assert describe(b"\x01\x02") == "runt frame (2 bytes)"
+    assert describe(bytes(12) + b"\x08\x00" + b"\x45").startswith("ethertype 0x0800")
+    assert mac_text(bytes.fromhex("0a1b2c3d4e5f")) == "0a:1b:2c:3d:4e:5f"

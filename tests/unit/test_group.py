@@ -43,6 +43,29 @@ def test_valid_group_fills_names_and_bridges() -> None:
     assert [v.name for v in g.vms_on("h1")] == ["p1"] and g.vms_on("h2") == []
 
 
+def test_network_holding_only_the_group_lists_its_macs_on_every_nic() -> None:
+    """hold = "group" gives each NIC on that network the group's MACs there; "all" gives None."""
+    data = _group(
+        p1={
+            "host": "h1",
+            "kernel": "/k",
+            "nics": [
+                {"network": "lan", "mac": "52:54:00:00:00:0A"},
+                {"network": "wan", "mac": "52:54:00:00:01:01"},
+            ],
+        },
+        s1={"host": "h2", "kernel": "/k", "nics": [{"network": "lan", "mac": "52:54:00:00:00:02"}]},
+    )
+    data["networks"] = {"lan": {"bridge": "lsvm", "hold": "group"}, "wan": {"bridge": "lswan"}}
+    g = parse_group(data, "g.toml", check_files=False)
+    group_macs = ["52:54:00:00:00:02", "52:54:00:00:00:0a"]
+    assert g.vms["p1"].nics[0].hold_from == group_macs
+    assert g.vms["s1"].nics[0].hold_from == group_macs
+    assert g.vms["p1"].nics[1].hold_from is None
+    data["networks"]["lan"]["hold"] = "some"
+    _fails(data, r"networks\.lan\.hold: .*'all' or 'group'")
+
+
 def test_unknown_host() -> None:
     """A VM on a host not in [hosts] is named, with the hosts there are."""
     _fails(

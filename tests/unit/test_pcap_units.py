@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lockstep.errors import NetError
-from lockstep.net.pcap import read_pcap, write_pcap
+from lockstep.net.pcap import parse_pcap, read_pcap, write_pcap
 from lockstep.units import format_size, parse_duration, parse_size
 
 
@@ -39,6 +39,16 @@ def test_pcap_truncated_and_foreign(tmp_path: Path) -> None:
     path.write_bytes(b"not a pcap at all, really not....")
     with pytest.raises(NetError, match="not a pcap"):
         list(read_pcap(path))
+
+
+def test_pcap_contents_parse_like_the_file(tmp_path: Path) -> None:
+    """parse_pcap reads a file's bytes as read_pcap reads the file; bad bytes name ``what``."""
+    frames = [(1.5, b"a" * 60), (2.25, b"b" * 70)]
+    path = tmp_path / "f.pcap"
+    write_pcap(path, frames)
+    assert parse_pcap(path.read_bytes(), "f") == list(read_pcap(path))
+    with pytest.raises(NetError, match=r"s1\.nic0\.pcap of state 'x' is truncated"):
+        parse_pcap(path.read_bytes()[:-1], "s1.nic0.pcap of state 'x'")
 
 
 def test_sizes_and_durations() -> None:

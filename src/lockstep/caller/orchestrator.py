@@ -26,7 +26,7 @@ from lockstep.caller.clock import (
 )
 from lockstep.caller.plan import Phase, restore_plan, save_plan
 from lockstep.caller.report import ClockLine, OperationReport, VmLine
-from lockstep.errors import ClockError, LockstepError, OperationFailed
+from lockstep.errors import ClockError, ConfigError, LockstepError, OperationFailed
 from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
 from lockstep.group import GroupSpec, VmSpec, validate_name
 
@@ -68,6 +68,7 @@ class HostLink(Protocol):
     async def states(self) -> list[StateInfo]: ...
     async def state_show(self, name: str) -> dict[str, Any]: ...
     async def state_delete(self, name: str) -> list[str]: ...
+    async def state_frames(self, name: str, vm: str) -> list[tuple[str, bytes]]: ...
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,22 @@ class GroupCaller:
         validate_name("state", name)
         return await fanout(self.vm_hosts, lambda _h, link: link.state_show(name))
 
+    async def state_frames(self, name: str, vm: str) -> list[tuple[str, bytes]]:
+        """The frames state ``name`` holds for ``vm``: each NIC's pcap file (name, content).
+
+        Asked of the host the group places ``vm`` on.
+
+        Raises:
+            ConfigError: ``vm`` is not a VM of the group.
+            RpcError: that host could not answer, or has no such state or VM.
+        """
+        validate_name("state", name)
+        spec = self.group.vms.get(vm)
+        if spec is None:
+            known = ", ".join(sorted(self.group.vms))
+            raise ConfigError(f"group {self.group.name} has no VM {vm!r} (its VMs: {known})")
+        return await self.links[spec.host].state_frames(name, vm)
+
     async def state_delete(self, name: str) -> dict[str, list[str]]:
         """Delete a state on every host that has it.
 
@@ -316,6 +333,7 @@ class GroupCaller:
                 line.frames_held = max(line.frames_held, r.frames_held)
                 line.frames_delivered = max(line.frames_delivered, r.frames_delivered)
                 line.frames_dropped = max(line.frames_dropped, r.frames_dropped)
+                line.frames_ignored = max(line.frames_ignored, r.frames_ignored)
                 if r.memory_path:
                     line.memory_path, line.memory_note = r.memory_path, r.memory_note
         report.vms.sort(key=lambda v: (v.host, v.name))

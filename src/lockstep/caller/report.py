@@ -33,6 +33,7 @@ class VmLine:
     frames_held: int = 0
     frames_delivered: int = 0
     frames_dropped: int = 0
+    frames_ignored: int = 0  # from outside the group, not held (networks with hold = "group")
     # "fast" or "standard"; and why the standard path, or how the RAM image was kept
     memory_path: str = ""
     memory_note: str = ""
@@ -88,4 +89,5 @@ class OperationReport:
         data["frames_held"] = sum(v.frames_held for v in self.vms)
         data["frames_delivered"] = sum(v.frames_delivered for v in self.vms)
         data["frames_dropped"] = sum(v.frames_dropped for v in self.vms)
+        data["frames_ignored"] = sum(v.frames_ignored for v in self.vms)
         return data

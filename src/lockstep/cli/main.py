@@ -13,6 +13,7 @@ import functools
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +27,8 @@ from lockstep.cli.lab import lab
 from lockstep.cli.output import console, emit, error, operation_progress, render_report
 from lockstep.errors import ConfigError, LockstepError
 from lockstep.group import GroupSpec, group_file_path, load_group
+from lockstep.net import pcap
+from lockstep.net.frames import describe, mac_text
 from lockstep.rpc import HostClient, channel_credentials
 
 __all__ = ["main"]
@@ -357,3 +360,68 @@ async def state_delete(caller: GroupCaller, name: str, as_json: bool) -> None:
         as_json,
         lambda _d: console.print(f"state {name!r} deleted"),
     )
+
+
+@state.command("frames")
+@click.argument("name")
+@click.argument("vm")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Write the frames as pcap to this file (NIC i > 0: FILE.nic<i>.pcap beside it).",
+)
+@json_option
+@with_caller
+async def state_frames(
+    caller: GroupCaller, name: str, vm: str, out: Path | None, as_json: bool
+) -> None:
+    """List the frames state NAME holds for VM, or export them as pcap.
+
+    These are the frames that were on their way to VM when the group paused:
+    a restore delivers them to the VM, in this order, right after it resumes.
+    With --out they are written as pcap files (tcpdump -r, wireshark).
+    """
+    files = await caller.state_frames(name, vm)
+    written: list[str] = []
+    frames: list[dict[str, Any]] = []
+    for nic, (file, content) in enumerate(files):
+        for i, (ts, frame) in enumerate(pcap.parse_pcap(content, f"{file} of state {name!r}")):
+            frames.append(
+                {
+                    "nic": nic,
+                    "index": i,
+                    "time": ts,
+                    "length": len(frame),
+                    "src": mac_text(frame[6:12]),
+                    "dst": mac_text(frame[0:6]),
+                    "summary": describe(frame),
+                }
+            )
+        if out is not None:
+            path = out if nic == 0 else out.with_suffix(f".nic{nic}{out.suffix or '.pcap'}")
+            try:
+                path.write_bytes(content)
+            except OSError as exc:
+                raise LockstepError(f"cannot write {path}: {exc.strerror}") from exc
+            written.append(str(path))
+    data = {"state": name, "vm": vm, "nics": len(files), "frames": frames, "written": written}
+
+    def render(d: dict[str, Any]) -> None:
+        table = Table(title=f"frames held for {vm} in state {name}", title_justify="left")
+        for col in ("nic", "#", "captured (UTC)", "bytes", "source", "destination", "what"):
+            table.add_column(col)
+        for f in d["frames"]:
+            when = datetime.fromtimestamp(f["time"], UTC).strftime("%H:%M:%S.%f")
+            table.add_row(
+                str(f["nic"]), str(f["index"]), when, str(f["length"]), f["src"], f["dst"],
+                f["summary"],
+            )  # fmt: skip
+        if d["frames"]:
+            console.print(table)
+        else:
+            console.print(f"state {name!r} holds no frame for {vm}")
+        for p in d["written"]:
+            console.print(f"wrote {p}")
+
+    emit(data, as_json, render)

@@ -53,7 +53,8 @@ def render_report(report: OperationReport) -> None:
     """Draw a save/restore report: one row per VM, then skews and totals."""
     title = f"{report.operation} {report.state!r}" + (" (--stop)" if report.stop else "")
     table = Table(title=title, title_justify="left")
-    numbers = ("memory", "held", "delivered", "dropped")
+    ignoring = any(v.frames_ignored for v in report.vms)
+    numbers = ("memory", "held", "delivered", "dropped", *(("ignored",) if ignoring else ()))
     for col in ("VM", "host", "paused at (UTC)", "resumed at (UTC)", "path", *numbers):
         table.add_column(col, justify="right" if col in numbers else "left")
     for v in report.vms:
@@ -67,6 +68,7 @@ def render_report(report: OperationReport) -> None:
             str(v.frames_held),
             str(v.frames_delivered),
             str(v.frames_dropped),
+            *((str(v.frames_ignored),) if ignoring else ()),
         )
     console.print(table)
     for v in report.vms:

@@ -8,7 +8,7 @@ them to RPC status codes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
@@ -71,3 +71,6 @@ class ExecdApi(Protocol):
 
     async def state_delete(self, name: str) -> list[str]:
         """Delete a state no other state or VM depends on; return layers removed."""
+
+    def state_frames(self, name: str, vm: str) -> Iterator[tuple[str, bytes]]:
+        """The pcap files of the frames held for ``vm`` in state ``name``: (file, chunk)s."""

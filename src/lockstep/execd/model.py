@@ -71,6 +71,7 @@ class VmReport:
     frames_held: int = 0
     frames_delivered: int = 0
     frames_dropped: int = 0
+    frames_ignored: int = 0
     memory_path: str = ""
     memory_note: str = ""
 

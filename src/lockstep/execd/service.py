@@ -15,14 +15,14 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from lockstep import disk
-from lockstep.errors import LockstepError, StateNotFound, VmError
+from lockstep.errors import LockstepError, StateNotFound, StoreError, VmError
 from lockstep.execd.clock import ExecdClock
 from lockstep.execd.fault import Fault
 from lockstep.execd.model import (
@@ -52,6 +52,7 @@ _MEMORY_FILE = "{vm}.mem"
 # timeline; later ones may come from restored peers resuming a bit earlier.
 _STALE_MARGIN = 0.05
 _RAM_FILE = "{vm}.ram"  # the RAM image a fast save keeps (lockstep.vm.memory)
+_CHUNK = 1 << 20  # bytes per piece when a state's file is sent
 
 
 @dataclass
@@ -494,12 +495,14 @@ class HostService:
         return [self._vms[n] for n in op.vms if n in self._vms]
 
     def _freeze_for(self, vm: _Vm) -> NicFreeze:
-        return self._freeze_for_taps(vm.runtime.spec.name, vm.runtime.taps)
+        return self._freeze_for_taps(vm.runtime.spec, vm.runtime.taps)
 
-    def _freeze_for_taps(self, name: str, taps: Sequence[str]) -> NicFreeze:
+    def _freeze_for_taps(self, spec: VmSpec, taps: Sequence[str]) -> NicFreeze:
+        name = spec.name
         return NicFreeze(
             name,
             taps,
+            hold_from=[nic.hold_from for nic in spec.nics],
             netns=self.config.netns,
             limits=FreezeLimits(
                 in_memory=self.config.frames_in_memory, limit=self.config.frames_limit
@@ -631,6 +634,7 @@ class HostService:
                     name=name,
                     frames_held=vm.freeze.held,
                     frames_dropped=vm.freeze.dropped,
+                    frames_ignored=vm.freeze.ignored,
                 )
             )
         operation.advance(OpPhase.DRAINED)
@@ -664,7 +668,7 @@ class HostService:
         async def one(vm: _Vm) -> VmReport:
             name = vm.runtime.spec.name
             wall = walls.get(name)
-            held = delivered = dropped = 0
+            held = delivered = dropped = ignored = 0
             if vm.freeze is not None:
                 await vm.freeze.deliver(discard_before=stale_before)
                 if vm.freeze.stale:
@@ -672,6 +676,7 @@ class HostService:
                         "VM %s: %d frames from before the restore discarded", name, vm.freeze.stale
                     )
                 held, delivered, dropped = vm.freeze.held, vm.freeze.delivered, vm.freeze.dropped
+                ignored = vm.freeze.ignored
                 await vm.freeze.lift()
                 vm.freeze = None
             return VmReport(
@@ -680,6 +685,7 @@ class HostService:
                 frames_held=held,
                 frames_delivered=delivered,
                 frames_dropped=dropped,
+                frames_ignored=ignored,
             )
 
         return await _gather_all([one(vm) for vm in targets])
@@ -915,7 +921,7 @@ class HostService:
             # replaced (a peer elsewhere not yet stopped) must not wait in a
             # tap's queue for the restored VM; the freeze catches it as stale.
             await self._make_taps(runtime)
-            freeze = self._freeze_for_taps(name, runtime.taps)
+            freeze = self._freeze_for_taps(spec, runtime.taps)
             try:
                 await freeze.prepare()
                 await freeze.engage()
@@ -928,10 +934,12 @@ class HostService:
             self._persist(runtime)
             assert rec.memory is not None
             await machine.load_memory(state_dir / rec.memory, ignore_shared=ram.fast)
-            freeze.load_pcaps([state_dir / f for f in rec.frames])
+            # The state's frames; live ones (stale until the resume says) are
+            # reported with the resume.
+            loaded = freeze.load_pcaps([state_dir / f for f in rec.frames])
             return VmReport(
                 name=name,
-                frames_held=freeze.held,
+                frames_held=loaded,
                 memory_path="fast" if ram.fast else "standard",
                 memory_note=ram.note,
             )
@@ -971,6 +979,26 @@ class HostService:
         data: dict[str, Any] = json.loads(self.store.show(name).to_json())
         return data
 
+    def state_frames(self, name: str, vm: str) -> Iterator[tuple[str, bytes]]:
+        """The frames held for ``vm`` in state ``name``: its NICs' pcap files, in chunks.
+
+        Yields (file name, chunk) pairs, file after file in NIC order; a file
+        with no frame still yields its pcap header.
+
+        Raises:
+            StateNotFound: no such state here, or the state holds no VM ``vm`` here.
+        """
+        validate_name("state", name)
+        manifest = self.store.show(name)
+        rec = manifest.vms.get(vm)
+        if rec is None:
+            raise StateNotFound(
+                f"state {name!r} on host {self.config.host} has no VM {vm!r}"
+                f" (it has {', '.join(sorted(manifest.vms)) or 'none'})"
+            )
+        paths = [self.store.states_dir / name / f for f in rec.frames]
+        return _file_chunks(paths)
+
     async def state_delete(self, name: str) -> list[str]:
         """Delete a state nothing depends on; return the layer ids removed.
 
@@ -983,3 +1011,18 @@ class HostService:
             for layer in garbage:
                 disk.remove_layer(disk.layer_path(self.store.layers_dir, layer))
             return sorted(garbage)
+
+
+def _file_chunks(paths: Sequence[Path]) -> Iterator[tuple[str, bytes]]:
+    """(file name, chunk) pairs of ``paths``, read ``_CHUNK`` bytes at a time.
+
+    Raises:
+        StoreError: a file cannot be read (the state is damaged).
+    """
+    for path in paths:
+        try:
+            with path.open("rb") as f:
+                while chunk := f.read(_CHUNK):
+                    yield path.name, chunk
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror}") from exc

@@ -12,10 +12,19 @@ checksum itself, as the kernel's ``skb_checksum_help`` would.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from dataclasses import dataclass
 
-__all__ = ["VNET_HDR_LEN", "VnetHdr", "complete_checksum", "finish_frame", "parse_vnet_hdr"]
+__all__ = [
+    "VNET_HDR_LEN",
+    "VnetHdr",
+    "complete_checksum",
+    "describe",
+    "finish_frame",
+    "mac_text",
+    "parse_vnet_hdr",
+]
 
 VNET_HDR_LEN = 10
 NEEDS_CSUM = 1
@@ -96,3 +105,59 @@ def finish_frame(data: bytes) -> tuple[bytes, bool]:
     if hdr.needs_csum and not hdr.gso:
         frame = complete_checksum(frame, hdr.csum_start, hdr.csum_offset)
     return frame, hdr.gso
+
+
+_IP_PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 112: "VRRP"}
+
+
+def mac_text(mac: bytes) -> str:
+    """``aa:bb:cc:dd:ee:ff``."""
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def describe(frame: bytes) -> str:
+    """One line saying what an Ethernet frame carries, tcpdump-like (never raises).
+
+    ``IPv4 UDP 10.0.0.1:7102 > 10.0.0.2:7102 (13 bytes)``, ``ARP who-has
+    10.0.0.2 tell 10.0.0.1``, ``IPv6 ICMPv6 fe80::1 > ff02::1``, or the
+    ethertype of anything else.
+    """
+    if len(frame) < 14:
+        return f"runt frame ({len(frame)} bytes)"
+    ethertype = struct.unpack_from(">H", frame, 12)[0]
+    body = frame[14:]
+    try:
+        if ethertype == 0x0800 and len(body) >= 20:
+            return _ipv4(body)
+        if ethertype == 0x0806 and len(body) >= 28:
+            return _arp(body)
+        if ethertype == 0x86DD and len(body) >= 40:
+            proto = _IP_PROTOCOLS.get(body[6], f"protocol {body[6]}")
+            src, dst = ipaddress.IPv6Address(body[8:24]), ipaddress.IPv6Address(body[24:40])
+            return f"IPv6 {proto} {src} > {dst}"
+    except (struct.error, ValueError):
+        pass
+    return f"ethertype 0x{ethertype:04x} ({len(frame)} bytes)"
+
+
+def _ipv4(body: bytes) -> str:
+    ihl = (body[0] & 0x0F) * 4
+    proto = body[9]
+    src, dst = ipaddress.IPv4Address(body[12:16]), ipaddress.IPv4Address(body[16:20])
+    name = _IP_PROTOCOLS.get(proto, f"protocol {proto}")
+    l4 = body[ihl:]
+    header = 8 if proto == 17 else (l4[12] >> 4) * 4 if len(l4) > 12 else 0
+    if proto in (6, 17) and len(l4) >= max(header, 4):
+        sport, dport = struct.unpack_from(">HH", l4)
+        return f"IPv4 {name} {src}:{sport} > {dst}:{dport} ({len(l4) - header} bytes)"
+    return f"IPv4 {name} {src} > {dst}"
+
+
+def _arp(body: bytes) -> str:
+    op = struct.unpack_from(">H", body, 6)[0]
+    sender, target = ipaddress.IPv4Address(body[14:18]), ipaddress.IPv4Address(body[24:28])
+    if op == 1:
+        return f"ARP who-has {target} tell {sender}"
+    if op == 2:
+        return f"ARP reply {sender} is-at {mac_text(body[8:14])}"
+    return f"ARP op {op}"

@@ -156,6 +156,7 @@ class _FrameQueue:
         if self._spill is None:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             self._spill = tempfile.TemporaryFile(dir=self.spill_dir, prefix="frames-")  # noqa: SIM115
+            self._spill.write(pcap.encode_header())
         pcap.append_records(self._spill, [frame])
         self.spilled += 1
 
@@ -164,14 +165,7 @@ class _FrameQueue:
         if self._spill is not None:
             self._spill.flush()
             self._spill.seek(0)
-            # The spill file holds records without a global header.
-            data = self._spill.read()
-            off = 0
-            while off < len(data):
-                sec, usec, incl, _ = pcap._RECORD.unpack_from(data, off)
-                off += pcap._RECORD.size
-                yield sec + usec / 1e6, data[off : off + incl]
-                off += incl
+            yield from pcap.read_records(self._spill, "the frames spilled to disk")
 
     def clear(self) -> None:
         self.memory.clear()
@@ -184,8 +178,11 @@ class _FrameQueue:
 class _Nic:
     """The freeze of one tap."""
 
-    def __init__(self, tap: str, limits: FreezeLimits, spill_dir: Path) -> None:
+    def __init__(
+        self, tap: str, limits: FreezeLimits, spill_dir: Path, hold_from: frozenset[bytes] | None
+    ) -> None:
         self.tap = tap
+        self.hold_from = hold_from  # source MACs whose frames are held; None: all
         self.redirect_end, self.capture_end = freeze_pair(tap)
         self.queue = _FrameQueue(limits.in_memory, spill_dir)
         self.saved: list[pcap.Frame] = []  # loaded from a state: delivered first
@@ -213,18 +210,30 @@ class NicFreeze:
         netns: str | None = None,
         limits: FreezeLimits | None = None,
         spill_dir: Path | None = None,
+        hold_from: Sequence[Sequence[str] | None] = (),
     ) -> None:
+        """Freeze ``taps`` of ``vm`` (nothing happens before :meth:`prepare`).
+
+        ``hold_from``: per tap, the source MACs whose frames are held (None or
+        missing: all); other frames are not held, only counted in ``ignored``.
+        """
         self.vm = vm
         self.netns = netns
         self.limits = limits or FreezeLimits()
         spill = spill_dir or Path(tempfile.gettempdir())
-        self._nics = [_Nic(t, self.limits, spill) for t in taps]
+        sources = [
+            None if macs is None else frozenset(bytes.fromhex(m.replace(":", "")) for m in macs)
+            for macs in hold_from
+        ]
+        sources += [None] * (len(taps) - len(sources))
+        self._nics = [_Nic(t, self.limits, spill, s) for t, s in zip(taps, sources, strict=False)]
         self.state = FreezeState.NEW
         self.history = [FreezeState.NEW]
         self.held = 0
         self.delivered = 0
         self.dropped = 0
         self.stale = 0
+        self.ignored = 0  # from outside ``hold_from``: not held
         self.gso = 0  # GSO super-frames held (delivered as captured; see module doc)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -329,6 +338,10 @@ class NicFreeze:
             return
         if frame[6:12] == nic.redirect_mac:  # what the redirect end itself sent
             return
+        if nic.hold_from is not None and frame[6:12] not in nic.hold_from:
+            with self._lock:
+                self.ignored += 1
+            return
         if gso:
             self.gso += 1
         self._hold(nic, time.time(), frame)
@@ -421,19 +434,24 @@ class NicFreeze:
                 names.append(name)
         return names
 
-    def load_pcaps(self, paths: Sequence[Path]) -> None:
+    def load_pcaps(self, paths: Sequence[Path]) -> int:
         """Hold the frames of a state's pcap files (one per NIC, in order) for delivery.
+
+        Returns how many frames were loaded.
 
         Raises:
             NetError: a file is missing or malformed, or there are more files than NICs.
         """
         if len(paths) > len(self._nics):
             raise NetError(f"VM {self.vm}: {len(paths)} frame files for {len(self._nics)} NICs")
+        loaded = 0
         for nic, path in zip(self._nics, paths, strict=False):
             frames = list(pcap.read_pcap(path))
             with self._lock:
                 nic.saved.extend(frames)
                 self.held += len(frames)
+            loaded += len(frames)
+        return loaded
 
     # -- deliver / lift -----------------------------------------------------------
 

@@ -5,6 +5,7 @@ Pure byte encoding plus two small file helpers; no sockets here.
 
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -12,7 +13,16 @@ from typing import BinaryIO
 
 from lockstep.errors import NetError
 
-__all__ = ["Frame", "append_records", "encode_header", "encode_record", "read_pcap", "write_pcap"]
+__all__ = [
+    "Frame",
+    "append_records",
+    "encode_header",
+    "encode_record",
+    "parse_pcap",
+    "read_pcap",
+    "read_records",
+    "write_pcap",
+]
 
 MAGIC = 0xA1B2C3D4
 LINKTYPE_ETHERNET = 1
@@ -67,16 +77,34 @@ def read_pcap(path: Path) -> Iterator[Frame]:
     """
     try:
         with open(path, "rb") as f:
-            head = f.read(_HEADER.size)
-            if len(head) != _HEADER.size or _HEADER.unpack(head)[0] != MAGIC:
-                raise NetError(f"{path} is not a pcap file of lockstep's format")
-            while rec := f.read(_RECORD.size):
-                if len(rec) != _RECORD.size:
-                    raise NetError(f"{path} is truncated (partial record header)")
-                sec, usec, incl, _orig = _RECORD.unpack(rec)
-                data = f.read(incl)
-                if len(data) != incl:
-                    raise NetError(f"{path} is truncated (partial frame)")
-                yield sec + usec / 1e6, data
+            yield from read_records(f, str(path))
     except OSError as exc:
         raise NetError(f"cannot read frames from {path}: {exc.strerror}") from exc
+
+
+def parse_pcap(data: bytes, what: str) -> list[Frame]:
+    """The frames of pcap file contents ``data`` (``what`` names it in errors).
+
+    Raises:
+        NetError: ``data`` is not pcap of lockstep's format, or truncated.
+    """
+    return list(read_records(io.BytesIO(data), what))
+
+
+def read_records(f: BinaryIO, what: str) -> Iterator[Frame]:
+    """The frames of the pcap stream ``f``, from its global header on (``what`` names it).
+
+    Raises:
+        NetError: the stream is not pcap of lockstep's format, or truncated.
+    """
+    head = f.read(_HEADER.size)
+    if len(head) != _HEADER.size or _HEADER.unpack(head)[0] != MAGIC:
+        raise NetError(f"{what} is not a pcap file of lockstep's format")
+    while rec := f.read(_RECORD.size):
+        if len(rec) != _RECORD.size:
+            raise NetError(f"{what} is truncated (partial record header)")
+        sec, usec, incl, _orig = _RECORD.unpack(rec)
+        data = f.read(incl)
+        if len(data) != incl:
+            raise NetError(f"{what} is truncated (partial frame)")
+        yield sec + usec / 1e6, data

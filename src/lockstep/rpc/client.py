@@ -65,6 +65,7 @@ CALLS: Final[Mapping[str, Timeout]] = MappingProxyType(
         "PrepareRestore": Timeout.SLOW,
         "States": Timeout.NORMAL,
         "StateShow": Timeout.NORMAL,
+        "StateFrames": Timeout.SLOW,
         "StateDelete": Timeout.NORMAL,
     }
 )
@@ -342,6 +343,27 @@ class HostClient:
             return convert.manifest_from_pb(reply)
         except ValueError as exc:
             raise RemoteError(f"{self.host}: {exc}", host=self.host) from exc
+
+    async def state_frames(self, name: str, vm: str) -> list[tuple[str, bytes]]:
+        """The pcap files of the frames state ``name`` holds for ``vm``: (file name, content).
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        stub = self._connect()
+        request = pb.StateFramesRequest(name=name, vm=vm)
+        stream = stub.StateFrames(request, timeout=self.timeout("StateFrames"))
+        files: list[tuple[str, bytearray]] = []
+        try:
+            async for chunk in stream:
+                if not files or files[-1][0] != chunk.file:
+                    files.append((chunk.file, bytearray()))
+                files[-1][1].extend(chunk.data)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error("StateFrames", exc) from exc
+        finally:
+            stream.cancel()
+        return [(file, bytes(data)) for file, data in files]
 
     async def state_delete(self, name: str) -> list[str]:
         """Delete state ``name``; returns the layers removed.

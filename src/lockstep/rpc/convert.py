@@ -106,6 +106,7 @@ def vm_report_to_pb(report: VmReport) -> pb.VmReport:
         frames_held=report.frames_held,
         frames_delivered=report.frames_delivered,
         frames_dropped=report.frames_dropped,
+        frames_ignored=report.frames_ignored,
         memory_path=report.memory_path,
         memory_note=report.memory_note,
     )
@@ -126,6 +127,7 @@ def vm_report_from_pb(msg: pb.VmReport) -> VmReport:
         frames_held=msg.frames_held,
         frames_delivered=msg.frames_delivered,
         frames_dropped=msg.frames_dropped,
+        frames_ignored=msg.frames_ignored,
         memory_path=msg.memory_path,
         memory_note=msg.memory_note,
     )

@@ -22,9 +22,10 @@ plaintext port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -51,6 +52,7 @@ __all__ = ["MAX_AHEAD", "STATUS_FOR_ERROR", "ExecdServicer", "serve", "start_ser
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M")  # a streamed message
 Context = grpc.aio.ServicerContext[Any, Any]
 if TYPE_CHECKING:  # generic only in grpc-stubs
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -129,11 +131,15 @@ def _state(value: str) -> str:
     return validate_name("state", value)
 
 
+def _vm(value: str) -> str:
+    return validate_name("VM", value)
+
+
 def _vms(values: Sequence[str]) -> list[str]:
     names: list[str] = []
     seen: set[str] = set()
     for value in values:
-        name = validate_name("VM", value)
+        name = _vm(value)
         if name in seen:
             raise ValueError(f"VM {name!r} is listed twice")
         seen.add(name)
@@ -246,6 +252,25 @@ class ExecdServicer(pb_grpc.ExecdServicer):
             failure = _failure(call, exc)
         await _abort(context, failure)
 
+    async def _guard_stream(
+        self, call: str, context: Context, items: AsyncGenerator[M, None]
+    ) -> AsyncIterator[M]:
+        """Yield ``items``; on error abort the RPC with the mapped status.
+
+        ``items`` is closed however this ends (a client gone away included).
+        """
+        failure: _Failure | None = None
+        try:
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # CancelledError is a BaseException: it passes through
+            failure = _failure(call, exc)
+        if failure is not None:
+            await _abort(context, failure)
+
     async def Probe(self, request: pb.ProbeRequest, context: Context) -> pb.ProbeReply:
         """Stamp a clock probe (``request.sent`` is the caller's and not needed here)."""
 
@@ -304,8 +329,8 @@ class ExecdServicer(pb_grpc.ExecdServicer):
         thread (it feeds an asyncio.Queue). If the client goes away, the service
         call is cancelled.
         """
-        failure: _Failure | None = None
-        try:
+
+        async def body() -> AsyncGenerator[pb.SaveProgress, None]:
             op = _op(request.op)
             queue: asyncio.Queue[SaveProgress | None] = asyncio.Queue()
             task: asyncio.Task[list[VmReport]] = asyncio.create_task(
@@ -322,12 +347,9 @@ class ExecdServicer(pb_grpc.ExecdServicer):
                     task.cancel()
                     task.add_done_callback(_reap)
             yield pb.SaveProgress(result=convert.vm_reports_to_pb(reports))
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # CancelledError is a BaseException: it passes through
-            failure = _failure("SaveMemory", exc)
-        if failure is not None:
-            await _abort(context, failure)
+
+        async for message in self._guard_stream("SaveMemory", context, body()):
+            yield message
 
     async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.VmReportList:
         """Capture until quiet, then store the held frames."""
@@ -427,6 +449,23 @@ class ExecdServicer(pb_grpc.ExecdServicer):
             return pb.StateDeleteReply(removed_layers=removed)
 
         return await self._guard("StateDelete", context, body)
+
+    async def StateFrames(
+        self, request: pb.StateFramesRequest, context: Context
+    ) -> AsyncIterator[pb.FileChunk]:
+        """A state's held frames for one VM: its pcap files, chunk by chunk.
+
+        Files are read on a worker thread: the event loop keeps serving (and
+        meeting instants of) other calls meanwhile.
+        """
+
+        async def body() -> AsyncGenerator[pb.FileChunk, None]:
+            chunks = self._api.state_frames(_state(request.name), _vm(request.vm))
+            while (item := await asyncio.to_thread(next, chunks, None)) is not None:
+                yield pb.FileChunk(file=item[0], data=item[1])
+
+        async for message in self._guard_stream("StateFrames", context, body()):
+            yield message
 
 
 async def start_server(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17lockstep/v1/execd.proto\x12\x0blockstep.v1\"\x07\n\x05\x45mpty\"\x1c\n\x0cProbeRequest\x12\x0c\n\x04sent\x18\x01 \x01(\x01\",\n\nProbeReply\x12\x10\n\x08received\x18\x01 \x01(\x01\x12\x0c\n\x04sent\x18\x02 \x01(\x01\"1\n\tUpRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x15\n\rvm_specs_json\x18\x02 \x03(\t\"\x1a\n\x0b\x44ownRequest\x12\x0b\n\x03vms\x18\x01 \x03(\t\"U\n\x08VmStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08runstate\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\r\n\x05layer\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\"2\n\x0cVmStatusList\x12\"\n\x03vms\x18\x01 \x03(\x0b\x32\x15.lockstep.v1.VmStatus\"\xed\x01\n\x08VmReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\tpaused_at\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nresumed_at\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x13\n\x0b\x66rames_held\x18\x05 \x01(\x03\x12\x18\n\x10\x66rames_delivered\x18\x06 \x01(\x03\x12\x16\n\x0e\x66rames_dropped\x18\x07 \x01(\x03\x12\x13\n\x0bmemory_path\x18\x08 \x01(\t\x12\x13\n\x0bmemory_note\x18\t \x01(\tB\x0c\n\n_paused_atB\r\n\x0b_resumed_at\"2\n\x0cVmReportList\x12\"\n\x03vms\x18\x01 \x03(\x0b\x32\x15.lockstep.v1.VmReport\"\x17\n\tOpRequest\x12\n\n\x02op\x18\x01 \x01(\t\"T\n\x0cPauseRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\n\n\x02\x61t\x18\x03 \x01(\x01\x12\x0b\n\x03vms\x18\x04 \x03(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x01\"5\n\x11SaveMemoryRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\x14\n\x0ckeep_running\x18\x02 \x01(\x08\"b\n\x0cSaveProgress\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12)\n\x06result\x18\x04 \x01(\x0b\x32\x19.lockstep.v1.VmReportList\"8\n\x0c\x44rainRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\r\n\x05quiet\x18\x02 \x01(\x01\x12\r\n\x05limit\x18\x03 \x01(\x01\"\'\n\rResumeRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\n\n\x02\x61t\x18\x02 \x01(\x01\"@\n\x0c\x41\x62ortRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\x16\n\tresume_at\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_resume_at\"-\n\rExtendRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x01\"4\n\x0b\x43ommitReply\x12%\n\x05state\x18\x01 \x01(\x0b\x32\x16.lockstep.v1.StateInfo\"D\n\x15PrepareRestoreRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x01\"l\n\tStateInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12\x0e\n\x06parent\x18\x04 \x01(\t\x12\x0b\n\x03vms\x18\x05 \x03(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\"3\n\tStateList\x12&\n\x06states\x18\x01 \x03(\x0b\x32\x16.lockstep.v1.StateInfo\"\x1c\n\x0cStateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x0bStateDetail\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\"*\n\x10StateDeleteReply\x12\x16\n\x0eremoved_layers\x18\x01 \x03(\t2\xff\x07\n\x05\x45xecd\x12;\n\x05Probe\x12\x19.lockstep.v1.ProbeRequest\x1a\x17.lockstep.v1.ProbeReply\x12\x37\n\x02Up\x12\x16.lockstep.v1.UpRequest\x1a\x19.lockstep.v1.VmStatusList\x12;\n\x04\x44own\x12\x18.lockstep.v1.DownRequest\x1a\x19.lockstep.v1.VmStatusList\x12\x37\n\x06Status\x12\x12.lockstep.v1.Empty\x1a\x19.lockstep.v1.VmStatusList\x12=\n\x05Pause\x12\x19.lockstep.v1.PauseRequest\x1a\x19.lockstep.v1.VmReportList\x12I\n\nSaveMemory\x12\x1e.lockstep.v1.SaveMemoryRequest\x1a\x19.lockstep.v1.SaveProgress0\x01\x12=\n\x05\x44rain\x12\x19.lockstep.v1.DrainRequest\x1a\x19.lockstep.v1.VmReportList\x12?\n\x06Resume\x12\x1a.lockstep.v1.ResumeRequest\x1a\x19.lockstep.v1.VmReportList\x12\x39\n\x04Stop\x12\x16.lockstep.v1.OpRequest\x1a\x19.lockstep.v1.VmReportList\x12:\n\x06\x43ommit\x12\x16.lockstep.v1.OpRequest\x1a\x18.lockstep.v1.CommitReply\x12=\n\x05\x41\x62ort\x12\x19.lockstep.v1.AbortRequest\x1a\x19.lockstep.v1.VmReportList\x12\x38\n\x06\x45xtend\x12\x1a.lockstep.v1.ExtendRequest\x1a\x12.lockstep.v1.Empty\x12O\n\x0ePrepareRestore\x12\".lockstep.v1.PrepareRestoreRequest\x1a\x19.lockstep.v1.VmReportList\x12\x34\n\x06States\x12\x12.lockstep.v1.Empty\x1a\x16.lockstep.v1.StateList\x12@\n\tStateShow\x12\x19.lockstep.v1.StateRequest\x1a\x18.lockstep.v1.StateDetail\x12G\n\x0bStateDelete\x12\x19.lockstep.v1.StateRequest\x1a\x1d.lockstep.v1.StateDeleteReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17lockstep/v1/execd.proto\x12\x0blockstep.v1\"\x07\n\x05\x45mpty\"\x1c\n\x0cProbeRequest\x12\x0c\n\x04sent\x18\x01 \x01(\x01\",\n\nProbeReply\x12\x10\n\x08received\x18\x01 \x01(\x01\x12\x0c\n\x04sent\x18\x02 \x01(\x01\"1\n\tUpRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x15\n\rvm_specs_json\x18\x02 \x03(\t\"\x1a\n\x0b\x44ownRequest\x12\x0b\n\x03vms\x18\x01 \x03(\t\"U\n\x08VmStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08runstate\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\r\n\x05layer\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\"2\n\x0cVmStatusList\x12\"\n\x03vms\x18\x01 \x03(\x0b\x32\x15.lockstep.v1.VmStatus\"\x85\x02\n\x08VmReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\tpaused_at\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nresumed_at\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x13\n\x0b\x66rames_held\x18\x05 \x01(\x03\x12\x18\n\x10\x66rames_delivered\x18\x06 \x01(\x03\x12\x16\n\x0e\x66rames_dropped\x18\x07 \x01(\x03\x12\x13\n\x0bmemory_path\x18\x08 \x01(\t\x12\x13\n\x0bmemory_note\x18\t \x01(\t\x12\x16\n\x0e\x66rames_ignored\x18\n \x01(\x03\x42\x0c\n\n_paused_atB\r\n\x0b_resumed_at\"2\n\x0cVmReportList\x12\"\n\x03vms\x18\x01 \x03(\x0b\x32\x15.lockstep.v1.VmReport\"\x17\n\tOpRequest\x12\n\n\x02op\x18\x01 \x01(\t\"T\n\x0cPauseRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\n\n\x02\x61t\x18\x03 \x01(\x01\x12\x0b\n\x03vms\x18\x04 \x03(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x01\"5\n\x11SaveMemoryRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\x14\n\x0ckeep_running\x18\x02 \x01(\x08\"b\n\x0cSaveProgress\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12)\n\x06result\x18\x04 \x01(\x0b\x32\x19.lockstep.v1.VmReportList\"8\n\x0c\x44rainRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\r\n\x05quiet\x18\x02 \x01(\x01\x12\r\n\x05limit\x18\x03 \x01(\x01\"\'\n\rResumeRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\n\n\x02\x61t\x18\x02 \x01(\x01\"@\n\x0c\x41\x62ortRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\x16\n\tresume_at\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_resume_at\"-\n\rExtendRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x01\"4\n\x0b\x43ommitReply\x12%\n\x05state\x18\x01 \x01(\x0b\x32\x16.lockstep.v1.StateInfo\"D\n\x15PrepareRestoreRequest\x12\n\n\x02op\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x01\"l\n\tStateInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12\x0e\n\x06parent\x18\x04 \x01(\t\x12\x0b\n\x03vms\x18\x05 \x03(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\"3\n\tStateList\x12&\n\x06states\x18\x01 \x03(\x0b\x32\x16.lockstep.v1.StateInfo\"\x1c\n\x0cStateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x0bStateDetail\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\"*\n\x10StateDeleteReply\x12\x16\n\x0eremoved_layers\x18\x01 \x03(\t\".\n\x12StateFramesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\"\'\n\tFileChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xc9\x08\n\x05\x45xecd\x12;\n\x05Probe\x12\x19.lockstep.v1.ProbeRequest\x1a\x17.lockstep.v1.ProbeReply\x12\x37\n\x02Up\x12\x16.lockstep.v1.UpRequest\x1a\x19.lockstep.v1.VmStatusList\x12;\n\x04\x44own\x12\x18.lockstep.v1.DownRequest\x1a\x19.lockstep.v1.VmStatusList\x12\x37\n\x06Status\x12\x12.lockstep.v1.Empty\x1a\x19.lockstep.v1.VmStatusList\x12=\n\x05Pause\x12\x19.lockstep.v1.PauseRequest\x1a\x19.lockstep.v1.VmReportList\x12I\n\nSaveMemory\x12\x1e.lockstep.v1.SaveMemoryRequest\x1a\x19.lockstep.v1.SaveProgress0\x01\x12=\n\x05\x44rain\x12\x19.lockstep.v1.DrainRequest\x1a\x19.lockstep.v1.VmReportList\x12?\n\x06Resume\x12\x1a.lockstep.v1.ResumeRequest\x1a\x19.lockstep.v1.VmReportList\x12\x39\n\x04Stop\x12\x16.lockstep.v1.OpRequest\x1a\x19.lockstep.v1.VmReportList\x12:\n\x06\x43ommit\x12\x16.lockstep.v1.OpRequest\x1a\x18.lockstep.v1.CommitReply\x12=\n\x05\x41\x62ort\x12\x19.lockstep.v1.AbortRequest\x1a\x19.lockstep.v1.VmReportList\x12\x38\n\x06\x45xtend\x12\x1a.lockstep.v1.ExtendRequest\x1a\x12.lockstep.v1.Empty\x12O\n\x0ePrepareRestore\x12\".lockstep.v1.PrepareRestoreRequest\x1a\x19.lockstep.v1.VmReportList\x12\x34\n\x06States\x12\x12.lockstep.v1.Empty\x1a\x16.lockstep.v1.StateList\x12@\n\tStateShow\x12\x19.lockstep.v1.StateRequest\x1a\x18.lockstep.v1.StateDetail\x12G\n\x0bStateDelete\x12\x19.lockstep.v1.StateRequest\x1a\x1d.lockstep.v1.StateDeleteReply\x12H\n\x0bStateFrames\x12\x1f.lockstep.v1.StateFramesRequest\x1a\x16.lockstep.v1.FileChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,39 +46,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VMSTATUSLIST']._serialized_start=291
   _globals['_VMSTATUSLIST']._serialized_end=341
   _globals['_VMREPORT']._serialized_start=344
-  _globals['_VMREPORT']._serialized_end=581
-  _globals['_VMREPORTLIST']._serialized_start=583
-  _globals['_VMREPORTLIST']._serialized_end=633
-  _globals['_OPREQUEST']._serialized_start=635
-  _globals['_OPREQUEST']._serialized_end=658
-  _globals['_PAUSEREQUEST']._serialized_start=660
-  _globals['_PAUSEREQUEST']._serialized_end=744
-  _globals['_SAVEMEMORYREQUEST']._serialized_start=746
-  _globals['_SAVEMEMORYREQUEST']._serialized_end=799
-  _globals['_SAVEPROGRESS']._serialized_start=801
-  _globals['_SAVEPROGRESS']._serialized_end=899
-  _globals['_DRAINREQUEST']._serialized_start=901
-  _globals['_DRAINREQUEST']._serialized_end=957
-  _globals['_RESUMEREQUEST']._serialized_start=959
-  _globals['_RESUMEREQUEST']._serialized_end=998
-  _globals['_ABORTREQUEST']._serialized_start=1000
-  _globals['_ABORTREQUEST']._serialized_end=1064
-  _globals['_EXTENDREQUEST']._serialized_start=1066
-  _globals['_EXTENDREQUEST']._serialized_end=1111
-  _globals['_COMMITREPLY']._serialized_start=1113
-  _globals['_COMMITREPLY']._serialized_end=1165
-  _globals['_PREPARERESTOREREQUEST']._serialized_start=1167
-  _globals['_PREPARERESTOREREQUEST']._serialized_end=1235
-  _globals['_STATEINFO']._serialized_start=1237
-  _globals['_STATEINFO']._serialized_end=1345
-  _globals['_STATELIST']._serialized_start=1347
-  _globals['_STATELIST']._serialized_end=1398
-  _globals['_STATEREQUEST']._serialized_start=1400
-  _globals['_STATEREQUEST']._serialized_end=1428
-  _globals['_STATEDETAIL']._serialized_start=1430
-  _globals['_STATEDETAIL']._serialized_end=1466
-  _globals['_STATEDELETEREPLY']._serialized_start=1468
-  _globals['_STATEDELETEREPLY']._serialized_end=1510
-  _globals['_EXECD']._serialized_start=1513
-  _globals['_EXECD']._serialized_end=2536
+  _globals['_VMREPORT']._serialized_end=605
+  _globals['_VMREPORTLIST']._serialized_start=607
+  _globals['_VMREPORTLIST']._serialized_end=657
+  _globals['_OPREQUEST']._serialized_start=659
+  _globals['_OPREQUEST']._serialized_end=682
+  _globals['_PAUSEREQUEST']._serialized_start=684
+  _globals['_PAUSEREQUEST']._serialized_end=768
+  _globals['_SAVEMEMORYREQUEST']._serialized_start=770
+  _globals['_SAVEMEMORYREQUEST']._serialized_end=823
+  _globals['_SAVEPROGRESS']._serialized_start=825
+  _globals['_SAVEPROGRESS']._serialized_end=923
+  _globals['_DRAINREQUEST']._serialized_start=925
+  _globals['_DRAINREQUEST']._serialized_end=981
+  _globals['_RESUMEREQUEST']._serialized_start=983
+  _globals['_RESUMEREQUEST']._serialized_end=1022
+  _globals['_ABORTREQUEST']._serialized_start=1024
+  _globals['_ABORTREQUEST']._serialized_end=1088
+  _globals['_EXTENDREQUEST']._serialized_start=1090
+  _globals['_EXTENDREQUEST']._serialized_end=1135
+  _globals['_COMMITREPLY']._serialized_start=1137
+  _globals['_COMMITREPLY']._serialized_end=1189
+  _globals['_PREPARERESTOREREQUEST']._serialized_start=1191
+  _globals['_PREPARERESTOREREQUEST']._serialized_end=1259
+  _globals['_STATEINFO']._serialized_start=1261
+  _globals['_STATEINFO']._serialized_end=1369
+  _globals['_STATELIST']._serialized_start=1371
+  _globals['_STATELIST']._serialized_end=1422
+  _globals['_STATEREQUEST']._serialized_start=1424
+  _globals['_STATEREQUEST']._serialized_end=1452
+  _globals['_STATEDETAIL']._serialized_start=1454
+  _globals['_STATEDETAIL']._serialized_end=1490
+  _globals['_STATEDELETEREPLY']._serialized_start=1492
+  _globals['_STATEDELETEREPLY']._serialized_end=1534
+  _globals['_STATEFRAMESREQUEST']._serialized_start=1536
+  _globals['_STATEFRAMESREQUEST']._serialized_end=1582
+  _globals['_FILECHUNK']._serialized_start=1584
+  _globals['_FILECHUNK']._serialized_end=1623
+  _globals['_EXECD']._serialized_start=1626
+  _globals['_EXECD']._serialized_end=2723
 # @@protoc_insertion_point(module_scope)

@@ -59,7 +59,7 @@ class VmStatusList(_message.Message):
     def __init__(self, vms: _Optional[_Iterable[_Union[VmStatus, _Mapping]]] = ...) -> None: ...
 
 class VmReport(_message.Message):
-    __slots__ = ("name", "paused_at", "resumed_at", "memory_bytes", "frames_held", "frames_delivered", "frames_dropped", "memory_path", "memory_note")
+    __slots__ = ("name", "paused_at", "resumed_at", "memory_bytes", "frames_held", "frames_delivered", "frames_dropped", "memory_path", "memory_note", "frames_ignored")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAUSED_AT_FIELD_NUMBER: _ClassVar[int]
     RESUMED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class VmReport(_message.Message):
     FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     MEMORY_PATH_FIELD_NUMBER: _ClassVar[int]
     MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_IGNORED_FIELD_NUMBER: _ClassVar[int]
     name: str
     paused_at: float
     resumed_at: float
@@ -78,7 +79,8 @@ class VmReport(_message.Message):
     frames_dropped: int
     memory_path: str
     memory_note: str
-    def __init__(self, name: _Optional[str] = ..., paused_at: _Optional[float] = ..., resumed_at: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., frames_held: _Optional[int] = ..., frames_delivered: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., memory_path: _Optional[str] = ..., memory_note: _Optional[str] = ...) -> None: ...
+    frames_ignored: int
+    def __init__(self, name: _Optional[str] = ..., paused_at: _Optional[float] = ..., resumed_at: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., frames_held: _Optional[int] = ..., frames_delivered: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., memory_path: _Optional[str] = ..., memory_note: _Optional[str] = ..., frames_ignored: _Optional[int] = ...) -> None: ...
 
 class VmReportList(_message.Message):
     __slots__ = ("vms",)
@@ -215,3 +217,19 @@ class StateDeleteReply(_message.Message):
     REMOVED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     removed_layers: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, removed_layers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StateFramesRequest(_message.Message):
+    __slots__ = ("name", "vm")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    vm: str
+    def __init__(self, name: _Optional[str] = ..., vm: _Optional[str] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("file", "data")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    file: str
+    data: bytes
+    def __init__(self, file: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -114,6 +114,11 @@ class ExecdStub:
                 request_serializer=lockstep_dot_v1_dot_execd__pb2.StateRequest.SerializeToString,
                 response_deserializer=lockstep_dot_v1_dot_execd__pb2.StateDeleteReply.FromString,
                 _registered_method=True)
+        self.StateFrames = channel.unary_stream(
+                '/lockstep.v1.Execd/StateFrames',
+                request_serializer=lockstep_dot_v1_dot_execd__pb2.StateFramesRequest.SerializeToString,
+                response_deserializer=lockstep_dot_v1_dot_execd__pb2.FileChunk.FromString,
+                _registered_method=True)
 
 
 class ExecdServicer:
@@ -219,6 +224,13 @@ class ExecdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StateFrames(self, request, context):
+        """The frames a state holds for one VM: each NIC's pcap file, in chunks, in NIC order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -301,6 +313,11 @@ def add_ExecdServicer_to_server(servicer, server):
                     servicer.StateDelete,
                     request_deserializer=lockstep_dot_v1_dot_execd__pb2.StateRequest.FromString,
                     response_serializer=lockstep_dot_v1_dot_execd__pb2.StateDeleteReply.SerializeToString,
+            ),
+            'StateFrames': grpc.unary_stream_rpc_method_handler(
+                    servicer.StateFrames,
+                    request_deserializer=lockstep_dot_v1_dot_execd__pb2.StateFramesRequest.FromString,
+                    response_serializer=lockstep_dot_v1_dot_execd__pb2.FileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -735,6 +752,33 @@ class Execd:
             '/lockstep.v1.Execd/StateDelete',
             lockstep_dot_v1_dot_execd__pb2.StateRequest.SerializeToString,
             lockstep_dot_v1_dot_execd__pb2.StateDeleteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StateFrames(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lockstep.v1.Execd/StateFrames',
+            lockstep_dot_v1_dot_execd__pb2.StateFramesRequest.SerializeToString,
+            lockstep_dot_v1_dot_execd__pb2.FileChunk.FromString,
             options,
             channel_credentials,
             insecure,
