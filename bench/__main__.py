@@ -1,13 +1,14 @@
 """lockstep's benchmark suite, one entry point (run by hand, as root; not part of `make test`).
 
-    python -m bench                       # everything: the memory matrix, then skew
+    python -m bench                       # everything: the memory matrix, skew, streams
     python -m bench memory                # restore time and save downtime (bench/memory.py)
     python -m bench memory --vms 2,4 --memory 256M,1G --paths fast
     python -m bench skew --cycles 20      # pause/resume skew (bench/skew.py)
+    python -m bench streams --cycles 20   # lost/duplicated packets (bench/streams.py)
 
 Results go to ``--out`` (default ``build/bench``): ``memory.md`` (the table and
 the goals), ``memory.json`` (every figure, per VM and per repeat, with the
-machine's load), ``memory.png`` (the plot) and ``skew.json``. The memory
+machine's load), ``memory.png`` (the plot), ``skew.json`` and ``streams.json``. The memory
 matrix runs on a reflink-capable xfs made on a loop device for the run
 (``--fs xfs``, the default) or on the machine's own disk (``--fs ext4``: the
 fast path then copies a running VM's RAM image).
@@ -25,7 +26,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from bench import skew
+from bench import skew, streams
 from bench.common import say
 from bench.memory import PATHS, environment, run_matrix
 from bench.results import goals, markdown, plot, write_json
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    ap.add_argument("what", nargs="?", choices=("all", "memory", "skew"), default="all")
+    ap.add_argument("what", nargs="?", choices=("all", "memory", "skew", "streams"), default="all")
     ap.add_argument("--vms", type=lambda t: _list(int, t), default=["2", "4", "8"])
     ap.add_argument("--memory", type=lambda t: _list(str, t), default=["256M", "1G", "4G"])
     ap.add_argument("--paths", type=_paths, default=list(PATHS))
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--stream-rate", type=int, default=20, help="guest agents' packets/s to each peer"
     )
-    ap.add_argument("--cycles", type=int, default=10, help="skew: save/restore cycles")
+    ap.add_argument("--cycles", type=int, default=10, help="skew, streams: save/restore cycles")
     ap.add_argument("--offset", type=float, default=2.5, help="skew: h2's clock offset (s)")
     ap.add_argument("--out", type=Path, default=Path("build/bench"))
     return ap
@@ -115,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = asyncio.run(skew.run(args.cycles, args.offset))
         (args.out / "skew.json").write_text(json.dumps(result, indent=1))
         print(skew.table(result))
+    if args.what in ("all", "streams"):
+        integrity = asyncio.run(streams.run(args.cycles, stop=False))
+        (args.out / "streams.json").write_text(json.dumps(integrity, indent=1))
+        print(streams.table(integrity))
     return 0
 
 
