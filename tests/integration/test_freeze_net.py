@@ -91,6 +91,7 @@ def _flow(b: Bench, freeze: NicFreeze, outside_every: int) -> tuple[dict[bytes, 
     Returns how many frames each source sent, and how long the freeze held.
     """
     fd = in_netns(b.netns, lambda: _open_tap(b.tap))
+    _wait_forwarding(b)
     sock = in_netns(b.netns, lambda: _sender("lsfzs0"))
     stop = threading.Event()
     sent: dict[bytes, int] = {GROUP_MAC: 0, OUTSIDE_MAC: 0}
@@ -138,6 +139,16 @@ def _flow(b: Bench, freeze: NicFreeze, outside_every: int) -> tuple[dict[bytes, 
         sock.close()
         os.close(fd)
     return sent, held_for
+
+
+def _wait_forwarding(b: Bench) -> None:
+    """Wait until the bridge forwards to the tap (it has a reader now, hence carrier)."""
+    end = time.monotonic() + 5
+    while (
+        "state forwarding" not in run(["bridge", "link", "show", "dev", b.tap], netns=b.netns).text
+    ):
+        assert time.monotonic() < end, "the tap's bridge port never forwarded"
+        time.sleep(0.02)
 
 
 def _numbers(b: Bench, source: bytes) -> list[int]:
