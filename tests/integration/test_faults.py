@@ -229,7 +229,7 @@ def _run_caller_until(lab: Lab, op: str, name: str, kill_at: str) -> None:
     [
         "save memory and freeze disk layers",  # after every VM paused
         "drain and save held frames",  # after memory was written
-        "clock sync#2",  # after draining, before the resume
+        "resume and deliver frames",  # after draining, before the resume
         "commit",  # after the resume, before any commit
     ],
 )

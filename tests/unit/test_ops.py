@@ -56,7 +56,7 @@ def test_abort_from_every_open_phase() -> None:
 def test_phase_plans() -> None:
     """Save resumes at a common instant before commit; --stop commits then destroys; restore resumes together."""
     assert [p.call for p in save_plan(stop=False)] == [
-        "probe", "pause", "save_memory", "drain", "probe", "resume", "commit",
+        "probe", "pause", "save_memory", "drain", "resume", "commit",
     ]  # fmt: skip
     assert [p.call for p in save_plan(stop=True)] == [
         "probe", "pause", "save_memory", "drain", "commit", "stop",
