@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import threading
 
 import pytest
 
@@ -14,6 +16,7 @@ from lockstep.caller.clock import (
     to_caller,
     to_host,
 )
+from lockstep.execd.clock import background
 
 
 def _probe(offset: float, out: float, back: float, handling: float, t0: float) -> Sample:
@@ -75,3 +78,30 @@ def test_predicted_skew_two_largest_bounds() -> None:
     c = ClockEstimate(2.0, 0.0002, 8)
     assert predicted_skew({"a": a, "b": b, "c": c}) == pytest.approx(0.003)
     assert predicted_skew([a]) == 0.0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a thread's priority back needs root")
+def test_background_lowers_only_this_thread_then_restores_it() -> None:
+    """Inside background() the calling thread runs at nice 19; after it, as before.
+
+    Another thread keeps its own priority all along (a thread id's nice is its own).
+    """
+    tid = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    inside, looked = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def look() -> None:
+        inside.wait(5)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        looked.set()
+
+    other = threading.Thread(target=look)
+    other.start()
+    with background():
+        assert os.getpriority(os.PRIO_PROCESS, tid) == 19
+        inside.set()
+        looked.wait(5)
+    other.join()
+    assert seen == [before]
+    assert os.getpriority(os.PRIO_PROCESS, tid) == before

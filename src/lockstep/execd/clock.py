@@ -17,10 +17,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 
-__all__ = ["SPIN_SECONDS", "ExecdClock", "realtime"]
+__all__ = ["SPIN_SECONDS", "ExecdClock", "background", "realtime"]
 
 SPIN_SECONDS = 0.003
 # SCHED_FIFO levels around an instant: the execd's own thread must never queue
@@ -58,6 +59,27 @@ def realtime(tids: Iterable[int], priority: int) -> Iterator[None]:
         for tid, policy, param in reversed(saved):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.sched_setscheduler(tid, policy, param)
+
+
+BACKGROUND_NICE = 19
+
+
+@contextlib.contextmanager
+def background() -> Iterator[None]:
+    """Run the calling thread at the lowest CPU priority (nice 19), then restore it.
+
+    For work done while VMs run (hashing and syncing a state at commit): the
+    guests' vCPUs must not wait behind it, or their heartbeats would be late.
+    On Linux the nice value of a thread id affects that thread only.
+    """
+    tid = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(PermissionError):  # raising it back needs CAP_SYS_NICE
+            os.setpriority(os.PRIO_PROCESS, tid, before)
 
 
 class ExecdClock:

@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from lockstep import disk
 from lockstep.errors import LockstepError, StateNotFound, StoreError, VmError
-from lockstep.execd.clock import ExecdClock
+from lockstep.execd.clock import ExecdClock, background
 from lockstep.execd.fault import Fault
 from lockstep.execd.model import (
     ExecdConfig,
@@ -97,6 +97,7 @@ class _Vm:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+A = TypeVar("A")
 
 
 def _step(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -751,7 +752,7 @@ class HostService:
         staging = self._staging[op]
         manifest = self._manifest(operation)
         await self._fault.at("commit:before")
-        committed = await asyncio.to_thread(staging.commit, manifest)
+        committed = await asyncio.to_thread(_in_background, staging.commit, manifest)
         operation.advance(OpPhase.COMMITTED)
         self._staging.pop(op, None)
         for vm in self._op_vms(operation):
@@ -1026,3 +1027,9 @@ def _file_chunks(paths: Sequence[Path]) -> Iterator[tuple[str, bytes]]:
                     yield path.name, chunk
         except OSError as exc:
             raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _in_background(fn: Callable[[A], R], arg: A) -> R:
+    """``fn(arg)`` at the lowest CPU priority (it runs while the VMs do)."""
+    with background():
+        return fn(arg)
