@@ -218,8 +218,9 @@ def test_idle_lab_notices_nothing_then_a_killed_primary_is_taken_over(
 def test_save_and_restore_go_unnoticed(own_lab: Callable[..., OwnLab]) -> None:
     """A save (VMs go on) and a restore to it, at 1 s/3 s: the guests notice nothing.
 
-    Over the whole log (the save included) and since the restore: no takeover,
-    no split brain, no stream packet lost or duplicated.
+    Since the restore: nothing at all (``lab verify`` says ok). Over the whole
+    log, the save included: no takeover, no split brain, no stream packet lost
+    or duplicated.
     """
     lab = own_lab(heartbeat=1.0, timeout=3.0)
     time.sleep(10)
@@ -233,4 +234,7 @@ def test_save_and_restore_go_unnoticed(own_lab: Callable[..., OwnLab]) -> None:
     why = f"{saved}\n{restored}\n{lab.explain(since)}"
     assert all(v["restores"] == 1 for v in since["vms"]), why
     assert since["ok"], why
-    assert everything["ok"], f"the save's freeze: {_figures(everything)}; {saved}"
+    # Over the save's own window too: nothing lost, duplicated or taken over.
+    # (A packet or two reordered at the freeze's lift is reported, not failed.)
+    noticed = {k: everything[k] for k in ("transitions", "split_brain", "lost", "duplicated")}
+    assert set(noticed.values()) == {0}, f"the save's freeze: {_figures(everything)}; {saved}"
