@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shlex
 import signal
 import sys
@@ -85,10 +86,19 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # so the labs and the scratch filesystem are taken down
 
 
+def _default_sigterm() -> None:
+    # pyroute2 opens sockets in other namespaces from a forked child. In this
+    # process (gRPC threads) such a child can hang on a lock it inherited;
+    # pyroute2 then ends it with SIGTERM, which the Python handler above,
+    # inherited too, would never run.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run what was asked; print the tables; write the files."""
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    os.register_at_fork(after_in_child=_default_sigterm)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what in ("all", "memory"):
