@@ -5,8 +5,11 @@ from __future__ import annotations
 import ipaddress
 import math
 import random
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.group import load_group
@@ -50,6 +53,15 @@ def route_prefixes() -> list[str]:
         if first and first != "default" and first[0].isdigit():
             prefixes.append(first if "/" in first else first + "/32")
     return prefixes
+
+
+def lab_options(name: str, subnets: tuple[int, int], **options: Any) -> LabOptions:
+    """A benchmark lab's options: free subnets in 10.first-10.last, a group file in a new folder."""
+    work = Path(tempfile.mkdtemp(prefix="lockstep-bench-"))
+    lan, vms = free_subnets(*subnets)
+    return LabOptions(
+        name=name, group_file=work / "lockstep.toml", lan_subnet=lan, vm_subnet=vms, **options
+    )
 
 
 def say(line: str) -> None:

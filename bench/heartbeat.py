@@ -23,17 +23,16 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import free_subnets, say
+from bench.common import lab_options, say
 from bench.naive import naive_restore, naive_save
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.errors import LockstepError
-from lockstep.lab.lab import LabOptions, bring_up, clients_for, take_down
+from lockstep.lab.lab import bring_up, clients_for, take_down
 from lockstep.lab.verify import verify_lab
 
 LAB = "lshb"
@@ -131,16 +130,8 @@ async def caused(
 
 async def one_setting(heartbeat: float, timeout: float, cycles: int) -> dict[str, Any]:
     """Bring a lab up at this setting, run both methods' cycles, take the lab down."""
-    work = Path(tempfile.mkdtemp(prefix="lockstep-bench-hb-"))
-    lan, vms = free_subnets(170, 200)
-    opts = LabOptions(
-        name=LAB,
-        heartbeat=heartbeat,
-        timeout=timeout,
-        group_file=work / "lockstep.toml",
-        lan_subnet=lan,
-        vm_subnet=vms,
-    )
+    opts = lab_options(LAB, (170, 200), heartbeat=heartbeat, timeout=timeout)
+    lan, vms = opts.lan_subnet, opts.vm_subnet
     settle = max(3.0, 2 * timeout)
     tail = timeout + 2 * heartbeat + 1.5  # stats lines come every second
     say(f"{label(heartbeat, timeout)}: lab {LAB} on {lan} and {vms}")
@@ -201,7 +192,7 @@ async def one_setting(heartbeat: float, timeout: float, cycles: int) -> dict[str
     finally:
         if group is not None:  # bring_up takes down what it made when it fails
             await take_down(LAB, say)
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(opts.group_file.parent, ignore_errors=True)
 
 
 async def run(settings: list[tuple[float, float]], cycles: int) -> dict[str, Any]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import math
 import os
@@ -52,7 +51,7 @@ from typing import Any
 
 import tomli_w
 
-from bench.common import say
+from bench.common import free_subnets, say
 from bench.naive import naive_restore, naive_save
 from bench.scratch import drop_caches
 from lockstep.caller.orchestrator import GroupCaller
@@ -191,22 +190,6 @@ def file_fit(vms: int, memory: int, where: Path) -> str | None:
         f"{vms} RAM files of {memory >> 20} MiB (twice, for restored clones) need"
         f" {need / 2**30:.0f} GiB on {where}; {have / 2**30:.0f} GiB is free"
     )
-
-
-def _free_subnets() -> tuple[str, str]:
-    out = run(["ip", "-4", "route", "show", "table", "all"]).text
-    routes = []
-    for line in out.splitlines():
-        words = line.split()
-        first = words[1] if words and words[0] in ("broadcast", "local", "unreachable") else ""
-        first = first or (words[0] if words else "")
-        if first and first[0].isdigit():
-            routes.append(ipaddress.ip_network(first if "/" in first else first + "/32"))
-    for b in range(140, 160, 2):
-        nets = [ipaddress.ip_network(f"10.{b}.7.0/24"), ipaddress.ip_network(f"10.{b + 1}.7.0/24")]
-        if not any(n.overlaps(r) for n in nets for r in routes):
-            return str(nets[0]), str(nets[1])
-    raise RuntimeError("no free subnets in 10.140-10.159 for the benchmark lab")
 
 
 class PhaseClock:
@@ -437,7 +420,7 @@ async def run_combo(
     root.mkdir(parents=True, exist_ok=True)
     if "fast" in rows and (why := file_fit(vms, size, root)):
         rows["fast"].status = f"not run: {why}"
-    lan, vm_net = _free_subnets()
+    lan, vm_net = free_subnets(140, 160)
     opts = LabOptions(
         name=LAB,
         vms=vms,

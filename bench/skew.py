@@ -13,24 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import lab_caller, percentile, say
-from lockstep.lab.lab import LabOptions
+from bench.common import lab_caller, lab_options, percentile, say
 
 
 async def run(cycles: int, offset: float) -> dict[str, Any]:
     """Run the cycles on a fresh lab and return the figures."""
-    work = Path(tempfile.mkdtemp(prefix="lockstep-bench-"))
-    opts = LabOptions(
-        name="lsbench",
-        clock_offsets={"h2": offset},
-        group_file=work / "lockstep.toml",
-        lan_subnet="10.125.0.0/24",
-        vm_subnet="10.126.0.0/24",
-    )
+    opts = lab_options("lsbench", (110, 130), clock_offsets={"h2": offset})
     pause: list[float] = []
     resume_save: list[float] = []
     resume_restore: list[float] = []

@@ -16,13 +16,11 @@ import argparse
 import asyncio
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import free_subnets, lab_caller, say
+from bench.common import lab_caller, lab_options, say
 from lockstep.caller.report import OperationReport
-from lockstep.lab.lab import LabOptions
 from lockstep.lab.verify import verify_lab
 
 LAB = "lsstream"
@@ -63,15 +61,7 @@ def _frames(report: OperationReport) -> dict[str, int]:
 
 async def run(cycles: int, *, stop: bool) -> dict[str, Any]:
     """Run the cycles on a fresh lab; return every operation's figures."""
-    work = Path(tempfile.mkdtemp(prefix="lockstep-bench-"))
-    lan, vms = free_subnets(130, 200)
-    opts = LabOptions(
-        name=LAB,
-        clock_offsets={"h2": 2.5},
-        group_file=work / "lockstep.toml",
-        lan_subnet=lan,
-        vm_subnet=vms,
-    )
+    opts = lab_options(LAB, (130, 200), clock_offsets={"h2": 2.5})
     ops: list[dict[str, Any]] = []
     async with lab_caller(opts, keep=bool(os.environ.get("LOCKSTEP_KEEP_LAB"))) as caller:
         await asyncio.sleep(3)  # streams under way

@@ -96,16 +96,6 @@ class ExecdClock:
         """A host wall-clock instant (as QEMU stamps its events) on this clock."""
         return wall + self.offset
 
-    async def wait_until(self, at: float) -> float:
-        """Return at instant ``at`` (this clock); returns how late we are (s, >= 0)."""
-        target = time.monotonic() + (at - self.now())
-        coarse = target - time.monotonic() - SPIN_SECONDS
-        if coarse > 0:
-            await asyncio.sleep(coarse)
-        while time.monotonic() < target:
-            pass
-        return max(0.0, time.monotonic() - target)
-
     @contextlib.asynccontextmanager
     async def at_instant(
         self, at: float, qemu: Iterable[int] = (), vcpus: Iterable[int] = ()

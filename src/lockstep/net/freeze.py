@@ -330,21 +330,25 @@ class NicFreeze:
         """Hold one frame read from the capture socket, if it is one the filter redirected."""
         if addr[2] == PACKET_OUTGOING:  # the capture end's own emission: not received
             return
-        with self._lock:
-            nic.seen += 1
         try:
             frame, gso = finish_frame(data)
         except ValueError:
-            return
-        if frame[6:12] == nic.redirect_mac:  # what the redirect end itself sent
-            return
-        if nic.hold_from is not None and frame[6:12] not in nic.hold_from:
-            with self._lock:
+            frame, gso = b"", False
+        source = frame[6:12]
+        with self._lock:
+            nic.seen += 1
+            if not frame or source == nic.redirect_mac:  # what the redirect end itself sent
+                return
+            if nic.hold_from is not None and source not in nic.hold_from:
                 self.ignored += 1
-            return
-        if gso:
-            self.gso += 1
-        self._hold(nic, time.time(), frame)
+                return
+            self.gso += gso
+            self._last_arrival = time.monotonic()
+            if self.held - self.delivered >= self.limits.limit:
+                self.dropped += 1
+                return
+            nic.queue.append((time.time(), frame))
+            self.held += 1
 
     def _read_pending(self, nic: _Nic) -> None:
         """Hold every frame still in the capture socket (its reader thread has stopped)."""
@@ -360,15 +364,6 @@ class NicFreeze:
             except OSError:
                 return
             self._accept(nic, data, addr)
-
-    def _hold(self, nic: _Nic, ts: float, data: bytes) -> None:
-        with self._lock:
-            self._last_arrival = time.monotonic()
-            if self.held - self.delivered >= self.limits.limit:
-                self.dropped += 1
-                return
-            nic.queue.append((ts, data))
-            self.held += 1
 
     # -- engage ---------------------------------------------------------------
 
