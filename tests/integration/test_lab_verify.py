@@ -212,7 +212,8 @@ def test_idle_lab_notices_nothing_then_a_killed_primary_is_taken_over(
     assert pairs["p1/s1"]["roles_now"]["s1"] == "primary", why
     assert pairs["p2/s2"]["transitions"] == 0 and after["split_brain"] == 0, why
     s1 = next(v for v in after["vms"] if v["name"] == "s1")
-    assert s1["transitions"][0]["silent_s"] > timeout, why
+    # The agent takes over once the silence reaches the timeout, and logs it in ms.
+    assert s1["transitions"][0]["silent_s"] >= timeout, why
 
 
 def test_save_and_restore_go_unnoticed(own_lab: Callable[..., OwnLab]) -> None:
