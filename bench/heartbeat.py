@@ -8,8 +8,11 @@ baseline (bench/naive.py: every VM saved, then every VM restored, one after
 another) run. What each method caused is read from the guests' own console
 logs (``lockstep lab verify``), counted before and after that method's cycles:
 role changes (transitions), split brains, stream packets lost and duplicated.
-Lockstep's max resume skew and the naive restore's resume spread are shown too.
-Goal: lockstep causes zero transitions and zero split brains at every setting.
+Lockstep's max resume skew and the naive restore's resume spread are shown too,
+and, per method, the longest heartbeat silence a guest logged after its saves
+and after its restores (each operation is followed by a short wait, so what it
+caused is logged before the next one starts). Goal: lockstep causes zero
+transitions and zero split brains at every setting.
 
     python -m bench.heartbeat [--cycles 20] [--settings 1s/3s,100ms/300ms,30ms/100ms]
                               [--json out.json]
@@ -26,14 +29,14 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from bench.common import lab_options, say
+from bench.common import lab_options, percentile, say
 from bench.naive import naive_restore, naive_save
 from lockstep.caller.orchestrator import GroupCaller
-from lockstep.errors import LockstepError
+from lockstep.errors import LabError, LockstepError
 from lockstep.lab.lab import bring_up, clients_for, take_down
-from lockstep.lab.verify import verify_lab
+from lockstep.lab.verify import EVERYTHING, LAST_RESTORE, Since, log_marks, verify_lab
 
 LAB = "lshb"
 DEFAULT_SETTINGS = "1s/3s,100ms/300ms,30ms/100ms"
@@ -110,6 +113,38 @@ def wrong_roles(lab: str) -> list[str]:
     ]
 
 
+T = TypeVar("T")
+
+
+async def observed(
+    lab: str, action: Awaitable[T], wait: float, *, restores: bool
+) -> tuple[T, float]:
+    """Run one operation, wait ``wait`` s; its result and the longest heartbeat silence since.
+
+    For a restore, only what the guests logged after it counts (what their
+    discarded timeline logged while the restore prepared does not).
+    """
+    marks = log_marks(lab)
+    result = await action
+    await asyncio.sleep(wait)
+    since = Since(LAST_RESTORE) if restores else EVERYTHING
+    try:
+        return result, verify_lab(lab, since, marks).longest_silence()
+    except LabError as exc:  # a guest that logged nothing in the window: no figure
+        say(f"  (no silence figure: {exc})")
+        return result, float("nan")
+
+
+def silence_figures(saves: list[float], restores: list[float]) -> dict[str, Any]:
+    """p50 and max of the longest silences after each save and each restore (s)."""
+
+    def two(values: list[float]) -> dict[str, float | None]:
+        ok = [v for v in values if v == v]  # NaN: no figure
+        return {"p50": percentile(ok, 50), "max": max(ok)} if ok else {"p50": None, "max": None}
+
+    return {"silence_after_save_s": two(saves), "silence_after_restore_s": two(restores)}
+
+
 async def caused(
     lab: str, tail: float, cycles: Callable[[], Awaitable[dict[str, Any]]]
 ) -> dict[str, Any]:
@@ -134,6 +169,7 @@ async def one_setting(heartbeat: float, timeout: float, cycles: int) -> dict[str
     lan, vms = opts.lan_subnet, opts.vm_subnet
     settle = max(3.0, 2 * timeout)
     tail = timeout + 2 * heartbeat + 1.5  # stats lines come every second
+    wait = 2 * heartbeat + 1.2  # after each operation: its silences end and are logged
     say(f"{label(heartbeat, timeout)}: lab {LAB} on {lan} and {vms}")
     group = None
     try:
@@ -151,26 +187,47 @@ async def one_setting(heartbeat: float, timeout: float, cycles: int) -> dict[str
 
             async def lockstep() -> dict[str, Any]:
                 skews: list[float] = []
+                quiet: tuple[list[float], list[float]] = ([], [])
                 for i in range(cycles):
-                    saved = await caller.save(f"hb-{i}")
-                    restored = await caller.restore(f"hb-{i}")
+                    saved, s = await observed(LAB, caller.save(f"hb-{i}"), wait, restores=False)
+                    restored, r = await observed(
+                        LAB, caller.restore(f"hb-{i}"), wait, restores=True
+                    )
+                    quiet[0].append(s)
+                    quiet[1].append(r)
                     skews += [
                         s for s in (saved.resume_skew_ms, restored.resume_skew_ms) if s is not None
                     ]
-                    say(f"  lockstep cycle {i + 1}/{cycles}: resume skew {max(skews):.3f} ms max")
-                return {"max_resume_skew_ms": max(skews) if skews else None}
+                    say(
+                        f"  lockstep cycle {i + 1}/{cycles}: resume skew {max(skews):.3f} ms max;"
+                        f" longest silence {s:.3f} s after the save, {r:.3f} s after the restore"
+                    )
+                return {"max_resume_skew_ms": max(skews) if skews else None} | silence_figures(
+                    *quiet
+                )
 
             async def naive() -> dict[str, Any]:
                 spreads: list[float] = []
+                quiet: tuple[list[float], list[float]] = ([], [])
                 for i in range(cycles):
                     est = await caller.sync()
-                    await naive_save(group, clients, est, f"nv{i}")
+                    _, s = await observed(
+                        LAB, naive_save(group, clients, est, f"nv{i}"), wait, restores=False
+                    )
                     est = await caller.sync()
-                    run = await naive_restore(group, clients, est, f"nv{i}")
+                    run, r = await observed(
+                        LAB, naive_restore(group, clients, est, f"nv{i}"), wait, restores=True
+                    )
+                    quiet[0].append(s)
+                    quiet[1].append(r)
                     at = run.resumed_at.values()
                     spreads.append((max(at) - min(at)) * 1000 if at else float("nan"))
-                    say(f"  naive cycle {i + 1}/{cycles}: resume spread {spreads[-1]:.0f} ms")
-                return {"max_resume_spread_ms": max(spreads) if spreads else None}
+                    say(
+                        f"  naive cycle {i + 1}/{cycles}: resume spread {spreads[-1]:.0f} ms;"
+                        f" longest silence {s:.3f} s after the save, {r:.3f} s after the restore"
+                    )
+                spread = max(spreads) if spreads else None
+                return {"max_resume_spread_ms": spread} | silence_figures(*quiet)
 
             result: dict[str, Any] = {"heartbeat_s": heartbeat, "timeout_s": timeout}
             result["lockstep"] = await caused(LAB, tail, lockstep)
@@ -221,7 +278,8 @@ def table(result: dict[str, Any]) -> str:
         f"caused by {result['cycles']} save+restore cycles, 4 VMs (2 pairs) on 2 hosts"
         " (idle: as long as lockstep's window, nothing done)",
         f"{'setting':14} {'method':9} {'transitions':>11} {'split brain':>11} {'lost':>7}"
-        f" {'dup':>7}  resume skew/spread max (ms)",
+        f" {'dup':>7}  {'skew/spread':>11}  longest heartbeat silence (s),",
+        f"{'':53} {'max (ms)':>11}  after saves / restores: p50 max",
     ]
     goal = True
     for s in result["settings"]:
@@ -237,9 +295,13 @@ def table(result: dict[str, Any]) -> str:
         ):
             m = s[method]
             v = m.get(key)
+            silences = " / ".join(
+                _p50_max(m.get(k)) for k in ("silence_after_save_s", "silence_after_restore_s")
+            )
             lines.append(
                 f"{name:14} {method:9} {m['transitions']:11d} {m['split_brain']:11d}"
-                f" {m['lost']:7d} {m['duplicated']:7d}  {'-' if v is None else f'{v:.3f}'}"
+                f" {m['lost']:7d} {m['duplicated']:7d}  {'-' if v is None else f'{v:11.3f}':>11}"
+                f"  {silences if key else '-'}"
             )
         goal = goal and s["lockstep"]["transitions"] == s["lockstep"]["split_brain"] == 0
     lines.append(
@@ -249,6 +311,12 @@ def table(result: dict[str, Any]) -> str:
     lb, la = result["loadavg_before"], result["loadavg_after"]
     lines.append(f"load average before {lb[0]:.2f} {lb[1]:.2f}, after {la[0]:.2f} {la[1]:.2f}")
     return "\n".join(lines)
+
+
+def _p50_max(figures: dict[str, float | None] | None) -> str:
+    if not figures or figures.get("max") is None:
+        return "-"
+    return f"{figures['p50']:.3f} {figures['max']:.3f}"
 
 
 def main() -> None:

@@ -27,10 +27,12 @@ from lockstep.lab.verify import (
     Since,
     VmInfo,
     analyse,
+    log_marks,
     parse_line,
     parse_log,
     parse_since,
     timeline,
+    verify_lab,
 )
 
 PAIR = [VmInfo("p1", "h1", "primary", "s1"), VmInfo("s1", "h2", "standby", "p1")]
@@ -379,6 +381,38 @@ def test_verify_command_prints_one_json_document(
     assert runner.invoke(main, ["lab", "verify", "--name", "lsvq", "--check"]).exit_code == 1
     table = runner.invoke(main, ["lab", "verify", "--name", "lsvq"])
     assert table.exit_code == 0 and "p1/s1" in table.output
+
+
+def test_marks_limit_verify_to_what_came_after_and_still_find_the_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After log_marks, verify counts only later lines, yet sees a restore right after the mark.
+
+    The restored guests' first lines follow the mark directly (their old
+    timelines logged nothing in between): the restore shows only against the
+    last line before the mark, which places them but is not counted. The
+    longest silence is the heartbeat figure or a takeover's, whichever is longer.
+    """
+    monkeypatch.setenv("LOCKSTEP_STATE", str(tmp_path))
+    p1, s1 = booted("p1"), booted("s1")
+    saved = {g.vm: g.save() for g in (p1, s1)}
+    for g in (p1, s1):
+        g.say("heartbeat_stats", gap_max_s=2.5)  # before the mark: not counted
+    _lab_on_disk(tmp_path, "lsvm", {"p1": p1.text(), "s1": s1.text()})
+    marks = log_marks("lsvm")
+    assert verify_lab("lsvm").longest_silence() == 2.5
+    assert verify_lab("lsvm", marks=marks).longest_silence() == 0.0
+    for g in (p1, s1):
+        g.restore(saved[g.vm])
+    p1.say("heartbeat_stats", gap_max_s=0.24)
+    s1.say("takeover", **{"from": "standby"}, to="primary", why="peer silent", silent_s=0.3)
+    data = tmp_path / "lab" / "lsvm" / "data" / "hosts"
+    for g, host in ((p1, "h1"), (s1, "h2")):
+        (data / host / "root" / "run" / g.vm / "console.log").write_text(g.text())
+    since = verify_lab("lsvm", Since(LAST_RESTORE), marks)
+    assert [v.restores for v in since.vms] == [1, 1]
+    assert since.transitions == 1 and since.longest_silence() == 0.3
+    assert analyse("lab", PAIR, {"p1": "", "s1": ""}).longest_silence() == 0.0
 
 
 def test_verify_command_on_a_missing_lab_says_so(

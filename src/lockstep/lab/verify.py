@@ -54,6 +54,7 @@ __all__ = [
     "VmInfo",
     "analyse",
     "console_log_path",
+    "log_marks",
     "parse_line",
     "parse_log",
     "parse_since",
@@ -61,6 +62,7 @@ __all__ = [
     "verify_lab",
 ]
 
+_CONTEXT_BYTES = 1 << 16  # of a log before a mark: enough for its last agent line
 LAST_RESTORE = "last-restore"
 _LINE_START = '{"t":'  # every agent line starts so (lsagent.ConsoleLog)
 
@@ -323,6 +325,15 @@ class VerifyReport:
         """Role changes (takeovers) over every guest."""
         return sum(len(v.transitions) for v in self.vms)
 
+    def longest_silence(self) -> float:
+        """The longest a guest went without hearing its peer's heartbeat, in s (0: none logged).
+
+        From the agents' periodic heartbeat figures and, for a silence that
+        ended in a takeover, the silence the takeover logged.
+        """
+        takeovers = [t["silent_s"] or 0.0 for v in self.vms for t in v.transitions]
+        return max([v.heartbeat_gap_max_s for v in self.vms] + takeovers, default=0.0)
+
     @property
     def split_brain(self) -> int:
         """Split-brain episodes, counted once per guest that saw one begin."""
@@ -377,14 +388,25 @@ class VerifyReport:
 
 
 def analyse(
-    lab: str, vms: Sequence[VmInfo], logs: Mapping[str, str], since: Since = EVERYTHING
+    lab: str,
+    vms: Sequence[VmInfo],
+    logs: Mapping[str, str],
+    since: Since = EVERYTHING,
+    context: Mapping[str, str] | None = None,
 ) -> VerifyReport:
     """Sum what each guest's agent said in its console log (``logs``: VM name -> text).
+
+    ``context``: what each guest logged before ``logs`` starts (the log cut at
+    a mark). Its last agent line is placed on the timeline, never counted: a
+    restore right at the start of ``logs`` shows against it.
 
     Raises:
         LabError: ``since`` is last-restore and some guest's log shows no restore.
     """
-    timelines = {vm.name: timeline(parse_log(logs.get(vm.name, ""), vm.name)) for vm in vms}
+    before = {vm.name: parse_log((context or {}).get(vm.name, ""), vm.name)[-1:] for vm in vms}
+    timelines = {
+        vm.name: timeline(before[vm.name] + parse_log(logs.get(vm.name, ""), vm.name)) for vm in vms
+    }
     if since.kind == LAST_RESTORE:
         unrestored = [name for name, tl in timelines.items() if not tl.restores()]
         if unrestored:
@@ -400,8 +422,10 @@ def analyse(
         totals.boots = sum(s.kind == "boot" for s in tl.segments)
         totals.restores = len(tl.restores())
         first = tl.restores()[-1] if since.kind == LAST_RESTORE else 0
-        for entry in tl.entries:
+        for i, entry in enumerate(tl.entries):
             _role_now(totals, entry.line)
+            if i < len(before[vm.name]):
+                continue
             if entry.segment < first or entry.replay:
                 totals.replayed += entry.replay
                 continue
@@ -499,27 +523,63 @@ def read_logs(data: Path, vms: Iterable[VmInfo]) -> dict[str, str]:
     Raises:
         LabError: a log exists but cannot be read.
     """
+    return {name: raw.decode("utf-8", "replace") for name, raw in _read_raw(data, vms).items()}
+
+
+def _read_raw(data: Path, vms: Iterable[VmInfo]) -> dict[str, bytes]:
     logs = {}
     for vm in vms:
         path = console_log_path(data, vm.host, vm.name)
         try:
-            logs[vm.name] = path.read_bytes().decode("utf-8", "replace")
+            logs[vm.name] = path.read_bytes()
         except FileNotFoundError:
-            logs[vm.name] = ""
+            logs[vm.name] = b""
         except OSError as exc:
             raise LabError(f"cannot read the console log of {vm.name} ({path}): {exc}") from exc
     return logs
 
 
-def verify_lab(name: str, since: Since = EVERYTHING) -> VerifyReport:
+def log_marks(name: str) -> dict[str, int]:
+    """The length of each guest's console log of lab ``name`` now: a mark for :func:`verify_lab`.
+
+    Raises:
+        LabError: there is no such lab.
+    """
+    data = _lab_data(name)
+    marks = {}
+    for vm in lab_vms(data):
+        try:
+            marks[vm.name] = console_log_path(data, vm.host, vm.name).stat().st_size
+        except FileNotFoundError:
+            marks[vm.name] = 0
+    return marks
+
+
+def verify_lab(
+    name: str, since: Since = EVERYTHING, marks: Mapping[str, int] | None = None
+) -> VerifyReport:
     """Read lab ``name``'s console logs and sum what its guests noticed.
+
+    ``marks`` (from :func:`log_marks`) limits it to what the guests logged since.
 
     Raises:
         LabError: there is no such lab, a log cannot be read, or ``since`` cannot
             be applied.
     """
+    data = _lab_data(name)
+    vms = lab_vms(data)
+    if marks is None:
+        return analyse(name, vms, read_logs(data, vms), since)
+    logs, context = {}, {}
+    for vm, raw in _read_raw(data, vms).items():
+        mark = raw.rfind(b"\n", 0, marks.get(vm, 0)) + 1  # a line half written then is after
+        logs[vm] = raw[mark:].decode("utf-8", "replace")
+        context[vm] = raw[max(0, mark - _CONTEXT_BYTES) : mark].decode("utf-8", "replace")
+    return analyse(name, vms, logs, since, context)
+
+
+def _lab_data(name: str) -> Path:
     data = lab_data_dir(name)
     if not data.exists():
         raise LabError(f"there is no lab named {name} (no {data}): run `lockstep lab up` first")
-    vms = lab_vms(data)
-    return analyse(name, vms, read_logs(data, vms), since)
+    return data
