@@ -8,6 +8,10 @@ baseline (bench/naive.py: every VM saved, then every VM restored, one after
 another) run. What each method caused is read from the guests' own console
 logs (``lockstep lab verify``), counted before and after that method's cycles:
 role changes (transitions), split brains, stream packets lost and duplicated.
+A cycle after which a guest is not in the role ``lab up`` gave it has failed:
+the lab is restored to ``origin`` (with lockstep) before the next cycle, so
+each cycle starts from the original roles and one failure cannot carry over
+into every later state; those restores count in the method's window too.
 Lockstep's max resume skew and the naive restore's resume spread are shown too,
 and, per method, the longest heartbeat silence a guest logged after its saves
 and after its restores (each operation is followed by a short wait, so what it
@@ -185,9 +189,19 @@ async def one_setting(heartbeat: float, timeout: float, cycles: int) -> dict[str
             await caller.save("origin")
             await asyncio.sleep(settle)
 
+            async def back_to_origin() -> int:
+                """1 (and the lab restored to origin) if the cycle left a guest in another role."""
+                if not wrong_roles(LAB):
+                    return 0
+                say(f"  the cycle failed ({'; '.join(wrong_roles(LAB))}): restoring origin")
+                await caller.restore("origin")
+                await asyncio.sleep(wait)
+                return 1
+
             async def lockstep() -> dict[str, Any]:
                 skews: list[float] = []
                 quiet: tuple[list[float], list[float]] = ([], [])
+                failed = 0
                 for i in range(cycles):
                     saved, s = await observed(LAB, caller.save(f"hb-{i}"), wait, restores=False)
                     restored, r = await observed(
@@ -202,21 +216,25 @@ async def one_setting(heartbeat: float, timeout: float, cycles: int) -> dict[str
                         f"  lockstep cycle {i + 1}/{cycles}: resume skew {max(skews):.3f} ms max;"
                         f" longest silence {s:.3f} s after the save, {r:.3f} s after the restore"
                     )
-                return {"max_resume_skew_ms": max(skews) if skews else None} | silence_figures(
+                    failed += await back_to_origin()
+                skew = max(skews) if skews else None
+                return {"max_resume_skew_ms": skew, "failed_cycles": failed} | silence_figures(
                     *quiet
                 )
 
             async def naive() -> dict[str, Any]:
                 spreads: list[float] = []
                 quiet: tuple[list[float], list[float]] = ([], [])
+                failed = 0
                 for i in range(cycles):
                     est = await caller.sync()
                     _, s = await observed(
                         LAB, naive_save(group, clients, est, f"nv{i}"), wait, restores=False
                     )
                     est = await caller.sync()
+                    # The naive save destroyed the VMs: each log just goes on from its save.
                     run, r = await observed(
-                        LAB, naive_restore(group, clients, est, f"nv{i}"), wait, restores=True
+                        LAB, naive_restore(group, clients, est, f"nv{i}"), wait, restores=False
                     )
                     quiet[0].append(s)
                     quiet[1].append(r)
@@ -226,8 +244,11 @@ async def one_setting(heartbeat: float, timeout: float, cycles: int) -> dict[str
                         f"  naive cycle {i + 1}/{cycles}: resume spread {spreads[-1]:.0f} ms;"
                         f" longest silence {s:.3f} s after the save, {r:.3f} s after the restore"
                     )
+                    failed += await back_to_origin()
                 spread = max(spreads) if spreads else None
-                return {"max_resume_spread_ms": spread} | silence_figures(*quiet)
+                return {"max_resume_spread_ms": spread, "failed_cycles": failed} | silence_figures(
+                    *quiet
+                )
 
             result: dict[str, Any] = {"heartbeat_s": heartbeat, "timeout_s": timeout}
             result["lockstep"] = await caused(LAB, tail, lockstep)
@@ -277,9 +298,9 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"caused by {result['cycles']} save+restore cycles, 4 VMs (2 pairs) on 2 hosts"
         " (idle: as long as lockstep's window, nothing done)",
-        f"{'setting':14} {'method':9} {'transitions':>11} {'split brain':>11} {'lost':>7}"
-        f" {'dup':>7}  {'skew/spread':>11}  longest heartbeat silence (s),",
-        f"{'':53} {'max (ms)':>11}  after saves / restores: p50 max",
+        f"{'setting':14} {'method':9} {'failed':>7} {'transitions':>11} {'split brain':>11}"
+        f" {'lost':>7} {'dup':>5}  {'skew/spread':>11}  longest heartbeat silence (s),",
+        f"{'':24} {'cycles':>7} {'':37}  {'max (ms)':>11}  after saves / restores: p50 max",
     ]
     goal = True
     for s in result["settings"]:
@@ -298,9 +319,11 @@ def table(result: dict[str, Any]) -> str:
             silences = " / ".join(
                 _p50_max(m.get(k)) for k in ("silence_after_save_s", "silence_after_restore_s")
             )
+            failed = m.get("failed_cycles")
             lines.append(
-                f"{name:14} {method:9} {m['transitions']:11d} {m['split_brain']:11d}"
-                f" {m['lost']:7d} {m['duplicated']:7d}  {'-' if v is None else f'{v:11.3f}':>11}"
+                f"{name:14} {method:9} {'-' if failed is None else failed:>7}"
+                f" {m['transitions']:11d} {m['split_brain']:11d} {m['lost']:7d}"
+                f" {m['duplicated']:5d}  {'-' if v is None else f'{v:11.3f}':>11}"
                 f"  {silences if key else '-'}"
             )
         goal = goal and s["lockstep"]["transitions"] == s["lockstep"]["split_brain"] == 0

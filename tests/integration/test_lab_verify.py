@@ -26,7 +26,14 @@ import pytest
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.caller.report import OperationReport
 from lockstep.group import GroupSpec
-from lockstep.lab.lab import LabOptions, bring_up, clients_for, lab_data_dir, take_down
+from lockstep.lab.lab import (
+    LabOptions,
+    bring_up,
+    clients_for,
+    lab_data_dir,
+    take_down,
+    vm_run_dir,
+)
 from lockstep.lab.verify import (
     EVERYTHING,
     LAST_RESTORE,
@@ -201,7 +208,7 @@ def test_idle_lab_notices_nothing_then_a_killed_primary_is_taken_over(
     floor = 0.3 * lab.opts.stream_rate * IDLE_S
     assert all(s["received"] > floor for s in idle["streams"]), why
 
-    pid = int((lab.data / "hosts" / "h1" / "root" / "run" / "p1" / "qemu.pid").read_text())
+    pid = int((vm_run_dir(lab.data, "h1", "p1") / "qemu.pid").read_text())
     os.kill(pid, signal.SIGKILL)
     _wait_for(lab, lambda d: d["transitions"] > 0, timeout + 20)
     time.sleep(2 * timeout)  # room for any second, wrong, takeover to show

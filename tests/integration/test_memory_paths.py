@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lockstep.caller.report import OperationReport
-from lockstep.lab.lab import wait_guests
+from lockstep.lab.lab import host_root, vm_run_dir, wait_guests
 from tests.integration.conftest import Lab
 
 pytestmark = pytest.mark.integration
@@ -43,8 +43,7 @@ def _paths(report: OperationReport) -> dict[str, tuple[str, str]]:
 
 
 def _image(lab: Lab, state: str, vm: str) -> Path:
-    host = lab.group.vms[vm].host
-    return lab.data / "hosts" / host / "root" / "states" / state / f"{vm}.ram"
+    return host_root(lab.data, lab.group.vms[vm].host) / "states" / state / f"{vm}.ram"
 
 
 def _sha256(path: Path) -> str:
@@ -53,7 +52,7 @@ def _sha256(path: Path) -> str:
 
 
 def _run_dir(lab: Lab, vm: str) -> Path:
-    return lab.data / "hosts" / lab.group.vms[vm].host / "root" / "run" / vm
+    return vm_run_dir(lab.data, lab.group.vms[vm].host, vm)
 
 
 def _runtime(lab: Lab, vm: str) -> dict[str, object]:

@@ -135,12 +135,22 @@ def plan_vms(plan: LabPlan, count: int) -> list[LabVm]:
     return out
 
 
+def host_root(data: Path, host: str) -> Path:
+    """The root directory of lab host ``host``'s execd (its run, states and staging dirs)."""
+    return data / "hosts" / host / "root"
+
+
+def vm_run_dir(data: Path, host: str, vm: str) -> Path:
+    """Where lab host ``host``'s execd keeps VM ``vm``'s QEMU files (pid, sockets, console log)."""
+    return host_root(data, host) / "run" / vm
+
+
 def _write_execd_config(data: Path, host: str, listen: str) -> Path:
     hdir = data / "hosts" / host
     hdir.mkdir(parents=True, exist_ok=True)
     cfg = {
         "host": host,
-        "root": str(hdir / "root"),
+        "root": str(host_root(data, host)),
         "listen": listen,
         "tls": {
             "ca": str(data / "certs" / "ca.pem"),
@@ -285,7 +295,7 @@ async def _wait_execds(clients: Mapping[str, HostClient], timeout: float = 30.0)
 def guest(group: GroupSpec, vm: str, data: Path) -> GuestControl:
     """The control channel of lab guest ``vm`` (its execd's run dir holds the socket)."""
     host = group.vms[vm].host
-    return GuestControl(data / "hosts" / host / "root" / "run" / vm / "channel.sock")
+    return GuestControl(vm_run_dir(data, host, vm) / "channel.sock")
 
 
 async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:

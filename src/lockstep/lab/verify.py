@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from lockstep.errors import LabError
-from lockstep.lab.lab import lab_data_dir
+from lockstep.lab.lab import lab_data_dir, vm_run_dir
 
 __all__ = [
     "EVERYTHING",
@@ -498,7 +498,7 @@ def _count(totals: VmTotals, streams: dict[tuple[str, str], StreamTotals], line:
 
 def console_log_path(data: Path, host: str, vm: str) -> Path:
     """Where execd's QEMU appends guest ``vm``'s serial console (see lockstep.vm.argv)."""
-    return data / "hosts" / host / "root" / "run" / vm / "console.log"
+    return vm_run_dir(data, host, vm) / "console.log"
 
 
 def lab_vms(data: Path) -> list[VmInfo]:
