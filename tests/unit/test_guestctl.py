@@ -65,6 +65,23 @@ async def silent_agent(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     await reader.read()
 
 
+async def commands(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[Any]:
+    """Answer pings (the client's handshake) as an agent does; return the next command."""
+    while line := await reader.readline():
+        request = json.loads(line)
+        if not request.get("ping"):
+            return [request]
+        writer.write(answer(request))
+        await writer.drain()
+    return []
+
+
+async def pong_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer pings, never a command (a command that hangs the guest)."""
+    while await commands(reader, writer):
+        pass
+
+
 def test_parse_answer_skips_noise_and_echo() -> None:
     """Only JSON objects with an int id and pong or (int rc, str out) count as answers."""
     assert parse_answer(b'{"id": 3, "pong": true}\n') == (3, {"id": 3, "pong": True})
@@ -102,7 +119,7 @@ def test_run_answers_out_of_order(tmp_path: Path) -> None:
     """Concurrent requests answered in reverse order each get their own answer."""
 
     async def reverse_agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        requests = [json.loads(await reader.readline()) for _ in range(3)]
+        requests = [r for _ in range(3) for r in await commands(reader, writer)]
         for request in reversed(requests):
             writer.write(answer(request))
         await writer.drain()
@@ -158,7 +175,7 @@ def test_hang_up_fails_the_waiting_request(tmp_path: Path) -> None:
     """If the channel closes before the answer, run() raises LabError at once."""
 
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readline()
+        await commands(reader, writer)
         writer.close()
 
     async def scenario() -> None:
@@ -179,7 +196,7 @@ def test_silent_agent_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     async def scenario() -> None:
         sock = tmp_path / "chan.sock"
-        async with stub(sock, silent_agent), GuestControl(sock) as ctl:
+        async with stub(sock, pong_only), GuestControl(sock) as ctl:
             with pytest.raises(LabError, match="did not answer command 'sleep 1'"):
                 await ctl.run("sleep 1", timeout=0.2)
 
@@ -203,6 +220,35 @@ def test_wait_ready_pings_until_the_agent_is_up(tmp_path: Path) -> None:
             started = time.monotonic()
             await ctl.wait_ready(timeout=5)
             assert 0.6 < time.monotonic() - started < 3
+
+    asyncio.run(scenario())
+
+
+def test_run_waits_for_the_agent_and_loses_no_command_to_its_start(tmp_path: Path) -> None:
+    """A command is not sent before the agent answers a ping: the agent flushes its port at start.
+
+    The stub discards everything before it is up, as lsctl's tcflush does; a
+    command sent then would never be answered. run() pings first, once per
+    connection.
+    """
+    seen: list[Any] = []
+
+    async def starting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_at = time.monotonic() + 0.6
+        while line := await reader.readline():
+            if time.monotonic() < up_at:
+                continue  # flushed: never answered
+            request = json.loads(line)
+            seen.append(request)
+            writer.write(answer(request))
+            await writer.drain()
+
+    async def scenario() -> None:
+        sock = tmp_path / "chan.sock"
+        async with stub(sock, starting), GuestControl(sock) as ctl:
+            assert await ctl.run("true", timeout=5) == (0, "ran true\n")
+            assert await ctl.run("false", timeout=5) == (0, "ran false\n")
+        assert [r.get("sh", "ping") for r in seen] == ["ping", "true", "false"]
 
     asyncio.run(scenario())
 

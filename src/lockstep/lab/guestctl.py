@@ -77,6 +77,8 @@ class GuestControl:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._connect_lock: asyncio.Lock | None = None
+        self._ready = False  # the agent answered a ping on this connection
+        self._ready_lock: asyncio.Lock | None = None
 
     async def __aenter__(self) -> GuestControl:
         return self
@@ -102,6 +104,7 @@ class GuestControl:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        await self._handshake(timeout)
         writer = await self._connect(deadline)
         remaining = max(deadline - loop.time(), 0.1)
         request = {"id": 0, "sh": command, "timeout": round(remaining, 3)}
@@ -131,6 +134,7 @@ class GuestControl:
                         pings, timeout=wait, return_when=asyncio.FIRST_COMPLETED
                     )
                     if any(f.exception() is None for f in done):
+                        self._ready = True
                         return
                     if done:  # the channel closed under the pings: reconnect
                         await asyncio.sleep(_CONNECT_RETRY)
@@ -148,10 +152,23 @@ class GuestControl:
             for ping in pings:
                 self._forget(ping)
 
+    async def _handshake(self, timeout: float) -> None:
+        """Ping once per connection before the first command (concurrent callers share it).
+
+        The agent flushes its port when it starts: a command that arrives just
+        before would be lost, never answered. A pong says it is listening.
+        """
+        if self._ready_lock is None:
+            self._ready_lock = asyncio.Lock()
+        async with self._ready_lock:
+            if not self._ready:
+                await self.wait_ready(timeout=timeout)
+
     async def close(self) -> None:
         """Close the connection (if any); requests still waiting fail with LabError."""
         writer, task = self._writer, self._reader_task
         self._writer = self._reader_task = None
+        self._ready = False
         if writer is not None:
             writer.close()
             with contextlib.suppress(OSError):
