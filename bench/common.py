@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import random
@@ -84,3 +85,5 @@ async def lab_caller(opts: LabOptions, *, keep: bool = False) -> AsyncIterator[G
             await c.close()
         if not keep:
             await take_down(opts.name)
+            with contextlib.suppress(OSError):  # lab_options' folder, empty once the lab is down
+                opts.group_file.parent.rmdir()
