@@ -31,6 +31,7 @@ from typing import Any
 from bench.common import lab_caller, lab_options, percentile, say
 from lockstep.caller.report import OperationReport
 from lockstep.lab.lab import lab_data_dir, vm_run_dir
+from lockstep.vm.machine import qemu_threads
 
 LAB = "lscold"
 SAMPLE_EVERY = 0.005  # s
@@ -47,18 +48,12 @@ class Sample:
     faults: int
 
 
-def read_vcpu(run_dir: Path) -> list[tuple[int, int]]:
-    """(pid, tid) of each vCPU thread of the QEMU whose pid file is in ``run_dir``."""
+def qemu_pid(run_dir: Path) -> int | None:
+    """The pid of the QEMU whose pid file is in ``run_dir`` (None: none there yet)."""
     try:
-        pid = int((run_dir / "qemu.pid").read_text())
-        tids = os.listdir(f"/proc/{pid}/task")
-        return [
-            (pid, int(t))
-            for t in tids
-            if Path(f"/proc/{pid}/task/{t}/comm").read_text().startswith("CPU ")
-        ]
+        return int((run_dir / "qemu.pid").read_text())
     except (OSError, ValueError):
-        return []
+        return None
 
 
 def sample(pid: int, tid: int) -> Sample | None:
@@ -77,10 +72,17 @@ def sampling(run_dirs: dict[str, Path]) -> Iterator[dict[str, list[Sample]]]:
     out: dict[str, list[Sample]] = {vm: [] for vm in run_dirs}
     stop = threading.Event()
 
+    vcpus: dict[int, list[int]] = {}  # pid -> its vCPU threads, looked up once per QEMU
+
     def loop() -> None:
         while not stop.is_set():
             for vm, run_dir in run_dirs.items():
-                for pid, tid in read_vcpu(run_dir):
+                pid = qemu_pid(run_dir)
+                if pid is None:
+                    continue
+                if not vcpus.get(pid):
+                    vcpus[pid] = qemu_threads(pid, vcpus=True)
+                for tid in vcpus[pid]:
                     if (s := sample(pid, tid)) is not None:
                         out[vm].append(s)
             time.sleep(SAMPLE_EVERY)
@@ -112,7 +114,6 @@ def after(samples: list[Sample], start: float, window: float) -> dict[str, float
         "run_ms": last.run_ms - first.run_ms,
         "wait_ms": last.wait_ms - first.wait_ms,
         "faults": last.faults - first.faults,
-        "covered_s": last.t - max(first.t, start),
     }
 
 

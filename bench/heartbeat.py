@@ -118,6 +118,9 @@ def wrong_roles(lab: str) -> list[str]:
 
 
 T = TypeVar("T")
+CycleFigures = tuple[float | None, float, float]
+"""One cycle's resume skew or spread (ms), longest silences after its save and its restore (s)."""
+Cycle = Callable[[int], Awaitable[CycleFigures]]
 
 
 async def observed(
@@ -191,64 +194,62 @@ async def one_setting(heartbeat: float, timeout: float, cycles: int) -> dict[str
 
             async def back_to_origin() -> int:
                 """1 (and the lab restored to origin) if the cycle left a guest in another role."""
-                if not wrong_roles(LAB):
+                wrong = wrong_roles(LAB)
+                if not wrong:
                     return 0
-                say(f"  the cycle failed ({'; '.join(wrong_roles(LAB))}): restoring origin")
+                say(f"  the cycle failed ({'; '.join(wrong)}): restoring origin")
                 await caller.restore("origin")
                 await asyncio.sleep(wait)
                 return 1
 
-            async def lockstep() -> dict[str, Any]:
-                skews: list[float] = []
+            async def run_cycles(method: str, key: str, one: Cycle) -> dict[str, Any]:
+                """``one`` cycle after another: the max of its ms figure, silences, failures."""
+                figures: list[float] = []
                 quiet: tuple[list[float], list[float]] = ([], [])
                 failed = 0
                 for i in range(cycles):
-                    saved, s = await observed(LAB, caller.save(f"hb-{i}"), wait, restores=False)
-                    restored, r = await observed(
-                        LAB, caller.restore(f"hb-{i}"), wait, restores=True
-                    )
+                    figure, s, r = await one(i)
+                    if figure is not None:
+                        figures.append(figure)
                     quiet[0].append(s)
                     quiet[1].append(r)
-                    skews += [
-                        s for s in (saved.resume_skew_ms, restored.resume_skew_ms) if s is not None
-                    ]
                     say(
-                        f"  lockstep cycle {i + 1}/{cycles}: resume skew {max(skews):.3f} ms max;"
+                        f"  {method} cycle {i + 1}/{cycles}: resume {key}"
+                        f" {'-' if figure is None else f'{figure:.3f}'} ms;"
                         f" longest silence {s:.3f} s after the save, {r:.3f} s after the restore"
                     )
                     failed += await back_to_origin()
-                skew = max(skews) if skews else None
-                return {"max_resume_skew_ms": skew, "failed_cycles": failed} | silence_figures(
+                most = max(figures) if figures else None
+                return {f"max_resume_{key}_ms": most, "failed_cycles": failed} | silence_figures(
                     *quiet
                 )
 
-            async def naive() -> dict[str, Any]:
-                spreads: list[float] = []
-                quiet: tuple[list[float], list[float]] = ([], [])
-                failed = 0
-                for i in range(cycles):
-                    est = await caller.sync()
-                    _, s = await observed(
-                        LAB, naive_save(group, clients, est, f"nv{i}"), wait, restores=False
-                    )
-                    est = await caller.sync()
-                    # The naive save destroyed the VMs: each log just goes on from its save.
-                    run, r = await observed(
-                        LAB, naive_restore(group, clients, est, f"nv{i}"), wait, restores=False
-                    )
-                    quiet[0].append(s)
-                    quiet[1].append(r)
-                    at = run.resumed_at.values()
-                    spreads.append((max(at) - min(at)) * 1000 if at else float("nan"))
-                    say(
-                        f"  naive cycle {i + 1}/{cycles}: resume spread {spreads[-1]:.0f} ms;"
-                        f" longest silence {s:.3f} s after the save, {r:.3f} s after the restore"
-                    )
-                    failed += await back_to_origin()
-                spread = max(spreads) if spreads else None
-                return {"max_resume_spread_ms": spread, "failed_cycles": failed} | silence_figures(
-                    *quiet
+            async def lockstep_cycle(i: int) -> CycleFigures:
+                saved, s = await observed(LAB, caller.save(f"hb-{i}"), wait, restores=False)
+                restored, r = await observed(LAB, caller.restore(f"hb-{i}"), wait, restores=True)
+                skews = [
+                    k for k in (saved.resume_skew_ms, restored.resume_skew_ms) if k is not None
+                ]
+                return (max(skews) if skews else None), s, r
+
+            async def naive_cycle(i: int) -> CycleFigures:
+                est = await caller.sync()
+                _, s = await observed(
+                    LAB, naive_save(group, clients, est, f"nv{i}"), wait, restores=False
                 )
+                est = await caller.sync()
+                # The naive save destroyed the VMs: each log just goes on from its save.
+                run, r = await observed(
+                    LAB, naive_restore(group, clients, est, f"nv{i}"), wait, restores=False
+                )
+                at = run.resumed_at.values()
+                return ((max(at) - min(at)) * 1000 if at else None), s, r
+
+            async def lockstep() -> dict[str, Any]:
+                return await run_cycles("lockstep", "skew", lockstep_cycle)
+
+            async def naive() -> dict[str, Any]:
+                return await run_cycles("naive", "spread", naive_cycle)
 
             result: dict[str, Any] = {"heartbeat_s": heartbeat, "timeout_s": timeout}
             result["lockstep"] = await caused(LAB, tail, lockstep)

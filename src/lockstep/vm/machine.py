@@ -38,7 +38,7 @@ from lockstep.proc import in_netns
 from lockstep.vm.argv import DRIVE_ID, QEMU_BINARY, RamFile, VmPaths, qemu_argv
 from lockstep.vm.memory import discard_ram_file
 
-__all__ = ["Machine", "MigrationProgress", "VmRunstate"]
+__all__ = ["Machine", "MigrationProgress", "VmRunstate", "qemu_threads"]
 
 # Unlimited for all practical purposes (QEMU 7.2 caps migration at 128 MiB/s by default).
 _MAX_BANDWIDTH = 1 << 50
@@ -49,6 +49,22 @@ _READ_AHEAD_FROM = 64 << 20  # bytes: a stream this big is read ahead for QEMU
 _READ_AHEAD_CHUNK = 16 << 20
 _READ_AHEAD_WINDOW = 512 << 20
 _STDERR_TAIL = 1500
+
+
+def qemu_threads(pid: int, *, vcpus: bool) -> list[int]:
+    """Thread ids of QEMU process ``pid``: its vCPUs (``CPU n/TCG``, ``CPU n/KVM``) or all others.
+
+    Names come from ``-name ...,debug-threads=on``. Empty if the process is gone.
+    """
+    tids = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            comm = (task / "comm").read_text().strip()
+            if comm.startswith("CPU ") == vcpus:
+                tids.append(int(task.name))
+    except OSError:
+        return []
+    return sorted(tids)
 
 
 class VmRunstate(enum.Enum):
@@ -194,17 +210,7 @@ class Machine:
         return self._threads(vcpus=True)
 
     def _threads(self, *, vcpus: bool) -> list[int]:
-        if self._pid is None:
-            return []
-        tids = []
-        try:
-            for task in Path(f"/proc/{self._pid}/task").iterdir():
-                comm = (task / "comm").read_text().strip()
-                if comm.startswith("CPU ") == vcpus:
-                    tids.append(int(task.name))
-        except OSError:
-            return []
-        return sorted(tids)
+        return [] if self._pid is None else qemu_threads(self._pid, vcpus=vcpus)
 
     def _require(self, *states: VmRunstate) -> None:
         if self._runstate not in states:
