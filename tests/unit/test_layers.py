@@ -35,7 +35,7 @@ def test_new_layer_id_is_a_safe_name_starting_with_the_vm(vm: str) -> None:
     """Any valid VM name gives a layer id that is a valid name and begins with (part of) it."""
     layer_id = new_layer_id(vm)
     assert validate_name("layer", layer_id) == layer_id
-    token = "-20261126060512-abcdef"
+    token = "-20261126060512-abcdef012345"
     assert layer_id[: -len(token)] == vm[: 63 - len(token)]
     assert len(layer_id) <= 63
     assert "/" not in layer_id

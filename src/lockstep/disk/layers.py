@@ -51,7 +51,7 @@ LAYER_SUFFIX = ".qcow2"
 
 # A layer id is "<vm>-<UTC yyyymmddHHMMSS>-<6 hex>"; the VM part is shortened so
 # the id stays a valid name (at most 63 characters) for the store's manifests.
-_TOKEN_LEN = 1 + 14 + 1 + 6
+_TOKEN_LEN = 1 + 14 + 1 + 12
 _NAME_MAX = 63
 
 
@@ -99,7 +99,7 @@ def new_layer_id(vm: str, *, now: float | None = None) -> str:
     except ValueError as exc:
         raise DiskError(str(exc)) from exc
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(time.time() if now is None else now))
-    return f"{vm[: _NAME_MAX - _TOKEN_LEN]}-{stamp}-{secrets.token_hex(3)}"
+    return f"{vm[: _NAME_MAX - _TOKEN_LEN]}-{stamp}-{secrets.token_hex(6)}"
 
 
 def layer_path(layers_dir: Path, layer_id: str) -> Path:
