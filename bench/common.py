@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import math
+import os
 import random
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -62,6 +63,33 @@ def lab_options(name: str, subnets: tuple[int, int], **options: Any) -> LabOptio
     lan, vms = free_subnets(*subnets)
     return LabOptions(
         name=name, group_file=work / "lockstep.toml", lan_subnet=lan, vm_subnet=vms, **options
+    )
+
+
+def machine() -> dict[str, Any]:
+    """What figures depend on: the CPU (as lscpu names it), its cores and the load now."""
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    return {
+        "cpu": info.get("model name", "unknown CPU"),
+        "family": info.get("cpu family", "?"),
+        "model": info.get("model", "?"),
+        "mhz": round(float(info.get("cpu MHz", "0") or 0)),
+        "cores": os.cpu_count(),
+        "load": os.getloadavg(),
+    }
+
+
+def machine_line() -> str:
+    """:func:`machine` in one line, for the top of a benchmark's table."""
+    m = machine()
+    load = ", ".join(f"{x:.1f}" for x in m["load"])
+    return (
+        f"{m['cpu']} (family {m['family']} model {m['model']}, {m['cores']} cores,"
+        f" {m['mhz']} MHz); load {load}"
     )
 
 

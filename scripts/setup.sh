@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# nftables: the tests block the clock-probe path with a real firewall rule;
+# xfsprogs: the memory benchmark makes a reflink-capable xfs on a loop device.
 PACKAGES=(qemu-system-x86 qemu-utils debootstrap e2fsprogs busybox-static iproute2
-          cpio tcpdump procps ca-certificates)
+          cpio tcpdump procps ca-certificates nftables xfsprogs)
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 

@@ -50,7 +50,14 @@ from lockstep.execd.model import ExecdConfig
 from lockstep.execd.service import HostService
 from lockstep.group import VmSpec
 from lockstep.net.links import OUR_LINK
-from lockstep.rpc import CALLS, HostClient, Timeout, server_credentials, start_server
+from lockstep.rpc import (
+    CALLS,
+    ExecdServer,
+    HostClient,
+    Timeout,
+    server_credentials,
+    start_server,
+)
 from lockstep.rpc.generated import execd_pb2 as pb
 from lockstep.rpc.server import MAX_AHEAD
 from lockstep.store import Manifest, StateStore, VmRecord, utc_now
@@ -181,6 +188,7 @@ spec_texts = st.one_of(
 # Arguments of each HostClient method (Up: the raw JSON it cannot send itself).
 ARGS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
     "Probe": st.tuples(anything),
+    "ProbeKey": st.tuples(),
     "Up": st.one_of(
         st.tuples(
             st.just("lab"), st.lists(plausible_specs.map(json.dumps), min_size=1, max_size=2)
@@ -342,7 +350,7 @@ def execd(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Execd]
         config = ExecdConfig(host="h1", root=base / "root", qemu_binary=str(base / "no-such-qemu"))
         creds = server_credentials(pki.ca.cert, pki.server.cert, pki.server.key)
 
-        async def setup() -> tuple[HostService, grpc.aio.Server, HostClient, grpc.aio.Channel]:
+        async def setup() -> tuple[HostService, ExecdServer, HostClient, grpc.aio.Channel]:
             service = HostService(config)
             await service.start()
             server, port = await start_server(service, f"{LOOPBACK}:0", creds)

@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from lockstep.caller.clock import (
-    MIN_SAMPLES,
     ClockEstimate,
-    Sample,
-    estimate,
+    SyncPolicy,
     predicted_skew,
     to_caller,
     to_host,
 )
 from lockstep.caller.plan import Phase, restore_plan, save_plan
-from lockstep.caller.report import ClockLine, OperationReport, VmLine
+from lockstep.caller.report import OperationReport, VmLine, clock_lines
+from lockstep.caller.sync import ProbePath, measure
 from lockstep.errors import ClockError, ConfigError, LockstepError, OperationFailed
 from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
 from lockstep.group import GroupSpec, VmSpec, validate_name
@@ -50,6 +49,7 @@ class HostLink(Protocol):
     """What the caller needs of one execd (``lockstep.rpc.HostClient`` provides it)."""
 
     async def probe(self, sent: float) -> ProbeReply: ...
+    async def probe_path(self) -> ProbePath | None: ...
     async def up(self, group: str, vms: Sequence[VmSpec]) -> list[VmStatus]: ...
     async def down(self, vms: Sequence[str]) -> list[VmStatus]: ...
     async def status(self) -> list[VmStatus]: ...
@@ -124,7 +124,7 @@ class GroupCaller:
         links: Mapping[str, HostLink],
         *,
         clock: Callable[[], float] = time.time,
-        samples: int = MIN_SAMPLES,
+        sync_policy: SyncPolicy | None = None,
         deadman: float = DEADMAN_SECONDS,
         skew_budget: float = SKEW_BUDGET,
     ) -> None:
@@ -134,7 +134,7 @@ class GroupCaller:
         self.group = group
         self.links = dict(links)
         self.clock = clock
-        self.samples = max(samples, MIN_SAMPLES)
+        self.sync_policy = sync_policy or SyncPolicy()
         self.deadman = deadman
         self.skew_budget = skew_budget
 
@@ -146,25 +146,18 @@ class GroupCaller:
 
     # -- clocks -------------------------------------------------------------------
 
-    async def _measure(self, link: HostLink) -> ClockEstimate:
-        samples = []
-        for _ in range(self.samples):
-            t0 = self.clock()
-            reply = await link.probe(t0)
-            t3 = self.clock()
-            samples.append(Sample(t0, reply.received, reply.sent, t3))
-        try:
-            return estimate(samples)
-        except ValueError as exc:
-            raise ClockError(str(exc)) from exc
-
     async def sync(self, hosts: Mapping[str, HostLink] | None = None) -> dict[str, ClockEstimate]:
         """Measure every host's clock offset and delay (no clock is changed).
+
+        Every host is sampled at once, each as :attr:`sync_policy` says
+        (:func:`lockstep.caller.sync.measure`).
 
         Raises:
             OperationFailed: a host could not be probed.
         """
-        results = await fanout(hosts or self.links, lambda _h, link: self._measure(link))
+        results = await fanout(
+            hosts or self.links, lambda _h, link: measure(link, self.sync_policy, self.clock)
+        )
         failed = _failures(results)
         if failed:
             raise OperationFailed(_say_failures("clock sync", failed))
@@ -175,11 +168,15 @@ class GroupCaller:
         skew = predicted_skew(est)
         if skew <= self.skew_budget or force:
             return
-        figures = ", ".join(f"{h}: delay {e.delay * 1000:.2f} ms" for h, e in sorted(est.items()))
+        figures = ", ".join(
+            f"{h}: delay {e.delay * 1000:.3f} ms, {e.samples} samples over {e.path}"
+            for h, e in sorted(est.items())
+        )
         raise ClockError(
-            f"clock sync is too noisy: it predicts up to {skew * 1000:.2f} ms of skew, over the"
-            f" budget of {self.skew_budget * 1000:.2f} ms ({figures}); nothing was changed"
-            " (retry, raise --skew-budget, or use --force)"
+            f"clock sync is too noisy: after {max(e.elapsed for e in est.values()):.1f} s of"
+            f" probing it predicts up to {skew * 1000:.2f} ms of skew, over the budget of"
+            f" {self.skew_budget * 1000:.2f} ms ({figures}); nothing was changed"
+            " (retry, raise --sync-limit or --skew-budget, or use --force)"
         )
 
     @contextlib.asynccontextmanager
@@ -303,11 +300,7 @@ class GroupCaller:
         return f"{kind}-{secrets.token_hex(6)}"
 
     def _report_clocks(self, report: OperationReport, est: Mapping[str, ClockEstimate]) -> None:
-        report.clocks = [
-            ClockLine(h, offset_ms=e.offset * 1000, delay_ms=e.delay * 1000)
-            for h, e in sorted(est.items())
-        ]
-        report.predicted_skew_ms = predicted_skew(est) * 1000
+        report.clocks, report.predicted_skew_ms = clock_lines(est)
 
     def _common_instant(self, est: Mapping[str, ClockEstimate], margin: float) -> float:
         worst = max((e.delay for e in est.values()), default=0.0)

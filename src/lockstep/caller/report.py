@@ -6,11 +6,13 @@ min over all VMs of the instant QEMU says the action took effect.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["ClockLine", "OperationReport", "VmLine", "skew_ms"]
+from lockstep.caller.clock import ClockEstimate, predicted_skew
+
+__all__ = ["ClockLine", "OperationReport", "VmLine", "clock_lines", "skew_ms"]
 
 
 def skew_ms(instants: Iterable[float | None]) -> float | None:
@@ -41,11 +43,47 @@ class VmLine:
 
 @dataclass(frozen=True)
 class ClockLine:
-    """One host's clock as measured at the start of the operation."""
+    """One host's clock as measured (at the start of the operation, or by ``check``).
+
+    ``error_bound_ms`` is the most the offset can be wrong by; ``path`` the
+    probe path ("udp" or "grpc", with ``note`` saying why gRPC); ``lost``
+    probes got no reply in time; ``ignored`` replies did not verify or came
+    late; ``refused`` is what the execd's UDP path ignored since it started.
+    """
 
     host: str
     offset_ms: float
     delay_ms: float
+    error_bound_ms: float = 0.0
+    samples: int = 0
+    path: str = ""
+    note: str = ""
+    sync_s: float = 0.0
+    lost: int = 0
+    ignored: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, host: str, est: ClockEstimate) -> ClockLine:
+        """The line for one host's estimate."""
+        return cls(
+            host,
+            offset_ms=est.offset * 1000,
+            delay_ms=est.delay * 1000,
+            error_bound_ms=est.error_bound * 1000,
+            samples=est.samples,
+            path=est.path,
+            note=est.note,
+            sync_s=est.elapsed,
+            lost=est.lost,
+            ignored=est.ignored,
+            refused=dict(est.refused),
+        )
+
+
+def clock_lines(est: Mapping[str, ClockEstimate]) -> tuple[list[ClockLine], float]:
+    """One line per host, in name order, and the skew clock error alone could cause (ms)."""
+    return [ClockLine.of(h, e) for h, e in sorted(est.items())], predicted_skew(est) * 1000
 
 
 @dataclass

@@ -20,8 +20,9 @@ from typing import Any, TypeVar
 import click
 from rich.table import Table
 
+from lockstep.caller.clock import SyncPolicy
 from lockstep.caller.orchestrator import GroupCaller, HostResult
-from lockstep.caller.report import OperationReport
+from lockstep.caller.report import OperationReport, clock_lines
 from lockstep.cli.certs import certs
 from lockstep.cli.lab import lab
 from lockstep.cli.output import console, emit, error, operation_progress, render_report
@@ -191,32 +192,74 @@ async def status(caller: GroupCaller, as_json: bool) -> None:
         sys.exit(1)
 
 
+def sync_options(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Add ``--sync-target`` and ``--sync-limit`` to a command body (the caller's sync policy)."""
+
+    @functools.wraps(fn)
+    async def body(caller: GroupCaller, /, sync_target: float, sync_limit: float, **kw: Any) -> Any:
+        try:
+            caller.sync_policy = SyncPolicy(target=sync_target / 1000, limit=sync_limit)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
+        return await fn(caller, **kw)
+
+    default = SyncPolicy()
+    body = click.option(
+        "--sync-limit",
+        type=float,
+        default=default.limit,
+        show_default=True,
+        metavar="S",
+        help="Probe each host's clock for at most this long.",
+    )(body)
+    return click.option(
+        "--sync-target",
+        type=float,
+        default=default.target * 1000,
+        show_default=True,
+        metavar="MS",
+        help="Probe each host's clock until its error bound is this small (or the limit).",
+    )(body)
+
+
 @main.command()
 @json_option
 @with_caller
+@sync_options
 async def check(caller: GroupCaller, as_json: bool) -> None:
     """Measure each host's clock offset and delay, and the skew they predict.
 
-    No host clock is changed: lockstep converts between clocks itself.
+    Each host is probed over a light UDP path beside gRPC (keyed over mutual
+    TLS) until the error bound reaches --sync-target or --sync-limit is spent;
+    where that path is blocked, over gRPC (the "path" column says which, and
+    why). No host clock is changed: lockstep converts between clocks itself.
     """
-    est, skew = await caller.check()
-    data = {
-        "hosts": {
-            h: {"offset_ms": e.offset * 1000, "delay_ms": e.delay * 1000, "samples": e.samples}
-            for h, e in sorted(est.items())
-        },
-        "predicted_skew_ms": skew * 1000,
-    }
+    est, _ = await caller.check()
+    lines, skew = clock_lines(est)
+    data = {"hosts": {c.host: vars(c) for c in lines}, "predicted_skew_ms": skew}
 
     def render(d: dict[str, Any]) -> None:
         table = Table(title="clocks", title_justify="left")
-        for col in ("host", "offset", "delay", "samples"):
-            table.add_column(col, justify="right" if col != "host" else "left")
-        for h, v in d["hosts"].items():
+        for col in ("host", "offset", "delay", "error bound", "samples", "path", "probing"):
+            table.add_column(col, justify="left" if col in ("host", "path") else "right")
+        for c in lines:
             table.add_row(
-                h, f"{v['offset_ms']:+.3f} ms", f"{v['delay_ms']:.3f} ms", str(v["samples"])
+                c.host,
+                f"{c.offset_ms:+.3f} ms",
+                f"{c.delay_ms:.3f} ms",
+                f"±{c.error_bound_ms:.3f} ms",
+                str(c.samples),
+                c.path,
+                f"{c.sync_s:.2f} s",
             )
         console.print(table)
+        for c in lines:
+            if c.note:
+                console.print(f"  {c.host}: {c.note}", markup=False)
+            refused = {k: v for k, v in c.refused.items() if v}
+            if refused:
+                said = ", ".join(f"{v} {k}" for k, v in sorted(refused.items()))
+                console.print(f"  {c.host}: its probe path has ignored {said} probes", markup=False)
         console.print(f"predicted skew ≤ [bold]{d['predicted_skew_ms']:.3f} ms[/]")
 
     emit(data, as_json, render)
@@ -246,6 +289,7 @@ budget_option = click.option(
 @budget_option
 @json_option
 @with_caller
+@sync_options
 async def save(
     caller: GroupCaller, name: str, stop: bool, force: bool, skew_budget: float, as_json: bool
 ) -> None:
@@ -266,6 +310,7 @@ async def save(
 @budget_option
 @json_option
 @with_caller
+@sync_options
 async def restore(
     caller: GroupCaller, name: str, force: bool, skew_budget: float, as_json: bool
 ) -> None:

@@ -74,6 +74,9 @@ def render_report(report: OperationReport) -> None:
     for v in report.vms:
         if v.memory_note:  # why the standard path, or how the RAM image was kept
             console.print(f"  {v.name}: {v.memory_path} memory path: {v.memory_note}", markup=False)
+    for c in report.clocks:
+        if c.note:  # why its clock was probed over gRPC
+            console.print(f"  {c.host} clock: {c.note}", markup=False)
     parts = []
     if report.pause_skew_ms is not None:
         parts.append(f"pause skew [bold]{_ms(report.pause_skew_ms)}[/]")

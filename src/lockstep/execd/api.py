@@ -23,6 +23,9 @@ class ExecdApi(Protocol):
     def probe(self) -> ProbeReply:
         """Stamp a clock probe on the execd's clock."""
 
+    def from_wall(self, wall: float) -> float:
+        """A host wall-clock instant (a kernel's or QEMU's stamp) on the execd's clock."""
+
     async def up(self, group: str, vms: Sequence[VmSpec]) -> list[VmStatus]:
         """Start the VMs that are not running (each on a fresh layer over its base)."""
 

@@ -67,10 +67,11 @@ class Fault:
         return cls(point, action)
 
     def slow_probe(self) -> None:
-        """At ``probe`` with ``slow``: delay before the execd stamps receipt (blocking).
+        """At ``probe`` with ``slow``: delay the probe outside the execd's two stamps (blocking).
 
-        The delay lands outside the execd's own two timestamps, so clock sync
-        sees it as network delay on the way in, as a congested path would look.
+        The gRPC path calls it before stamping receipt, the UDP path (whose
+        receipt the kernel stamps) after stamping the reply and before sending
+        it, so clock sync sees it as network delay, as a congested path would look.
         """
         if self.point == "probe" and self.action == "slow":
             time.sleep(random.uniform(0.005, 0.03))  # noqa: S311 (test jitter)

@@ -327,6 +327,10 @@ class HostService:
         received = self.clock.now()
         return ProbeReply(received=received, sent=self.clock.now())
 
+    def from_wall(self, wall: float) -> float:
+        """A host wall-clock instant on this execd's clock."""
+        return self.clock.from_wall(wall)
+
     # -- VMs ------------------------------------------------------------------
 
     def status(self) -> list[VmStatus]:

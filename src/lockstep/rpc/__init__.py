@@ -5,6 +5,7 @@ One concern per module, re-exported here (import from ``lockstep.rpc``):
 - :mod:`~lockstep.rpc.tls`: the group's CA, certificates, gRPC credentials;
 - :mod:`~lockstep.rpc.server`: the execd side, a thin adapter over ``ExecdApi``;
 - :mod:`~lockstep.rpc.client`: the caller side, :class:`HostClient` and the call table;
+- :mod:`~lockstep.rpc.probe`: the light clock-probe path beside gRPC (UDP, keyed);
 - :mod:`~lockstep.rpc.convert`: dataclasses <-> protobuf messages;
 - ``lockstep.rpc.generated``: code generated from ``proto/lockstep/v1/execd.proto``
   (``python -m lockstep.rpc.gen`` regenerates it).
@@ -14,7 +15,14 @@ Nothing here knows about VMs; nothing here imports the caller or the CLI.
 
 from lockstep.rpc.client import CALLS, HostClient, Timeout
 from lockstep.rpc.convert import ERROR_KIND_KEY
-from lockstep.rpc.server import STATUS_FOR_ERROR, ExecdServicer, serve, start_server
+from lockstep.rpc.probe import ProbeKey, ProbeResponder, UdpProbePath
+from lockstep.rpc.server import (
+    STATUS_FOR_ERROR,
+    ExecdServer,
+    ExecdServicer,
+    serve,
+    start_server,
+)
 from lockstep.rpc.tls import (
     CaFiles,
     CertFiles,
@@ -33,9 +41,13 @@ __all__ = [
     "CaFiles",
     "CertFiles",
     "CertKind",
+    "ExecdServer",
     "ExecdServicer",
     "HostClient",
+    "ProbeKey",
+    "ProbeResponder",
     "Timeout",
+    "UdpProbePath",
     "channel_credentials",
     "issue",
     "load_ca",

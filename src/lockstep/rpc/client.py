@@ -19,6 +19,7 @@ gRPC errors are mapped here, at the boundary, keeping the original as the cause:
 from __future__ import annotations
 
 import enum
+import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, TypeVar, cast
@@ -33,6 +34,7 @@ from lockstep.rpc import convert
 from lockstep.rpc.convert import ERROR_KIND_KEY
 from lockstep.rpc.generated import execd_pb2 as pb
 from lockstep.rpc.generated import execd_pb2_grpc as pb_grpc
+from lockstep.rpc.probe import ProbeCounts, ProbeKey, UdpProbePath
 
 __all__ = ["CALLS", "HostClient", "Timeout"]
 
@@ -51,6 +53,7 @@ class Timeout(enum.Enum):
 CALLS: Final[Mapping[str, Timeout]] = MappingProxyType(
     {
         "Probe": Timeout.FAST,
+        "ProbeKey": Timeout.FAST,
         "Up": Timeout.SLOW,
         "Down": Timeout.NORMAL,
         "Status": Timeout.FAST,
@@ -190,6 +193,37 @@ class HostClient:
         """
         reply = await self._unary("Probe", pb.ProbeRequest(sent=sent), pb.ProbeReply)
         return convert.probe_reply_from_pb(reply)
+
+    async def probe_key(self) -> ProbeKey:
+        """A fresh key for the execd's UDP probe path (``port`` 0: it has none).
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        reply = await self._unary("ProbeKey", pb.Empty(), pb.ProbeKeyReply)
+        counts = ProbeCounts(reply.answered, reply.forged, reply.replayed, reply.stale)
+        return ProbeKey(reply.port, reply.key_id, reply.key, reply.valid_for, counts)
+
+    async def probe_path(self) -> UdpProbePath | None:
+        """The UDP probe path to this execd under a fresh key; None if it offers none.
+
+        The path goes to the address the gRPC channel dials, on the port the
+        execd names; the caller closes it after its sync.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError (the key call),
+                or the address does not resolve.
+        """
+        key = await self.probe_key()
+        if not key.port:
+            return None
+        name = self.address.rpartition(":")[0].strip("[]")
+        try:
+            infos = socket.getaddrinfo(name, key.port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise HostUnreachable(f"host {self.host}: cannot resolve {name}: {exc}") from exc
+        target = infos[0][4]
+        return UdpProbePath(self.host, (str(target[0]), int(target[1])), key)
 
     async def up(self, group: str, vms: Sequence[VmSpec]) -> list[VmStatus]:
         """Start the host's VMs of ``group`` that are not running.

@@ -13,7 +13,9 @@ module only
    message; their traceback goes to this process's log, never over the wire.
 
 The server listens with mutual TLS only (:mod:`lockstep.rpc.tls`); there is no
-plaintext port.
+plaintext port. Beside it, on the same address and port number over UDP, a
+:class:`~lockstep.rpc.probe.ProbeResponder` answers clock probes keyed through
+the ``ProbeKey`` call (see :mod:`lockstep.rpc.probe`).
 """
 
 # The servicer's method names are the proto's RPC names (Probe, SaveMemory, ...).
@@ -25,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -40,14 +43,24 @@ from lockstep.errors import (
     StateNotFound,
 )
 from lockstep.execd.api import ExecdApi
+from lockstep.execd.fault import Fault
 from lockstep.execd.model import SaveProgress, VmReport
 from lockstep.group import validate_name
 from lockstep.rpc import convert
 from lockstep.rpc.convert import ERROR_KIND_KEY
 from lockstep.rpc.generated import execd_pb2 as pb
 from lockstep.rpc.generated import execd_pb2_grpc as pb_grpc
+from lockstep.rpc.probe import ProbeResponder
 
-__all__ = ["MAX_AHEAD", "STATUS_FOR_ERROR", "ExecdServicer", "serve", "start_server"]
+__all__ = [
+    "MAX_AHEAD",
+    "SERVED_BY_ADAPTER",
+    "STATUS_FOR_ERROR",
+    "ExecdServer",
+    "ExecdServicer",
+    "serve",
+    "start_server",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +82,8 @@ STATUS_FOR_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
     (LockstepError, grpc.StatusCode.FAILED_PRECONDITION),
 )
+# Calls this adapter answers itself: transport, not the service's business.
+SERVED_BY_ADAPTER = frozenset({"ProbeKey"})
 _MAX_MESSAGE = 1000
 # Actions are scheduled a few seconds ahead. An instant much later is a caller's
 # bug, and waiting for it would tie up the call, and the operation it opened,
@@ -228,13 +243,14 @@ class _DecodeInHandler(_Interceptor):
 class ExecdServicer(pb_grpc.ExecdServicer):
     """Serves one :class:`~lockstep.execd.api.ExecdApi` over gRPC."""
 
-    def __init__(self, api: ExecdApi) -> None:
+    def __init__(self, api: ExecdApi, probes: ProbeResponder | None = None) -> None:
         self._api = api
+        self._probes = probes
 
     def _soon(self, what: str, value: float) -> float:
         """``value`` if it is a finite instant at most :data:`MAX_AHEAD` s from now."""
         _instant(what, value)
-        ahead = value - self._api.probe().received
+        ahead = value - self._api.from_wall(time.time())
         if ahead > MAX_AHEAD:
             raise ValueError(
                 f"{what} {value} is {ahead:.0f} s ahead of this execd's clock;"
@@ -278,6 +294,28 @@ class ExecdServicer(pb_grpc.ExecdServicer):
             return convert.probe_reply_to_pb(self._api.probe())
 
         return await self._guard("Probe", context, body)
+
+    async def ProbeKey(self, request: pb.Empty, context: Context) -> pb.ProbeKeyReply:
+        """A fresh key for the UDP probe path (port 0: there is none here)."""
+
+        async def body() -> pb.ProbeKeyReply:
+            if self._probes is None or not self._probes.port:
+                return pb.ProbeKeyReply(port=0)
+            key = self._probes.issue_key()
+            counts = key.counts
+            assert counts is not None
+            return pb.ProbeKeyReply(
+                port=key.port,
+                key_id=key.key_id,
+                key=key.key,
+                valid_for=key.valid_for,
+                answered=counts.answered,
+                forged=counts.forged,
+                replayed=counts.replayed,
+                stale=counts.stale,
+            )
+
+        return await self._guard("ProbeKey", context, body)
 
     async def Up(self, request: pb.UpRequest, context: Context) -> pb.VmStatusList:
         """Start the given VMs."""
@@ -468,20 +506,43 @@ class ExecdServicer(pb_grpc.ExecdServicer):
             yield message
 
 
+class ExecdServer:
+    """The running gRPC server and the UDP probe responder beside it."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, probes: ProbeResponder | None) -> None:
+        self.server = server
+        self.port = port
+        self.probes = probes
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop serving (calls in flight get ``grace`` seconds) and close the probe path."""
+        try:
+            await self.server.stop(grace)
+        finally:
+            if self.probes is not None:
+                await asyncio.to_thread(self.probes.close)
+
+
+def _host_part(listen: str) -> str:
+    host = listen.rpartition(":")[0]
+    return host.strip("[]") or "0.0.0.0"  # noqa: S104 (the execd's own listen address)
+
+
 async def start_server(
-    api: ExecdApi, listen: str, creds: grpc.ServerCredentials
-) -> tuple[grpc.aio.Server, int]:
+    api: ExecdApi, listen: str, creds: grpc.ServerCredentials, *, udp_probes: bool = True
+) -> tuple[ExecdServer, int]:
     """Serve ``api`` on ``listen`` (``HOST:PORT``; port 0 picks one) with mutual TLS.
 
-    Returns the started server and the port it is bound to. Must be called inside
-    the running event loop that will serve.
+    Returns the started server and the port it is bound to. The UDP probe path
+    answers on the same host and port number unless ``udp_probes`` is False (or
+    that UDP port is taken: the callers then fall back to gRPC probes). Must be
+    called inside the running event loop that will serve.
 
     Raises:
         ConfigError: the address cannot be bound (bad address, or in use).
     """
     # SO_REUSEPORT (gRPC's default) would let two execds share a port silently.
     server = grpc.aio.server(interceptors=[_DecodeInHandler()], options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_ExecdServicer_to_server(ExecdServicer(api), server)  # type: ignore[no-untyped-call]
     why = "the address is invalid, not on this host, or in use (another lockstep-execd?)"
     try:
         port = server.add_secure_port(listen, creds)
@@ -489,12 +550,23 @@ async def start_server(
         raise ConfigError(f"cannot listen on {listen}: {why}") from exc
     if port == 0:
         raise ConfigError(f"cannot listen on {listen}: {why}")
+    probes = None
+    if udp_probes:
+        address = (_host_part(listen), port)
+        probes = ProbeResponder(address, api.from_wall, Fault.from_env().slow_probe)
+        if not probes.start():
+            probes = None
+    servicer = ExecdServicer(api, probes)
+    pb_grpc.add_ExecdServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     await server.start()
-    log.info("execd listening on %s (port %d, mutual TLS)", listen, port)
-    return server, port
+    log.info(
+        "execd listening on %s (port %d, mutual TLS; clock probes %s)",
+        listen, port, f"also on UDP {port}" if probes else "over gRPC only",
+    )  # fmt: skip
+    return ExecdServer(server, port, probes), port
 
 
-async def serve(api: ExecdApi, listen: str, creds: grpc.ServerCredentials) -> grpc.aio.Server:
+async def serve(api: ExecdApi, listen: str, creds: grpc.ServerCredentials) -> ExecdServer:
     """Serve ``api`` on ``listen`` with mutual TLS; the caller awaits termination or stops it.
 
     Raises:

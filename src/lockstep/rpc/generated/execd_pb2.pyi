@@ -24,6 +24,26 @@ class ProbeReply(_message.Message):
     sent: float
     def __init__(self, received: _Optional[float] = ..., sent: _Optional[float] = ...) -> None: ...
 
+class ProbeKeyReply(_message.Message):
+    __slots__ = ("port", "key_id", "key", "valid_for", "answered", "forged", "replayed", "stale")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALID_FOR_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    FORGED_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    key_id: bytes
+    key: bytes
+    valid_for: float
+    answered: int
+    forged: int
+    replayed: int
+    stale: int
+    def __init__(self, port: _Optional[int] = ..., key_id: _Optional[bytes] = ..., key: _Optional[bytes] = ..., valid_for: _Optional[float] = ..., answered: _Optional[int] = ..., forged: _Optional[int] = ..., replayed: _Optional[int] = ..., stale: _Optional[int] = ...) -> None: ...
+
 class UpRequest(_message.Message):
     __slots__ = ("group", "vm_specs_json")
     GROUP_FIELD_NUMBER: _ClassVar[int]

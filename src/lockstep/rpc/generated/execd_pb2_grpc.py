@@ -39,6 +39,11 @@ class ExecdStub:
                 request_serializer=lockstep_dot_v1_dot_execd__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=lockstep_dot_v1_dot_execd__pb2.ProbeReply.FromString,
                 _registered_method=True)
+        self.ProbeKey = channel.unary_unary(
+                '/lockstep.v1.Execd/ProbeKey',
+                request_serializer=lockstep_dot_v1_dot_execd__pb2.Empty.SerializeToString,
+                response_deserializer=lockstep_dot_v1_dot_execd__pb2.ProbeKeyReply.FromString,
+                _registered_method=True)
         self.Up = channel.unary_unary(
                 '/lockstep.v1.Execd/Up',
                 request_serializer=lockstep_dot_v1_dot_execd__pb2.UpRequest.SerializeToString,
@@ -126,6 +131,14 @@ class ExecdServicer:
 
     def Probe(self, request, context):
         """Clock sync: the execd stamps receipt and reply on its own clock.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProbeKey(self, request, context):
+        """A key for the light probe path beside gRPC (UDP on the execd's address), so
+        that only a caller of the group can probe there (lockstep.rpc.probe).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -239,6 +252,11 @@ def add_ExecdServicer_to_server(servicer, server):
                     request_deserializer=lockstep_dot_v1_dot_execd__pb2.ProbeRequest.FromString,
                     response_serializer=lockstep_dot_v1_dot_execd__pb2.ProbeReply.SerializeToString,
             ),
+            'ProbeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProbeKey,
+                    request_deserializer=lockstep_dot_v1_dot_execd__pb2.Empty.FromString,
+                    response_serializer=lockstep_dot_v1_dot_execd__pb2.ProbeKeyReply.SerializeToString,
+            ),
             'Up': grpc.unary_unary_rpc_method_handler(
                     servicer.Up,
                     request_deserializer=lockstep_dot_v1_dot_execd__pb2.UpRequest.FromString,
@@ -347,6 +365,33 @@ class Execd:
             '/lockstep.v1.Execd/Probe',
             lockstep_dot_v1_dot_execd__pb2.ProbeRequest.SerializeToString,
             lockstep_dot_v1_dot_execd__pb2.ProbeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProbeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockstep.v1.Execd/ProbeKey',
+            lockstep_dot_v1_dot_execd__pb2.Empty.SerializeToString,
+            lockstep_dot_v1_dot_execd__pb2.ProbeKeyReply.FromString,
             options,
             channel_credentials,
             insecure,
