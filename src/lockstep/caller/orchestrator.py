@@ -38,6 +38,10 @@ T = TypeVar("T")
 # must prepare its freeze, before it. A resume's margin is the VMs' downtime.
 PAUSE_MARGIN = 0.35
 RESUME_MARGIN = 0.05
+# Held frames are queued on the taps before the VMs resume (lockstep.net.freeze):
+# the resume instant leaves this long per frame a host holds (a slow machine's
+# Python injects one in about 10 us).
+DELIVER_SECONDS_PER_FRAME = 20e-6
 # Dead-man's timer: paused VMs resume by themselves (at one instant on every
 # host) this long after the caller last extended the operation.
 DEADMAN_SECONDS = 30.0
@@ -306,6 +310,14 @@ class GroupCaller:
         worst = max((e.delay for e in est.values()), default=0.0)
         return self.clock() + margin + 4 * worst
 
+    def _resume_instant(self, est: Mapping[str, ClockEstimate], report: OperationReport) -> float:
+        """The common resume instant: time for the call, and for the busiest host's held frames."""
+        held: dict[str, int] = {}
+        for v in report.vms:
+            held[v.host] = held.get(v.host, 0) + v.frames_held
+        most = max(held.values(), default=0)
+        return self._common_instant(est, RESUME_MARGIN + DELIVER_SECONDS_PER_FRAME * most)
+
     def _merge(
         self,
         report: OperationReport,
@@ -480,7 +492,7 @@ class GroupCaller:
                     await self._abort(op, hosts, est)
                     raise OperationFailed(f"{exc}; the operation was rolled back") from exc
             elif phase.call == "resume":
-                t_resume = self._common_instant(est, RESUME_MARGIN)
+                t_resume = self._resume_instant(est, report)
                 resumed = await self._step(
                     phase, op, hosts, est,
                     lambda h, link: link.resume(op, to_host(t_resume, est[h])),
@@ -578,7 +590,7 @@ class GroupCaller:
                     raise OperationFailed(f"{exc}; the half-restored VMs were stopped") from exc
                 self._report_clocks(report, est)
             elif phase.call == "resume":
-                t_resume = self._common_instant(est, RESUME_MARGIN)
+                t_resume = self._resume_instant(est, report)
                 resumed = await self._step(
                     phase, op, hosts, est,
                     lambda h, link: link.resume(op, to_host(t_resume, est[h])),

@@ -650,7 +650,11 @@ class HostService:
     async def _resume_all(
         self, targets: Sequence[_Vm], at: float | None, *, restoring: bool = False
     ) -> list[VmReport]:
-        """Resume paused VMs at ``at``, then deliver their held frames and lift freezes.
+        """Queue each paused VM's held frames on its taps, lift its freeze, then resume at ``at``.
+
+        The frames go first, while the VMs are paused (no VM of the group runs
+        then, so nothing can overtake them: :meth:`NicFreeze.deliver`); the
+        caller leaves time for that before ``at``.
 
         ``restoring``: live frames captured well before the common resume
         instant come from the timeline the restore replaces (its VMs were
@@ -662,29 +666,35 @@ class HostService:
         if restoring and at is not None:
             stale_before = at - self.clock.offset - _STALE_MARGIN
         walls: dict[str, float] = {}
+        frames: dict[str, tuple[int, int, int, int]] = {}
+
+        async def deliver(vm: _Vm) -> None:
+            name = vm.runtime.spec.name
+            if vm.freeze is None:
+                return
+            await vm.freeze.deliver(discard_before=stale_before)
+            if vm.freeze.stale:
+                log.info(
+                    "VM %s: %d frames from before the restore discarded", name, vm.freeze.stale
+                )
+            f = vm.freeze
+            frames[name] = (f.held, f.delivered, f.dropped, f.ignored)
+            await f.lift()
+            vm.freeze = None
 
         async def wake(vm: _Vm) -> None:
             if vm.machine.runstate in (VmRunstate.PAUSED, VmRunstate.SAVED):
                 walls[vm.runtime.spec.name] = await vm.machine.resume()
 
+        await _gather_all([deliver(vm) for vm in targets])
         qemu = [t for vm in targets for t in vm.machine.control_threads()]
         async with self.clock.at_instant(at if at is not None else self.clock.now(), qemu):
             await _gather_all([wake(vm) for vm in targets])
 
-        async def one(vm: _Vm) -> VmReport:
+        def report(vm: _Vm) -> VmReport:
             name = vm.runtime.spec.name
             wall = walls.get(name)
-            held = delivered = dropped = ignored = 0
-            if vm.freeze is not None:
-                await vm.freeze.deliver(discard_before=stale_before)
-                if vm.freeze.stale:
-                    log.info(
-                        "VM %s: %d frames from before the restore discarded", name, vm.freeze.stale
-                    )
-                held, delivered, dropped = vm.freeze.held, vm.freeze.delivered, vm.freeze.dropped
-                ignored = vm.freeze.ignored
-                await vm.freeze.lift()
-                vm.freeze = None
+            held, delivered, dropped, ignored = frames.get(name, (0, 0, 0, 0))
             return VmReport(
                 name=name,
                 resumed_at=None if wall is None else self.clock.from_wall(wall),
@@ -694,11 +704,11 @@ class HostService:
                 frames_ignored=ignored,
             )
 
-        return await _gather_all([one(vm) for vm in targets])
+        return [report(vm) for vm in targets]
 
     @_step
     async def resume(self, op: str, at: float) -> list[VmReport]:
-        """At ``at`` resume the operation's VMs, then deliver their held frames.
+        """Deliver the operation's held frames to its paused VMs, then resume them at ``at``.
 
         Raises:
             OperationError: the operation is not ready to resume.

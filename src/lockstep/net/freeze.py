@@ -11,10 +11,16 @@ For each tap of the VM (DESIGN.md, "The freeze"):
   match-all filter on the tap with ``mirred egress redirect`` to the ``f`` end.
   Every frame the host would hand to the VM now lands in our capture instead;
 - ``drain``: wait until no frame arrived for a quiet period (bounded);
-- ``deliver`` (after the VM resumed): inject the held frames in their order
-  through the tap socket with ``PACKET_QDISC_BYPASS`` (so they skip the tap's
-  qdisc and are not captured again), paced, then those that arrived meanwhile;
-  then ``lift`` removes the filter and the veth pair.
+- ``deliver`` (while the VM is still paused, just before it resumes): inject
+  the held frames in their order through the tap socket with
+  ``PACKET_QDISC_BYPASS`` (so they skip the tap's qdisc and are not captured
+  again). A paused QEMU does not read its tap, so they wait in the tap's own
+  queue (made long enough for them first); then ``lift`` removes the filter
+  and the veth pair. When the VM resumes it reads the held frames first, and
+  whatever arrives after the lift behind them: nothing overtakes a held frame.
+  (Delivering after the resume, as this module once did, let a frame that
+  arrived just after the filter went reach the VM before frames still on their
+  way through the capture: 208 reordered in 5 cycles on a slow machine.)
 
 Frames are held in memory up to a bound, spilled to a pcap file beyond it, and
 dropped (and counted) past a hard limit: never silently. Captured frames get
@@ -56,8 +62,8 @@ SO_RCVBUFFORCE = 33
 CLSACT_EGRESS = 0xFFFFFFF3
 _FILTER_PRIO = 1
 _RCVBUF = 32 << 20
-_PACE_BURST = 32
-_PACE_PAUSE = 0.002
+_YIELD_EVERY = 256  # frames injected between two turns of the event loop
+_QUEUE_SPARE = 1024  # tap queue room beyond the held frames, for what arrives after the lift
 _SETTLE_LIMIT = 0.5  # s: longest wait at lift for redirected frames still on their way
 
 T = TypeVar("T")
@@ -491,9 +497,26 @@ class NicFreeze:
             except OSError:
                 with self._lock:
                     self.dropped += 1
-            if i % _PACE_BURST == _PACE_BURST - 1:
-                await asyncio.sleep(_PACE_PAUSE)
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)
         return sent
+
+    async def _make_room(self, nic: _Nic) -> None:
+        """Lengthen the tap's queue to hold every frame held for it, and more.
+
+        The tap queues what the paused VM does not read; past its length it
+        drops. Growing it keeps what is queued (the kernel resizes the ring).
+        """
+        with self._lock:
+            need = len(nic.saved) + len(nic.queue) + _QUEUE_SPARE
+        try:
+            link = next(iter([x async for x in await self._ipr.get_links(nic.tap_index)]))
+            if int(link.get("IFLA_TXQLEN") or 0) < need:
+                await self._ipr.link("set", index=nic.tap_index, txqlen=need)
+        except (NetlinkError, StopIteration, OSError) as exc:
+            raise NetError(
+                f"cannot lengthen the queue of tap {self._where(nic.tap)}: {exc}"
+            ) from exc
 
     def _take(self, nic: _Nic, discard_before: float | None) -> list[pcap.Frame]:
         """The live frames held so far, minus those from before ``discard_before``."""
@@ -508,19 +531,29 @@ class NicFreeze:
             return fresh
 
     async def deliver(self, discard_before: float | None = None) -> None:
-        """Inject the held frames in order (the VM must be running), then lift.
+        """Queue the held frames on the taps in order, then lift; the VM must still be paused.
 
         A state's saved frames go first, then the frames captured live, then
-        those arriving while injecting. With ``discard_before`` (a restore: the
-        instant the VM resumed), live frames captured before it belong to the
-        timeline being replaced and are discarded (counted as ``stale``), never
-        delivered. What the tap drops because the VM could not take it is
-        counted as dropped.
+        those arriving meanwhile. With ``discard_before`` (a restore: the
+        common resume instant, less a margin), live frames captured before it
+        belong to the timeline being replaced and are discarded (counted as
+        ``stale``), never delivered. What the tap drops is counted as dropped.
+
+        Order: the paused VM reads nothing, so the frames wait in the tap's
+        queue in the order injected; once the filter is gone, new frames queue
+        behind them. Only a frame sent while the filter goes (on the redirect
+        path, a moment after a direct one) could come second; nothing of the
+        group is sent then, as every VM of the group is paused.
+
+        Raises:
+            NetError: a tap's queue could not be made long enough.
         """
         if self.state not in (FreezeState.ENGAGED, FreezeState.PREPARED):
             return
         before = [await self._tx_dropped(nic) for nic in self._nics]
         sent = [0] * len(self._nics)
+        for nic in self._nics:
+            await self._make_room(nic)
         for i, nic in enumerate(self._nics):
             saved, nic.saved = nic.saved, []
             sent[i] = await self._inject(nic, saved)
