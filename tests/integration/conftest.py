@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -143,9 +144,26 @@ def reload(lab: Lab) -> GroupSpec:
     return load_group(lab.group_file)
 
 
+def _uses_shared_lab(item: pytest.Item) -> bool:
+    """Whether ``item`` runs on the session's lab (this module's ``lab`` fixture)."""
+    info: Any = getattr(item, "_fixtureinfo", None)
+    defs: Any = info.name2fixturedefs.get("lab") if info is not None else None
+    return bool(defs) and defs[-1].func is getattr(lab, "__wrapped__", lab)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything in this folder needs the real lab: mark it `integration`."""
+    """Everything in this folder needs the real lab: mark it `integration`.
+
+    Tests that bring their own VMs (or none) run before the session's lab comes
+    up: this machine has 2 cores, and two labs of TCG guests on them at once
+    would each see the other's load (a lab under test starved by another's
+    guests is not what any test means to measure).
+    """
     here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.integration)
+    ours = [item for item in items if here in Path(str(item.fspath)).parents]
+    for item in ours:
+        item.add_marker(pytest.mark.integration)
+    first = [item for item in ours if not _uses_shared_lab(item)]
+    if first:
+        rest = [item for item in items if item not in first]
+        items[:] = first + rest

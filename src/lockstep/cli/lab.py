@@ -77,10 +77,11 @@ def lab() -> None:
 @click.option("--timeout", "fail_timeout", default="3s", show_default=True, help="Failure timeout.")
 @click.option(
     "--stream-rate",
-    default=200,
+    default=LabOptions.stream_rate,
     show_default=True,
     type=click.IntRange(min=0),
-    help="Stream packets per second from every guest to every other guest (0: none).",
+    help="Stream packets per second from every guest to every other guest (0: none); under"
+    " TCG every packet costs host CPU (python -m bench.idle measures it).",
 )
 @click.option(
     "--clock-offset",

@@ -85,7 +85,7 @@ class LabOptions:
     memory: str = "256M"
     heartbeat: float = 1.0
     timeout: float = 3.0
-    stream_rate: int = 200  # packets per second from every guest to every other guest
+    stream_rate: int = 20  # packets per second from every guest to every other guest
     clock_offsets: Mapping[str, float] = field(default_factory=dict)
     extra_packages: Sequence[str] = ()
     start: Mapping[str, str] = field(default_factory=dict)  # VM name -> extra start command
