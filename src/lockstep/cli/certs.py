@@ -28,7 +28,13 @@ def certs() -> None:
 @certs.command("init")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", default="lockstep CA", show_default=True, help="The CA's common name.")
-@click.option("--days", type=click.IntRange(min=1), default=3650, show_default=True)
+@click.option(
+    "--days",
+    type=click.IntRange(min=1),
+    default=3650,
+    show_default=True,
+    help="How long the CA is valid.",
+)
 def init(directory: Path, name: str, days: int) -> None:
     """Make a new CA in DIRECTORY (ca.pem, ca.key); an existing CA is never replaced."""
     try:
@@ -51,7 +57,13 @@ def init(directory: Path, name: str, days: int) -> None:
     metavar="ADDRESS",
     help="(--server) An IP address or DNS name callers dial; repeat for each.",
 )
-@click.option("--days", type=click.IntRange(min=1), default=825, show_default=True)
+@click.option(
+    "--days",
+    type=click.IntRange(min=1),
+    default=825,
+    show_default=True,
+    help="How long the certificate is valid.",
+)
 def issue_cmd(
     directory: Path, name: str, kind: str | None, hosts: tuple[str, ...], days: int
 ) -> None:

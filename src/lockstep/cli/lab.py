@@ -131,7 +131,7 @@ def lab_up(
 
 
 @lab.command("down")
-@click.option("--name", default="lslab", show_default=True)
+@click.option("--name", default="lslab", show_default=True, help="The lab to take down.")
 def lab_down(name: str) -> None:
     """Remove everything the lab made (VMs, execds, namespaces, links, files)."""
     removed = _run(take_down(name, _say))
@@ -139,8 +139,14 @@ def lab_down(name: str) -> None:
 
 
 @lab.command("image")
-@click.option("--package", "packages", multiple=True, metavar="PKG")
-@click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--package",
+    "packages",
+    multiple=True,
+    metavar="PKG",
+    help="Extra Debian package for the guest image (as `lab up --package`).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def lab_image(packages: tuple[str, ...], as_json: bool) -> None:
     """Build the guest image (or find it in the cache) and print its paths."""
     try:

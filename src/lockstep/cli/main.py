@@ -114,7 +114,7 @@ def with_caller(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
 @click.version_option(package_name="lockstep")
 @click.pass_context
 def main(ctx: click.Context, group_file: str | None) -> None:
-    r"""Save and restore a group of QEMU/KVM VMs spread over hosts as one state.
+    """Save and restore a group of QEMU/KVM VMs spread over hosts as one state.
 
     Every VM pauses at the same instant and resumes at the same instant (the
     skew is measured and reported), frames in flight are held outside the VMs
@@ -126,7 +126,7 @@ def main(ctx: click.Context, group_file: str | None) -> None:
       lockstep save start        # one consistent state of the whole group
       lockstep restore start     # back to it; the cluster never notices
       lockstep lab down
-    """
+    """  # noqa: D301 (\b is click's mark for a paragraph kept as written)
     ctx.ensure_object(dict)
     ctx.obj["group_path"] = group_file_path(group_file)
 
