@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import grpc
 import pytest
@@ -40,6 +40,7 @@ from lockstep.rpc import (
     CALLS,
     CertFiles,
     HostClient,
+    ServedBy,
     Timeout,
     channel_credentials,
     issue,
@@ -343,20 +344,35 @@ def test_state_frames_of_a_missing_state_is_not_found(pki: Pki) -> None:
     assert (info.value.code, info.value.kind) == ("NOT_FOUND", "StateNotFound")
 
 
-def test_call_table_covers_the_service_exactly() -> None:
-    """CALLS names every RPC of the proto once; HostClient and ExecdApi have a method for each.
+def test_proto_table_client_adapter_and_service_agree() -> None:
+    """The proto, the call table, HostClient, ExecdServicer and ExecdApi declare the same calls.
 
-    The calls the adapter answers itself (the probe key of the UDP path, which
-    is transport) are not the service's.
+    Every RPC of the proto has exactly one entry, whose request and reply types
+    and streaming flag are the descriptor's; the servicer serves each with those
+    types; HostClient has a method for each; ExecdApi has one for exactly the
+    calls the service answers (the adapter answers the transport's, such as the
+    UDP path's probe key, itself).
     """
     service = pb.DESCRIPTOR.services_by_name["Execd"]
     assert set(CALLS) == set(service.methods_by_name)
-    assert set(CALLS) > SERVED_BY_ADAPTER
-    for call in CALLS:
-        name = "".join("_" + ch.lower() if ch.isupper() else ch for ch in call).lstrip("_")
-        assert callable(getattr(HostClient, name)), name
-        assert callable(getattr(ExecdServicer, call)), call
-        assert hasattr(ExecdApi, name) == (call not in SERVED_BY_ADAPTER), name
+    for method, call in CALLS.items():
+        proto = service.methods_by_name[method]
+        assert call.method == method
+        assert call.request.DESCRIPTOR is proto.input_type, method
+        assert call.reply.DESCRIPTOR is proto.output_type, method
+        assert call.stream == proto.server_streaming, method
+        assert not proto.client_streaming, method
+        assert callable(getattr(HostClient, call.python_name, None)), call.python_name
+        served = getattr(ExecdServicer, method)
+        assert served is not getattr(pb_grpc.ExecdServicer, method), method
+        hints = get_type_hints(served)
+        reply = get_args(hints["return"])[0] if call.stream else hints["return"]
+        assert (hints["request"], reply) == (call.request, call.reply), method
+    on_adapter = {c.method for c in CALLS.values() if c.served_by is ServedBy.ADAPTER}
+    assert on_adapter == SERVED_BY_ADAPTER
+    on_service = {c.python_name for c in CALLS.values() if c.method not in on_adapter}
+    api = {name for name in vars(ExecdApi) if not name.startswith("_")}
+    assert api == on_service | {"from_wall"}  # from_wall: the adapter reads the execd's clock
 
 
 # --- error mapping --------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 One concern per module, re-exported here (import from ``lockstep.rpc``):
 
+- :mod:`~lockstep.rpc.calls`: the call table, every RPC declared once (:data:`CALLS`);
 - :mod:`~lockstep.rpc.tls`: the group's CA, certificates, gRPC credentials;
 - :mod:`~lockstep.rpc.server`: the execd side, a thin adapter over ``ExecdApi``;
-- :mod:`~lockstep.rpc.client`: the caller side, :class:`HostClient` and the call table;
+- :mod:`~lockstep.rpc.client`: the caller side, :class:`HostClient`;
 - :mod:`~lockstep.rpc.probe`: the light clock-probe path beside gRPC (UDP, keyed);
 - :mod:`~lockstep.rpc.convert`: dataclasses <-> protobuf messages;
 - ``lockstep.rpc.generated``: code generated from ``proto/lockstep/v1/execd.proto``
@@ -13,7 +14,8 @@ One concern per module, re-exported here (import from ``lockstep.rpc``):
 Nothing here knows about VMs; nothing here imports the caller or the CLI.
 """
 
-from lockstep.rpc.client import CALLS, HostClient, Timeout
+from lockstep.rpc.calls import CALLS, Call, ServedBy, Timeout
+from lockstep.rpc.client import HostClient
 from lockstep.rpc.convert import ERROR_KIND_KEY
 from lockstep.rpc.probe import ProbeKey, ProbeResponder, UdpProbePath
 from lockstep.rpc.server import (
@@ -39,6 +41,7 @@ __all__ = [
     "ERROR_KIND_KEY",
     "STATUS_FOR_ERROR",
     "CaFiles",
+    "Call",
     "CertFiles",
     "CertKind",
     "ExecdServer",
@@ -46,6 +49,7 @@ __all__ = [
     "HostClient",
     "ProbeKey",
     "ProbeResponder",
+    "ServedBy",
     "Timeout",
     "UdpProbePath",
     "channel_credentials",

@@ -1,7 +1,9 @@
 """The execd's gRPC server: a thin adapter from the Execd service to an ``ExecdApi``.
 
-The service (:class:`lockstep.execd.api.ExecdApi`) knows nothing of gRPC; this
-module only
+The service (:class:`lockstep.execd.api.ExecdApi`) knows nothing of gRPC. Each
+method of :class:`ExecdServicer` is named after its call in the table
+(:data:`lockstep.rpc.calls.CALLS`) and takes the request alone; it is served
+unary or streamed as its entry says. This module only
 
 1. validates every request before the service sees it: a message that does not
    decode, a bad name, a time that is not finite or lies more than
@@ -15,7 +17,8 @@ module only
 The server listens with mutual TLS only (:mod:`lockstep.rpc.tls`); there is no
 plaintext port. Beside it, on the same address and port number over UDP, a
 :class:`~lockstep.rpc.probe.ProbeResponder` answers clock probes keyed through
-the ``ProbeKey`` call (see :mod:`lockstep.rpc.probe`).
+the ``ProbeKey`` call, which this adapter answers itself (:data:`SERVED_BY_ADAPTER`;
+see :mod:`lockstep.rpc.probe`).
 """
 
 # The servicer's method names are the proto's RPC names (Probe, SaveMemory, ...).
@@ -25,14 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar, overload
 
 import grpc
+from google.protobuf.message import Message
 from pydantic import ValidationError
 
 from lockstep.errors import (
@@ -47,6 +53,7 @@ from lockstep.execd.fault import Fault
 from lockstep.execd.model import SaveProgress, VmReport
 from lockstep.group import validate_name
 from lockstep.rpc import convert
+from lockstep.rpc.calls import CALLS, ServedBy
 from lockstep.rpc.convert import ERROR_KIND_KEY
 from lockstep.rpc.generated import execd_pb2 as pb
 from lockstep.rpc.generated import execd_pb2_grpc as pb_grpc
@@ -64,8 +71,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-M = TypeVar("M")  # a streamed message
+S = TypeVar("S")  # the servicer
+Req = TypeVar("Req", bound=Message)
+Rep = TypeVar("Rep", bound=Message)  # a reply, or a streamed message
 Context = grpc.aio.ServicerContext[Any, Any]
 if TYPE_CHECKING:  # generic only in grpc-stubs
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -83,7 +91,9 @@ STATUS_FOR_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (LockstepError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 # Calls this adapter answers itself: transport, not the service's business.
-SERVED_BY_ADAPTER = frozenset({"ProbeKey"})
+SERVED_BY_ADAPTER: Final = frozenset(
+    call.method for call in CALLS.values() if call.served_by is ServedBy.ADAPTER
+)
 _MAX_MESSAGE = 1000
 # Actions are scheduled a few seconds ahead. An instant much later is a caller's
 # bug, and waiting for it would tie up the call, and the operation it opened,
@@ -240,6 +250,62 @@ class _DecodeInHandler(_Interceptor):
         return handler  # type: ignore[no-any-return]
 
 
+@overload
+def _rpc(
+    body: Callable[[S, Req], Coroutine[Any, Any, Rep]],
+) -> Callable[[S, Req, Context], Coroutine[Any, Any, Rep]]: ...
+@overload
+def _rpc(
+    body: Callable[[S, Req], AsyncIterator[Rep]],
+) -> Callable[[S, Req, Context], AsyncIterator[Rep]]: ...
+def _rpc(body: Callable[..., Any]) -> Callable[..., Any]:
+    """Serve ``body`` as the call it is named after, unary or streamed as :data:`CALLS` says.
+
+    On error the RPC is aborted with the mapped status; a streamed body is closed
+    however the call ends (a client gone away included).
+
+    Raises:
+        TypeError: at import, when the call is not in the table or its body is a
+            generator where the table says unary (or the other way round).
+    """
+    call = CALLS.get(body.__name__)
+    if call is None:
+        raise TypeError(f"{body.__name__} is not in the call table (lockstep.rpc.calls)")
+    if inspect.isasyncgenfunction(body) != call.stream:
+        shape = "streams" if call.stream else "is unary"
+        raise TypeError(f"{call.method} {shape} in the call table; its body must match")
+
+    if call.stream:
+
+        @functools.wraps(body)
+        async def streamed(self: Any, request: Message, context: Context) -> AsyncIterator[Any]:
+            failure: _Failure | None = None
+            try:
+                async with contextlib.aclosing(body(self, request)) as replies:
+                    async for reply in replies:
+                        yield reply
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # CancelledError is a BaseException: it passes through
+                failure = _failure(call.method, exc)
+            if failure is not None:
+                await _abort(context, failure)
+
+        return streamed
+
+    @functools.wraps(body)
+    async def unary(self: Any, request: Message, context: Context) -> Any:
+        try:
+            return await body(self, request)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # CancelledError is a BaseException: it passes through
+            failure = _failure(call.method, exc)
+        await _abort(context, failure)
+
+    return unary
+
+
 class ExecdServicer(pb_grpc.ExecdServicer):
     """Serves one :class:`~lockstep.execd.api.ExecdApi` over gRPC."""
 
@@ -258,252 +324,159 @@ class ExecdServicer(pb_grpc.ExecdServicer):
             )
         return value
 
-    async def _guard(self, call: str, context: Context, body: Callable[[], Awaitable[T]]) -> T:
-        """Run ``body``; on error abort the RPC with the mapped status (never returns then)."""
-        try:
-            return await body()
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # CancelledError is a BaseException: it passes through
-            failure = _failure(call, exc)
-        await _abort(context, failure)
-
-    async def _guard_stream(
-        self, call: str, context: Context, items: AsyncGenerator[M, None]
-    ) -> AsyncIterator[M]:
-        """Yield ``items``; on error abort the RPC with the mapped status.
-
-        ``items`` is closed however this ends (a client gone away included).
-        """
-        failure: _Failure | None = None
-        try:
-            async with contextlib.aclosing(items):
-                async for item in items:
-                    yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # CancelledError is a BaseException: it passes through
-            failure = _failure(call, exc)
-        if failure is not None:
-            await _abort(context, failure)
-
-    async def Probe(self, request: pb.ProbeRequest, context: Context) -> pb.ProbeReply:
+    @_rpc
+    async def Probe(self, request: pb.ProbeRequest) -> pb.ProbeReply:
         """Stamp a clock probe (``request.sent`` is the caller's and not needed here)."""
+        return convert.probe_reply_to_pb(self._api.probe())
 
-        async def body() -> pb.ProbeReply:
-            return convert.probe_reply_to_pb(self._api.probe())
-
-        return await self._guard("Probe", context, body)
-
-    async def ProbeKey(self, request: pb.Empty, context: Context) -> pb.ProbeKeyReply:
+    @_rpc
+    async def ProbeKey(self, request: pb.Empty) -> pb.ProbeKeyReply:
         """A fresh key for the UDP probe path (port 0: there is none here)."""
+        if self._probes is None or not self._probes.port:
+            return pb.ProbeKeyReply(port=0)
+        key = self._probes.issue_key()
+        counts = key.counts
+        assert counts is not None
+        return pb.ProbeKeyReply(
+            port=key.port,
+            key_id=key.key_id,
+            key=key.key,
+            valid_for=key.valid_for,
+            answered=counts.answered,
+            forged=counts.forged,
+            replayed=counts.replayed,
+            stale=counts.stale,
+        )
 
-        async def body() -> pb.ProbeKeyReply:
-            if self._probes is None or not self._probes.port:
-                return pb.ProbeKeyReply(port=0)
-            key = self._probes.issue_key()
-            counts = key.counts
-            assert counts is not None
-            return pb.ProbeKeyReply(
-                port=key.port,
-                key_id=key.key_id,
-                key=key.key,
-                valid_for=key.valid_for,
-                answered=counts.answered,
-                forged=counts.forged,
-                replayed=counts.replayed,
-                stale=counts.stale,
-            )
-
-        return await self._guard("ProbeKey", context, body)
-
-    async def Up(self, request: pb.UpRequest, context: Context) -> pb.VmStatusList:
+    @_rpc
+    async def Up(self, request: pb.UpRequest) -> pb.VmStatusList:
         """Start the given VMs."""
+        group = validate_name("group", request.group)
+        specs = convert.specs_from_json(request.vm_specs_json)
+        return convert.vm_statuses_to_pb(await self._api.up(group, specs))
 
-        async def body() -> pb.VmStatusList:
-            group = validate_name("group", request.group)
-            specs = convert.specs_from_json(request.vm_specs_json)
-            return convert.vm_statuses_to_pb(await self._api.up(group, specs))
-
-        return await self._guard("Up", context, body)
-
-    async def Down(self, request: pb.DownRequest, context: Context) -> pb.VmStatusList:
+    @_rpc
+    async def Down(self, request: pb.DownRequest) -> pb.VmStatusList:
         """Stop the given VMs (all when none is named)."""
+        vms = _vms(request.vms)
+        return convert.vm_statuses_to_pb(await self._api.down(vms))
 
-        async def body() -> pb.VmStatusList:
-            vms = _vms(request.vms)
-            return convert.vm_statuses_to_pb(await self._api.down(vms))
-
-        return await self._guard("Down", context, body)
-
-    async def Status(self, request: pb.Empty, context: Context) -> pb.VmStatusList:
+    @_rpc
+    async def Status(self, request: pb.Empty) -> pb.VmStatusList:
         """The VMs of this host."""
+        return convert.vm_statuses_to_pb(self._api.status())
 
-        async def body() -> pb.VmStatusList:
-            return convert.vm_statuses_to_pb(self._api.status())
-
-        return await self._guard("Status", context, body)
-
-    async def Pause(self, request: pb.PauseRequest, context: Context) -> pb.VmReportList:
+    @_rpc
+    async def Pause(self, request: pb.PauseRequest) -> pb.VmReportList:
         """Open a save operation and pause at ``at``."""
+        op, state, vms = _op(request.op), _state(request.state), _vms(request.vms)
+        at = _instant("at", request.at)
+        deadline = _instant("deadline", request.deadline)
+        if deadline <= at:
+            raise ValueError(f"deadline {deadline} is not after the pause time {at}")
+        self._soon("at", at)
+        return convert.vm_reports_to_pb(await self._api.pause(op, state, at, vms, deadline))
 
-        async def body() -> pb.VmReportList:
-            op, state, vms = _op(request.op), _state(request.state), _vms(request.vms)
-            at = _instant("at", request.at)
-            deadline = _instant("deadline", request.deadline)
-            if deadline <= at:
-                raise ValueError(f"deadline {deadline} is not after the pause time {at}")
-            self._soon("at", at)
-            return convert.vm_reports_to_pb(await self._api.pause(op, state, at, vms, deadline))
-
-        return await self._guard("Pause", context, body)
-
-    async def SaveMemory(
-        self, request: pb.SaveMemoryRequest, context: Context
-    ) -> AsyncIterator[pb.SaveProgress]:
+    @_rpc
+    async def SaveMemory(self, request: pb.SaveMemoryRequest) -> AsyncIterator[pb.SaveProgress]:
         """Save memory, streaming progress; the last message carries the result.
 
         The service's progress callback must be called from the event loop's
         thread (it feeds an asyncio.Queue). If the client goes away, the service
         call is cancelled.
         """
+        op = _op(request.op)
+        queue: asyncio.Queue[SaveProgress | None] = asyncio.Queue()
+        task: asyncio.Task[list[VmReport]] = asyncio.create_task(
+            self._api.save_memory(op, request.keep_running, queue.put_nowait)
+        )
+        # The sentinel is queued after every progress the call reported.
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            while (progress := await queue.get()) is not None:
+                yield convert.save_progress_to_pb(progress)
+            reports = task.result()
+        finally:
+            if not task.done():  # the client went away (or we were cancelled)
+                task.cancel()
+                task.add_done_callback(_reap)
+        yield pb.SaveProgress(result=convert.vm_reports_to_pb(reports))
 
-        async def body() -> AsyncGenerator[pb.SaveProgress, None]:
-            op = _op(request.op)
-            queue: asyncio.Queue[SaveProgress | None] = asyncio.Queue()
-            task: asyncio.Task[list[VmReport]] = asyncio.create_task(
-                self._api.save_memory(op, request.keep_running, queue.put_nowait)
-            )
-            # The sentinel is queued after every progress the call reported.
-            task.add_done_callback(lambda _: queue.put_nowait(None))
-            try:
-                while (progress := await queue.get()) is not None:
-                    yield convert.save_progress_to_pb(progress)
-                reports = task.result()
-            finally:
-                if not task.done():  # the client went away (or we were cancelled)
-                    task.cancel()
-                    task.add_done_callback(_reap)
-            yield pb.SaveProgress(result=convert.vm_reports_to_pb(reports))
-
-        async for message in self._guard_stream("SaveMemory", context, body()):
-            yield message
-
-    async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.VmReportList:
+    @_rpc
+    async def Drain(self, request: pb.DrainRequest) -> pb.VmReportList:
         """Capture until quiet, then store the held frames."""
+        op = _op(request.op)
+        quiet = _duration("quiet", request.quiet)
+        limit = _duration("limit", request.limit)
+        return convert.vm_reports_to_pb(await self._api.drain(op, quiet, limit))
 
-        async def body() -> pb.VmReportList:
-            op = _op(request.op)
-            quiet = _duration("quiet", request.quiet)
-            limit = _duration("limit", request.limit)
-            return convert.vm_reports_to_pb(await self._api.drain(op, quiet, limit))
-
-        return await self._guard("Drain", context, body)
-
-    async def Resume(self, request: pb.ResumeRequest, context: Context) -> pb.VmReportList:
+    @_rpc
+    async def Resume(self, request: pb.ResumeRequest) -> pb.VmReportList:
         """Resume the operation's VMs at ``at``."""
+        op, at = _op(request.op), self._soon("at", request.at)
+        return convert.vm_reports_to_pb(await self._api.resume(op, at))
 
-        async def body() -> pb.VmReportList:
-            op, at = _op(request.op), self._soon("at", request.at)
-            return convert.vm_reports_to_pb(await self._api.resume(op, at))
-
-        return await self._guard("Resume", context, body)
-
-    async def Stop(self, request: pb.OpRequest, context: Context) -> pb.VmReportList:
+    @_rpc
+    async def Stop(self, request: pb.OpRequest) -> pb.VmReportList:
         """Destroy the operation's VMs."""
+        return convert.vm_reports_to_pb(await self._api.stop(_op(request.op)))
 
-        async def body() -> pb.VmReportList:
-            return convert.vm_reports_to_pb(await self._api.stop(_op(request.op)))
-
-        return await self._guard("Stop", context, body)
-
-    async def Commit(self, request: pb.OpRequest, context: Context) -> pb.CommitReply:
+    @_rpc
+    async def Commit(self, request: pb.OpRequest) -> pb.CommitReply:
         """Make the operation's result permanent."""
+        state = await self._api.commit(_op(request.op))
+        if state is None:
+            return pb.CommitReply()
+        return pb.CommitReply(state=convert.state_to_pb(state))
 
-        async def body() -> pb.CommitReply:
-            state = await self._api.commit(_op(request.op))
-            if state is None:
-                return pb.CommitReply()
-            return pb.CommitReply(state=convert.state_to_pb(state))
-
-        return await self._guard("Commit", context, body)
-
-    async def Abort(self, request: pb.AbortRequest, context: Context) -> pb.VmReportList:
+    @_rpc
+    async def Abort(self, request: pb.AbortRequest) -> pb.VmReportList:
         """Undo the operation."""
+        op = _op(request.op)
+        resume_at = (
+            self._soon("resume_at", request.resume_at) if request.HasField("resume_at") else None
+        )
+        return convert.vm_reports_to_pb(await self._api.abort(op, resume_at))
 
-        async def body() -> pb.VmReportList:
-            op = _op(request.op)
-            resume_at = (
-                self._soon("resume_at", request.resume_at)
-                if request.HasField("resume_at")
-                else None
-            )
-            return convert.vm_reports_to_pb(await self._api.abort(op, resume_at))
-
-        return await self._guard("Abort", context, body)
-
-    async def Extend(self, request: pb.ExtendRequest, context: Context) -> pb.Empty:
+    @_rpc
+    async def Extend(self, request: pb.ExtendRequest) -> pb.Empty:
         """Push back the dead-man deadline."""
+        self._api.extend(_op(request.op), _instant("deadline", request.deadline))
+        return pb.Empty()
 
-        async def body() -> pb.Empty:
-            self._api.extend(_op(request.op), _instant("deadline", request.deadline))
-            return pb.Empty()
-
-        return await self._guard("Extend", context, body)
-
-    async def PrepareRestore(
-        self, request: pb.PrepareRestoreRequest, context: Context
-    ) -> pb.VmReportList:
+    @_rpc
+    async def PrepareRestore(self, request: pb.PrepareRestoreRequest) -> pb.VmReportList:
         """Load the state's VMs, paused."""
+        op, state = _op(request.op), _state(request.state)
+        deadline = _instant("deadline", request.deadline)
+        return convert.vm_reports_to_pb(await self._api.prepare_restore(op, state, deadline))
 
-        async def body() -> pb.VmReportList:
-            op, state = _op(request.op), _state(request.state)
-            deadline = _instant("deadline", request.deadline)
-            return convert.vm_reports_to_pb(await self._api.prepare_restore(op, state, deadline))
-
-        return await self._guard("PrepareRestore", context, body)
-
-    async def States(self, request: pb.Empty, context: Context) -> pb.StateList:
+    @_rpc
+    async def States(self, request: pb.Empty) -> pb.StateList:
         """The committed states here."""
+        return convert.states_to_pb(self._api.states())
 
-        async def body() -> pb.StateList:
-            return convert.states_to_pb(self._api.states())
-
-        return await self._guard("States", context, body)
-
-    async def StateShow(self, request: pb.StateRequest, context: Context) -> pb.StateDetail:
+    @_rpc
+    async def StateShow(self, request: pb.StateRequest) -> pb.StateDetail:
         """One state's manifest."""
+        return convert.manifest_to_pb(self._api.state_show(_state(request.name)))
 
-        async def body() -> pb.StateDetail:
-            return convert.manifest_to_pb(self._api.state_show(_state(request.name)))
-
-        return await self._guard("StateShow", context, body)
-
-    async def StateDelete(self, request: pb.StateRequest, context: Context) -> pb.StateDeleteReply:
+    @_rpc
+    async def StateDelete(self, request: pb.StateRequest) -> pb.StateDeleteReply:
         """Delete a state."""
+        removed = await self._api.state_delete(_state(request.name))
+        return pb.StateDeleteReply(removed_layers=removed)
 
-        async def body() -> pb.StateDeleteReply:
-            removed = await self._api.state_delete(_state(request.name))
-            return pb.StateDeleteReply(removed_layers=removed)
-
-        return await self._guard("StateDelete", context, body)
-
-    async def StateFrames(
-        self, request: pb.StateFramesRequest, context: Context
-    ) -> AsyncIterator[pb.FileChunk]:
+    @_rpc
+    async def StateFrames(self, request: pb.StateFramesRequest) -> AsyncIterator[pb.FileChunk]:
         """A state's held frames for one VM: its pcap files, chunk by chunk.
 
         Files are read on a worker thread: the event loop keeps serving (and
         meeting instants of) other calls meanwhile.
         """
-
-        async def body() -> AsyncGenerator[pb.FileChunk, None]:
-            chunks = self._api.state_frames(_state(request.name), _vm(request.vm))
-            while (item := await asyncio.to_thread(next, chunks, None)) is not None:
-                yield pb.FileChunk(file=item[0], data=item[1])
-
-        async for message in self._guard_stream("StateFrames", context, body()):
-            yield message
+        chunks = self._api.state_frames(_state(request.name), _vm(request.vm))
+        while (item := await asyncio.to_thread(next, chunks, None)) is not None:
+            yield pb.FileChunk(file=item[0], data=item[1])
 
 
 class ExecdServer:
