@@ -9,6 +9,10 @@ an execd restart; :meth:`Machine.attach` finds it again through its pid file and
 QMP socket. Every instant reported (pause, resume) is QEMU's own event
 timestamp (host wall clock, seconds), never the time a reply arrived.
 
+Every QMP command has a deadline (``command_timeout``): a QEMU that stops
+answering fails the command with :class:`QmpError` instead of blocking the step
+that sent it; a QEMU that dies mid-command fails it with QEMU's last words.
+
 Memory is saved and loaded by migration to and from a file descriptor, all of
 it (the standard path) or, with ``ignore_shared``, all but the RAM kept in a
 shared file (the fast path: :mod:`lockstep.vm.memory`). The VM's own RAM file
@@ -29,7 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, StateError
 from qemu.qmp.message import Message
 
 from lockstep.errors import QemuStartError, QmpError, VmError, VmStateError
@@ -49,6 +53,16 @@ _READ_AHEAD_FROM = 64 << 20  # bytes: a stream this big is read ahead for QEMU
 _READ_AHEAD_CHUNK = 16 << 20
 _READ_AHEAD_WINDOW = 512 << 20
 _STDERR_TAIL = 1500
+# Every command lockstep sends is answered in milliseconds, but for those that
+# make QEMU drain and flush the guest's disk first (stop, quit,
+# blockdev-snapshot-sync), which a slow or busy disk can stretch to seconds.
+# 20 s leaves room for that, and ends before the 30 s a caller gives the RPCs
+# that send them (rpc.Timeout.NORMAL: Pause, Resume, Stop), so a wedged QEMU
+# reaches the user as this VM and this command, not as a host that timed out.
+# Migrations have their own, long timeouts and only poll with short commands.
+_COMMAND_TIMEOUT = 20.0
+# QEMU's sockets close as it exits: how long a broken connection waits to see it gone.
+_EXIT_GRACE = 1.0
 
 
 def qemu_threads(pid: int, *, vcpus: bool) -> list[int]:
@@ -154,7 +168,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Machine:
-    """A VM's QEMU process and its QMP connection."""
+    """A VM's QEMU process and its QMP connection.
+
+    ``command_timeout`` is how many seconds QEMU has to answer one QMP command
+    (and to send the event a stop or cont owes); see ``_COMMAND_TIMEOUT``.
+    """
 
     def __init__(
         self,
@@ -163,11 +181,14 @@ class Machine:
         *,
         netns: str | None = None,
         qemu_binary: str = QEMU_BINARY,
+        command_timeout: float = _COMMAND_TIMEOUT,
     ) -> None:
         self.spec = spec
         self.paths = VmPaths(rundir)
         self.netns = netns
         self.qemu_binary = qemu_binary
+        # Seconds QEMU has to answer one QMP command (and send the event it owes).
+        self.command_timeout = command_timeout
         self._runstate = VmRunstate.NEW
         self._history: list[VmRunstate] = [VmRunstate.NEW]
         self._proc: subprocess.Popen[bytes] | None = None
@@ -294,7 +315,7 @@ class Machine:
 
     async def _connect(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        last: Exception | None = None
+        last = "socket never appeared"
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise QemuStartError(
@@ -304,24 +325,34 @@ class Machine:
             if self.paths.qmp.exists():
                 qmp = QMPClient(self.name)
                 try:
-                    await qmp.connect(str(self.paths.qmp))
+                    # A QEMU whose main loop is stuck still accepts: bound the greeting too.
+                    async with asyncio.timeout(max(deadline - time.monotonic(), _POLL)):
+                        await qmp.connect(str(self.paths.qmp))
+                except TimeoutError:
+                    last = "connected, but QEMU never greeted"
                 except (QMPError, OSError) as exc:
-                    last = exc
+                    last = str(exc)
                 else:
                     self._qmp = qmp
                     return
             await asyncio.sleep(_POLL)
+        tail = self._stderr_tail()
         raise QemuStartError(
-            f"VM {self.name}: QEMU offered no QMP on {self.paths.qmp} within {timeout:.0f} s"
-            f" ({last or 'socket never appeared'}): {self._stderr_tail()}"
+            f"VM {self.name}: QEMU offered no QMP on {self.paths.qmp} within {timeout:g} s"
+            f" ({last}){': ' + tail if tail else ''}"
         )
 
     async def attach(self, timeout: float = 10.0) -> None:
         """Re-attach to this VM's QEMU after an execd restart (pid file + QMP).
 
+        ``timeout`` bounds the wait for QMP (socket, greeting, negotiation); a
+        QEMU found but not driven (no QMP in time, no answer) is killed.
+
         Raises:
             VmStateError: this object already drives a process.
             VmError: no live QEMU for this VM was found.
+            QemuStartError: QEMU offered no QMP in time.
+            QmpError: QEMU did not answer query-status.
         """
         self._require(VmRunstate.NEW)
         try:
@@ -336,7 +367,12 @@ class Machine:
         try:
             await self._connect(timeout)
             status = await self.execute("query-status")
-            self._set(_QEMU_STATUS.get(str(status["status"]), VmRunstate.PAUSED))
+            name = status.get("status") if isinstance(status, dict) else None
+            if not isinstance(name, str):
+                raise QmpError(
+                    f"VM {self.name}: QEMU's query-status reply names no status: {status}"
+                )
+            self._set(_QEMU_STATUS.get(name, VmRunstate.PAUSED))
         except BaseException:
             # A QEMU of ours we cannot drive must not live on holding its taps.
             await self.kill()
@@ -364,12 +400,15 @@ class Machine:
                 await qmp.disconnect()
 
     async def quit(self, timeout: float = 10.0) -> None:
-        """Ask QEMU to quit (killing it if it does not); the VM is gone afterwards."""
+        """Ask QEMU to quit (killing it if it does not); the VM is gone afterwards.
+
+        ``timeout`` bounds the answer to quit, then again QEMU's exit.
+        """
         if self._runstate is VmRunstate.GONE:
             return
         if self._qmp is not None:
-            with contextlib.suppress(QMPError, OSError, VmError):
-                await self.execute("quit")
+            with contextlib.suppress(VmError):
+                await self.execute("quit", timeout=timeout)
         await self._drop_qmp()
         if not await self._wait_exit(timeout):
             await self.kill()
@@ -399,32 +438,60 @@ class Machine:
 
     # -- QMP ------------------------------------------------------------------
 
-    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        """Run one QMP command and return its result.
-
-        Raises:
-            QmpError: QEMU refused the command or the connection broke.
-        """
+    def _client(self) -> QMPClient:
         if self._qmp is None:
             raise QmpError(f"VM {self.name}: no QMP connection (VM is {self._runstate.value})")
+        return self._qmp
+
+    async def execute(
+        self, cmd: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """Run one QMP command and return its result.
+
+        ``timeout``: seconds QEMU has to answer (default: ``command_timeout``).
+
+        Raises:
+            QmpError: QEMU refused the command, did not answer in time, or
+                the connection broke (with QEMU's last words if it exited).
+        """
+        qmp = self._client()
+        seconds = self.command_timeout if timeout is None else timeout
         try:
-            return await self._qmp.execute(cmd, args)
+            async with asyncio.timeout(seconds):
+                return await qmp.execute(cmd, args)
+        except TimeoutError as exc:
+            raise QmpError(
+                f"VM {self.name}: QEMU did not answer {cmd} within {seconds:g} s"
+            ) from exc
+        except ExecuteError as exc:
+            raise QmpError(f"VM {self.name}: QEMU refused {cmd}: {exc}") from exc
+        except (ExecInterruptedError, StateError, OSError) as exc:
+            # The connection broke: QEMU's last words say why, if it exited.
+            if await self._wait_exit(_EXIT_GRACE):
+                raise QmpError(self._exited_during(cmd)) from exc
+            raise QmpError(f"VM {self.name}: QMP connection lost during {cmd}") from exc
         except QMPError as exc:
             raise QmpError(f"VM {self.name}: QMP {cmd} failed: {exc}") from exc
-        except OSError as exc:
-            raise QmpError(f"VM {self.name}: QMP connection lost during {cmd}: {exc}") from exc
 
-    async def _execute_for_event(
-        self, cmd: str, event: str, args: dict[str, Any] | None = None, timeout: float = 10.0
-    ) -> float:
-        assert self._qmp is not None
-        with self._qmp.listener(event) as listener:
-            await self.execute(cmd, args)
+    def _exited_during(self, what: str) -> str:
+        return f"VM {self.name}: QEMU exited during {what}: {self._stderr_tail() or 'no message'}"
+
+    async def _execute_for_event(self, cmd: str, event: str) -> float:
+        """Run ``cmd`` and return the time of the ``event`` it makes QEMU send.
+
+        QEMU sends the event before its reply; either order is taken. The reply
+        and the event share one deadline, ``command_timeout``.
+        """
+        deadline = time.monotonic() + self.command_timeout
+        with self._client().listener(event) as listener:
+            await self.execute(cmd)
             try:
-                ev = await asyncio.wait_for(listener.get(), timeout)
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                    ev = await listener.get()
             except TimeoutError as exc:
                 raise QmpError(
-                    f"VM {self.name}: no {event} event {timeout:.0f} s after {cmd}"
+                    f"VM {self.name}: QEMU answered {cmd} but sent no {event} event"
+                    f" within {self.command_timeout:g} s"
                 ) from exc
         return _event_time(ev)
 
@@ -435,7 +502,7 @@ class Machine:
 
         Raises:
             VmStateError: the VM is not running.
-            QmpError: QEMU failed the stop.
+            QmpError: QEMU failed the stop, or did not answer or send STOP in time.
         """
         self._require(VmRunstate.RUNNING)
         at = await self._execute_for_event("stop", "STOP")
@@ -447,7 +514,7 @@ class Machine:
 
         Raises:
             VmStateError: the VM is not paused (or saved).
-            QmpError: QEMU failed the cont.
+            QmpError: QEMU failed the cont, or did not answer or send RESUME in time.
         """
         self._require(VmRunstate.PAUSED, VmRunstate.SAVED)
         at = await self._execute_for_event("cont", "RESUME")
@@ -462,7 +529,7 @@ class Machine:
 
         Raises:
             VmStateError: the VM is not paused.
-            QmpError: QEMU could not create or switch to the layer.
+            QmpError: QEMU could not create or switch to the layer, or did not answer in time.
         """
         self._require(VmRunstate.PAUSED)
         await self.execute(
@@ -502,7 +569,13 @@ class Machine:
         deadline = time.monotonic() + timeout
         interval = 0.002
         while True:
-            info = await self.execute("query-migrate")
+            try:
+                info = await self.execute("query-migrate")
+            except QmpError as exc:
+                if self.alive():
+                    raise
+                # A QEMU whose incoming stream does not load exits at once.
+                raise VmError(self._exited_during(what)) from exc
             status = info.get("status", "none")
             if status == "completed":
                 return
@@ -515,17 +588,17 @@ class Machine:
                 ram = info["ram"]
                 progress(int(ram.get("transferred", 0)), int(ram.get("total", 0)))
             if time.monotonic() > deadline:
-                raise VmError(f"VM {self.name}: {what} did not finish in {timeout:.0f} s")
+                raise VmError(f"VM {self.name}: {what} did not finish in {timeout:g} s")
             if not self.alive():
-                raise VmError(f"VM {self.name}: QEMU died during {what}: {self._stderr_tail()}")
+                raise VmError(self._exited_during(what))
             await asyncio.sleep(interval)
             # A restore waits on this: poll often (a QMP round trip costs ~0.1 ms).
             interval = min(interval * 2, _MIGRATION_POLL)
 
     def _send_fd(self, fd: int, name: str) -> None:
-        assert self._qmp is not None
+        qmp = self._client()
         try:
-            self._qmp.send_fd_scm(fd)
+            qmp.send_fd_scm(fd)
         except (QMPError, OSError) as exc:
             raise QmpError(f"VM {self.name}: could not pass a file to QEMU: {exc}") from exc
 
