@@ -342,3 +342,52 @@ def test_cancelled_save_keeps_extending_then_stops_cleanly() -> None:
         assert "abort" not in stub.called()
         assert stub.args("extend"), stub
     rig.common("extend", "deadline")
+
+
+def test_restore_commit_failure_names_the_state_and_what_it_means() -> None:
+    """A restore whose commit fails on h2 says which state and what became of its VMs.
+
+    The sentence names the state (not ''), says the state itself is unchanged
+    (nothing was removed) and where the restored VMs run and where they were
+    stopped: h1 and h3 committed and keep theirs, h2's are stopped by the abort.
+    """
+    rig = _rig(states=["base"])
+    rig.hosts["h2"].fail("commit")
+    with pytest.raises(OperationFailed) as info:
+        run(rig.caller.restore("base", progress=rig.progress))
+    assert str(info.value) == _failed(
+        "commit",
+        "commit",
+        "; the restore of state 'base' did not complete (the state itself is unchanged):"
+        " its VMs run on host h1, h3, which committed it, and were stopped on every other"
+        " host; restore it again, or `lockstep up` for fresh VMs",
+    )
+    assert rig.phases == [*RESTORE, "commit"]
+    for stub in rig.hosts.values():
+        assert stub.called() == ["states", "prepare_restore", "resume", "commit", "abort"]
+        assert not stub.open
+    rig.common("abort", "resume_at")
+    (op,) = rig.hosts["h1"].operations
+    resumed = [OpPhase.OPEN, OpPhase.PREPARED, OpPhase.RESUMED]
+    assert rig.hosts["h1"].history(op) == [*resumed, OpPhase.COMMITTED]
+    assert rig.hosts["h2"].history(op) == [*resumed, OpPhase.ABORTED]
+    assert rig.vms() == {"h1": ALL_RUNNING["h1"], "h2": {}, "h3": ALL_RUNNING["h3"]}
+    assert rig.states() == {h: ["base"] for h in PLACEMENT}
+
+
+def test_restore_commit_failure_names_where_the_abort_failed_too() -> None:
+    """When h2 fails its commit and then its abort, the sentence says its VMs were not stopped.
+
+    They run on, restored but not committed, in h2's still open operation.
+    """
+    rig = _rig(states=["base"])
+    rig.hosts["h2"].fail("commit")
+    rig.hosts["h2"].fail("abort", UNREACHABLE)
+    with pytest.raises(OperationFailed) as info:
+        run(rig.caller.restore("base"))
+    assert str(info.value).endswith(
+        f"were stopped on every other host except h2 ({UNREACHABLE}); restore it again,"
+        " or `lockstep up` for fresh VMs"
+    )
+    assert rig.vms() == ALL_RUNNING  # h2's restored VMs too: its abort never came
+    assert rig.hosts["h2"].open and not rig.hosts["h1"].open

@@ -115,6 +115,23 @@ def _say_failures(what: str, failed: Sequence[HostResult[Any]]) -> str:
     return f"{what} failed " + "; ".join(parts)
 
 
+def _except(failed: Sequence[HostResult[Any]]) -> str:
+    return " except " + ", ".join(f"{r.host} ({r.error})" for r in failed) if failed else ""
+
+
+def _restore_not_committed(
+    state: str, results: Mapping[str, HostResult[Any]], abort_failed: Sequence[HostResult[Any]]
+) -> str:
+    """What a restore whose commit failed somewhere left: where its VMs run, where they stopped."""
+    committed = sorted(h for h, r in results.items() if r.ok)
+    run = f"run on host {', '.join(committed)}, which committed it, and " if committed else ""
+    return (
+        f"the restore of state {state!r} did not complete (the state itself is unchanged):"
+        f" its VMs {run}were stopped on every {'other ' if committed else ''}host"
+        f"{_except(abort_failed)}; restore it again, or `lockstep up` for fresh VMs"
+    )
+
+
 Progress = Callable[[str, Mapping[str, Any]], None]
 """Called with (event, details): "phase" {name}, "memory" {vm, done, total}."""
 
@@ -380,8 +397,7 @@ class GroupCaller:
                 )
             else:
                 message += "; the operation was rolled back on every host (VMs running as before)"
-            if abort_failed:
-                message += " except " + ", ".join(f"{r.host} ({r.error})" for r in abort_failed)
+            message += _except(abort_failed)
         raise OperationFailed(message)
 
     async def save(
@@ -522,13 +538,16 @@ class GroupCaller:
         failed = _failures(results)
         if not failed:
             return
-        # Abort everywhere: hosts that committed undo their commit (the state
-        # goes, its layers stay under the running VMs); the others drop staging.
-        await self._abort(op, hosts, est)
-        raise OperationFailed(
-            _say_failures("commit", failed)
-            + f"; state {name!r} was removed from the hosts that had committed it"
-        )
+        # Abort everywhere. A save: hosts that committed undo their commit (the
+        # state goes, its layers stay under the running VMs); the others drop
+        # staging. A restore: hosts that committed keep its VMs running; the
+        # others stop them.
+        abort_failed = await self._abort(op, hosts, est)
+        if op.startswith("restore"):
+            tail = _restore_not_committed(name, results, abort_failed)
+        else:
+            tail = f"state {name!r} was removed from the hosts that had committed it"
+        raise OperationFailed(_say_failures("commit", failed) + "; " + tail)
 
     # -- restore ------------------------------------------------------------------
 
@@ -598,7 +617,7 @@ class GroupCaller:
                 )  # fmt: skip
                 self._merge(report, resumed, est)
             elif phase.call == "commit":
-                await self._commit(op, "", hosts, est, progress, phase)
+                await self._commit(op, name, hosts, est, progress, phase)
 
     # -- check ----------------------------------------------------------------------
 
