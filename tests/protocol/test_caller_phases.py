@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from lockstep.caller.operation import Runstate
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.errors import ClockError, HostUnreachable, OperationFailed, RpcError
 from lockstep.execd.ops import OpPhase
@@ -45,7 +46,7 @@ def _group() -> GroupSpec:
 
 @dataclass
 class Rig:
-    """A caller over three stub hosts, and the phases its progress callback saw."""
+    """A caller over three stub hosts, and the phases its progress callback was told of."""
 
     clock: FakeClock
     hosts: dict[str, StubHost]
@@ -55,6 +56,18 @@ class Rig:
     def progress(self, event: str, details: Mapping[str, Any]) -> None:
         if event == "phase":
             self.phases.append(str(details["name"]))
+
+    def ran(self, *, failed: bool = True) -> list[str]:
+        """The runner's history of the last operation: its phases, then its undo if one ran.
+
+        The phases are the ones the progress callback was told of, in that
+        order; the operation ended FAILED (or DONE, if not ``failed``).
+        """
+        op = self.caller.last_operation
+        assert op is not None
+        assert [p for p in op.history if not p.startswith("undo: ")] == self.phases
+        assert op.runstate is (Runstate.FAILED if failed else Runstate.DONE)
+        return op.history
 
     def vms(self) -> dict[str, dict[str, str]]:
         return {h: dict(stub.vms) for h, stub in self.hosts.items()}
@@ -91,7 +104,7 @@ class Case:
     call: str
     message: str
     calls: list[str]  # every host's calls (clock probes left out)
-    phases: list[str]  # the phases the progress callback was told of
+    phases: list[str]  # the phases run (an abort is added where every host got one)
     after: int = 0  # calls of that name h2 answers before it fails
     error: RpcError | None = None  # what h2 raises (default: a RemoteError)
     stop: bool = False
@@ -167,7 +180,8 @@ def test_save_fails_at_each_step(case: Case) -> None:
     with pytest.raises(OperationFailed) as info:
         run(rig.caller.save("snap", stop=case.stop, progress=rig.progress))
     assert str(info.value) == case.message
-    assert rig.phases == case.phases
+    undone = ["undo: abort"] if "abort" in case.calls else []
+    assert rig.ran() == [*case.phases, *undone]
     for stub in rig.hosts.values():
         assert stub.called() == case.calls, stub
         assert not stub.open, stub
@@ -206,7 +220,7 @@ def test_save_stop_failure_leaves_the_committed_state() -> None:
     with pytest.raises(OperationFailed) as info:
         run(rig.caller.save("snap", stop=True, progress=rig.progress))
     assert str(info.value) == _failed("destroying VMs", "stop")
-    assert rig.phases == [*SAVE, "commit", "destroy VMs"]
+    assert rig.ran() == [*SAVE, "commit", "destroy VMs"]
     for stub in rig.hosts.values():
         assert stub.called() == ["states", "pause", "save_memory", "drain", "commit", "stop"]
     assert rig.states() == {h: ["snap"] for h in PLACEMENT}
@@ -261,7 +275,8 @@ def test_restore_fails_at_each_step(case: Case) -> None:
     with pytest.raises(OperationFailed) as info:
         run(rig.caller.restore("base", progress=rig.progress))
     assert str(info.value) == case.message
-    assert rig.phases == case.phases
+    undone = ["undo: abort"] if "abort" in case.calls else []
+    assert rig.ran() == [*case.phases, *undone]
     for stub in rig.hosts.values():
         assert stub.called() == case.calls, stub
         assert not stub.open, stub
@@ -284,7 +299,7 @@ def test_budget_refusal_touches_nothing() -> None:
     rig = _rig(h2={"delay": 0.010})
     with pytest.raises(ClockError, match=r"predicts up to 5\.00 ms of skew.*h2: delay 10\.000 ms"):
         run(rig.caller.save("snap", progress=rig.progress))
-    assert rig.phases == ["clock sync"]
+    assert rig.ran() == ["clock sync"]
     for stub in rig.hosts.values():
         assert stub.called() == ["states"]
         assert not stub.operations
@@ -313,7 +328,7 @@ def test_save_pauses_and_resumes_at_one_instant_on_every_host() -> None:
     )
     offsets = {c.host: c.offset_ms / 1000 for c in report.clocks}
     assert offsets == pytest.approx(OFFSETS)
-    assert rig.phases == [*SAVE, "resume and deliver frames", "commit"]
+    assert rig.ran(failed=False) == [*SAVE, "resume and deliver frames", "commit"]
     assert rig.states() == {h: ["snap"] for h in PLACEMENT}
     assert rig.vms() == ALL_RUNNING
 
@@ -362,7 +377,7 @@ def test_restore_commit_failure_names_the_state_and_what_it_means() -> None:
         " its VMs run on host h1, h3, which committed it, and were stopped on every other"
         " host; restore it again, or `lockstep up` for fresh VMs",
     )
-    assert rig.phases == [*RESTORE, "commit"]
+    assert rig.ran() == [*RESTORE, "commit", "undo: abort"]
     for stub in rig.hosts.values():
         assert stub.called() == ["states", "prepare_restore", "resume", "commit", "abort"]
         assert not stub.open
