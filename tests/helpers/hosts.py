@@ -93,6 +93,7 @@ class StubHost:
         self.committed: dict[str, str] = {}  # save op -> its state, once committed here
         self.calls: list[Call] = []
         self._faults: dict[str, _Fault] = {}
+        self._new_call: asyncio.Event | None = None  # made in the loop, by reached()
 
     def __repr__(self) -> str:
         return f"StubHost({self.name!r})"
@@ -126,6 +127,12 @@ class StubHost:
         """The arguments of each ``call`` this host got, in order."""
         return [c.args for c in self.calls if c.name == call]
 
+    async def reached(self, call: str, count: int = 1) -> None:
+        """Wait until this host got ``count`` calls of ``call`` (one waiter at a time)."""
+        while len(self.args(call)) < count:
+            self._new_call = asyncio.Event()
+            await self._new_call.wait()
+
     def history(self, op: str) -> list[OpPhase]:
         """The phases operation ``op`` went through on this host."""
         return list(self.operations[op].history)
@@ -135,6 +142,8 @@ class StubHost:
     async def _enter(self, call: str, **args: Any) -> None:
         """Record the call; raise or hang if a fault is armed for it."""
         self.calls.append(Call(call, args))
+        if self._new_call is not None:
+            self._new_call.set()
         fault = self._faults.get(call)
         if fault is None:
             return

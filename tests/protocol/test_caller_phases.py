@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from lockstep.caller.clock import SyncPolicy
 from lockstep.caller.operation import Runstate
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.errors import ClockError, HostUnreachable, OperationFailed, RpcError
@@ -89,12 +90,19 @@ class Rig:
 
 
 def _rig(states: Sequence[str] = (), deadman: float = 30.0, **per_host: Any) -> Rig:
+    """Stub hosts (with ``states`` committed, and StubHost options ``per_host``) and a caller.
+
+    Clock sync stops after 0.1 s of probing (probes with a ``delay`` never
+    reach the sync target).
+    """
     clock = FakeClock()
     options = {
         h: {"offset": OFFSETS[h], "states": states, **per_host.get(h, {})} for h in PLACEMENT
     }
     hosts = stub_hosts(PLACEMENT, clock, **options)
-    return Rig(clock, hosts, GroupCaller(_group(), hosts, clock=clock, deadman=deadman))
+    policy = SyncPolicy(limit=0.1)
+    caller = GroupCaller(_group(), hosts, clock=clock, sync_policy=policy, deadman=deadman)
+    return Rig(clock, hosts, caller)
 
 
 @dataclass(frozen=True)
@@ -343,19 +351,21 @@ def test_cancelled_save_keeps_extending_then_stops_cleanly() -> None:
     rig = _rig(deadman=0.3)
     rig.hosts["h2"].hang("drain")
 
-    async def save_for_a_while() -> None:
+    async def save_until_extended() -> None:
         task = asyncio.create_task(rig.caller.save("snap"))
-        await asyncio.sleep(0.5)
+        for stub in rig.hosts.values():
+            await stub.reached("extend", 2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert not [t for t in others if t.get_name().startswith("keepalive")]
         assert len(others) <= 1  # the test's own bounding task at most
 
-    run(save_for_a_while())
+    run(save_until_extended(), limit=20)
     for stub in rig.hosts.values():
         assert "abort" not in stub.called()
-        assert stub.args("extend"), stub
+        assert stub.open  # left to the host's dead-man timer
     rig.common("extend", "deadline")
 
 
