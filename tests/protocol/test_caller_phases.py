@@ -10,7 +10,7 @@ included), the state the hosts end in, and the phases the run went through.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 from lockstep.caller.clock import SyncPolicy
 from lockstep.caller.operation import Runstate
 from lockstep.caller.orchestrator import GroupCaller
+from lockstep.caller.report import OperationReport
 from lockstep.errors import ClockError, HostUnreachable, OperationFailed, RpcError
 from lockstep.execd.ops import OpPhase
 from lockstep.group import GroupSpec, parse_group
@@ -121,6 +122,23 @@ class Case:
         return f"{self.call}{'#2' if self.after else ''}{' --stop' if self.stop else ''}"
 
 
+def _fails_as(case: Case, rig: Rig, operation: Coroutine[Any, Any, OperationReport]) -> None:
+    """Run ``operation`` with ``case``'s fault armed on h2; check the sentence, phases and calls.
+
+    Every host got the case's calls and keeps no operation open; the runner
+    went through the case's phases, then an abort where the hosts got one.
+    """
+    rig.hosts["h2"].fail(case.call, case.error, after=case.after)
+    with pytest.raises(OperationFailed) as info:
+        run(operation)
+    assert str(info.value) == case.message
+    undone = ["undo: abort"] if "abort" in case.calls else []
+    assert rig.ran() == [*case.phases, *undone]
+    for stub in rig.hosts.values():
+        assert stub.called() == case.calls, stub
+        assert not stub.open, stub
+
+
 def _failed(step: str, call: str, tail: str = "") -> str:
     return f"{step} failed on host h2: h2: {call} failed (injected){tail}"
 
@@ -184,15 +202,7 @@ def test_save_fails_at_each_step(case: Case) -> None:
     the state, no operation stays open, every VM runs.
     """
     rig = _rig()
-    rig.hosts["h2"].fail(case.call, case.error, after=case.after)
-    with pytest.raises(OperationFailed) as info:
-        run(rig.caller.save("snap", stop=case.stop, progress=rig.progress))
-    assert str(info.value) == case.message
-    undone = ["undo: abort"] if "abort" in case.calls else []
-    assert rig.ran() == [*case.phases, *undone]
-    for stub in rig.hosts.values():
-        assert stub.called() == case.calls, stub
-        assert not stub.open, stub
+    _fails_as(case, rig, rig.caller.save("snap", stop=case.stop, progress=rig.progress))
     if "abort" in case.calls:
         rig.common("abort", "resume_at")
         ops = {op for stub in rig.hosts.values() for op in stub.operations}
@@ -279,15 +289,7 @@ def test_restore_fails_at_each_step(case: Case) -> None:
     are stopped (h2's own VMs survive only if h2 never replaced them).
     """
     rig = _rig(states=["base"])
-    rig.hosts["h2"].fail(case.call, case.error, after=case.after)
-    with pytest.raises(OperationFailed) as info:
-        run(rig.caller.restore("base", progress=rig.progress))
-    assert str(info.value) == case.message
-    undone = ["undo: abort"] if "abort" in case.calls else []
-    assert rig.ran() == [*case.phases, *undone]
-    for stub in rig.hosts.values():
-        assert stub.called() == case.calls, stub
-        assert not stub.open, stub
+    _fails_as(case, rig, rig.caller.restore("base", progress=rig.progress))
     assert rig.states() == {h: ["base"] for h in PLACEMENT}
     if "abort" not in case.calls:
         assert rig.vms() == ALL_RUNNING
