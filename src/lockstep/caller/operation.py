@@ -98,7 +98,7 @@ class Operation:
     vms: Mapping[str, Sequence[str]]  # host -> the group's VMs there
     clock: Callable[[], float]
     sync_policy: SyncPolicy
-    deadman: float  # hosts resume (or stop) the VMs this long after the last extension
+    deadman: float  # hosts resume the VMs by themselves this long after the last extension
     skew_budget: float
     options: Options = field(default_factory=Options)
     progress: Progress | None = None
