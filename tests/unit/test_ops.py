@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from lockstep.caller.plan import restore_plan, save_plan
 from lockstep.execd.ops import Operation, OperationError, OpKind, OpPhase
 
 
@@ -51,18 +50,3 @@ def test_abort_from_every_open_phase() -> None:
             op.advance(p)
         op.advance(OpPhase.ABORTED)
         assert op.phase is OpPhase.ABORTED
-
-
-def test_phase_plans() -> None:
-    """Save resumes at a common instant before commit; --stop commits then destroys; restore resumes together."""
-    assert [p.call for p in save_plan(stop=False)] == [
-        "probe", "pause", "save_memory", "drain", "resume", "commit",
-    ]  # fmt: skip
-    assert [p.call for p in save_plan(stop=True)] == [
-        "probe", "pause", "save_memory", "drain", "commit", "stop",
-    ]  # fmt: skip
-    assert [p.call for p in restore_plan()] == [
-        "probe", "prepare_restore", "probe", "resume", "commit",
-    ]  # fmt: skip
-    common = [p.call for p in save_plan(stop=False) if p.at_common_instant]
-    assert common == ["pause", "resume"]

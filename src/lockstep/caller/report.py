@@ -6,11 +6,12 @@ min over all VMs of the instant QEMU says the action took effect.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lockstep.caller.clock import ClockEstimate, predicted_skew
+from lockstep.caller.clock import ClockEstimate, predicted_skew, to_caller
+from lockstep.execd.model import VmReport
 
 __all__ = ["ClockLine", "OperationReport", "VmLine", "clock_lines", "skew_ms"]
 
@@ -118,6 +119,41 @@ class OperationReport:
             if v.name == name:
                 return v
         raise KeyError(name)
+
+    def merge(
+        self, results: Mapping[str, Sequence[VmReport]], est: Mapping[str, ClockEstimate]
+    ) -> None:
+        """Add what one step did to each host's VMs, instants converted to the caller's clock.
+
+        A step's figures add to the earlier steps' (the largest count is kept);
+        the lines stay in (host, name) order.
+        """
+        for host, reports in results.items():
+            for r in reports:
+                try:
+                    line = self.vm(r.name)
+                except KeyError:
+                    line = VmLine(name=r.name, host=host)
+                    self.vms.append(line)
+                if r.paused_at is not None:
+                    line.paused_at = to_caller(r.paused_at, est[host])
+                if r.resumed_at is not None:
+                    line.resumed_at = to_caller(r.resumed_at, est[host])
+                line.memory_bytes = max(line.memory_bytes, r.memory_bytes)
+                line.frames_held = max(line.frames_held, r.frames_held)
+                line.frames_delivered = max(line.frames_delivered, r.frames_delivered)
+                line.frames_dropped = max(line.frames_dropped, r.frames_dropped)
+                line.frames_ignored = max(line.frames_ignored, r.frames_ignored)
+                if r.memory_path:
+                    line.memory_path, line.memory_note = r.memory_path, r.memory_note
+        self.vms.sort(key=lambda v: (v.host, v.name))
+
+    def frames_held_by_host(self) -> dict[str, int]:
+        """How many frames each host holds for its VMs."""
+        held: dict[str, int] = {}
+        for v in self.vms:
+            held[v.host] = held.get(v.host, 0) + v.frames_held
+        return held
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document ``--json`` prints (DESIGN.md's contract, plus extras)."""

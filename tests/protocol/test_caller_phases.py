@@ -1,0 +1,420 @@
+"""The caller's commit/abort logic against stub hosts: every failure point of save and restore.
+
+Three stub execds (:mod:`tests.helpers.hosts`) run the group; h2's clock is
+2.5 s ahead of the caller's and h3's 1.25 s behind. In each case one call fails
+on h2, and the test checks what the caller raised (one sentence naming the step
+and the host), every call each host got (the abort, and its resume instant,
+included), the state the hosts end in, and the phases the run went through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from lockstep.caller.clock import SyncPolicy
+from lockstep.caller.operation import Runstate
+from lockstep.caller.orchestrator import GroupCaller
+from lockstep.caller.report import OperationReport
+from lockstep.errors import ClockError, HostUnreachable, OperationFailed, RpcError
+from lockstep.execd.ops import OpPhase
+from lockstep.group import GroupSpec, parse_group
+from tests.helpers.hosts import PAUSED, RUNNING, FakeClock, StubHost, stub_hosts
+from tests.helpers.rpc import run
+
+PLACEMENT = {"h1": ["p1", "p2"], "h2": ["s1"], "h3": ["w1"]}
+OFFSETS = {"h1": 0.0, "h2": 2.5, "h3": -1.25}
+ALL_RUNNING = {h: dict.fromkeys(vms, RUNNING) for h, vms in PLACEMENT.items()}
+UNREACHABLE = HostUnreachable("host h2 (10.0.0.2:7443) is unreachable: connection refused")
+ROLLED_BACK = "; the operation was rolled back on every host (VMs running as before)"
+RESTORING_STOPPED = (
+    "; the VMs being restored were stopped on every host (the ones they replaced are gone:"
+    " restore again, or `lockstep up` for fresh VMs)"
+)
+SAVE = ["clock sync", "freeze NICs and pause", "save memory and freeze disk layers"]
+SAVE += ["drain and save held frames"]
+RESTORE = ["clock sync", "load VMs paused, frames held", "clock sync", "resume and deliver frames"]
+
+
+def _group() -> GroupSpec:
+    vms = {vm: {"host": h, "kernel": "/k"} for h, names in PLACEMENT.items() for vm in names}
+    hosts = {h: {"address": f"10.0.0.{i}:7443"} for i, h in enumerate(PLACEMENT, 1)}
+    return parse_group({"name": "g", "hosts": hosts, "vms": vms}, "g.toml", check_files=False)
+
+
+@dataclass
+class Rig:
+    """A caller over three stub hosts, and the phases its progress callback was told of."""
+
+    clock: FakeClock
+    hosts: dict[str, StubHost]
+    caller: GroupCaller
+    phases: list[str] = field(default_factory=list)
+
+    def progress(self, event: str, details: Mapping[str, Any]) -> None:
+        if event == "phase":
+            self.phases.append(str(details["name"]))
+
+    def ran(self, *, failed: bool = True) -> list[str]:
+        """The runner's history of the last operation: its phases, then its undo if one ran.
+
+        The phases are the ones the progress callback was told of, in that
+        order; the operation ended FAILED (or DONE, if not ``failed``).
+        """
+        op = self.caller.last_operation
+        assert op is not None
+        assert [p for p in op.history if not p.startswith("undo: ")] == self.phases
+        assert op.runstate is (Runstate.FAILED if failed else Runstate.DONE)
+        return op.history
+
+    def vms(self) -> dict[str, dict[str, str]]:
+        return {h: dict(stub.vms) for h, stub in self.hosts.items()}
+
+    def states(self) -> dict[str, list[str]]:
+        return {h: sorted(stub.saved) for h, stub in self.hosts.items()}
+
+    def common(self, call: str, arg: str) -> float:
+        """The one caller-clock instant behind ``arg`` of every host's last ``call``.
+
+        Each host got it on its own clock; converted back with that host's
+        offset it is the same instant everywhere.
+        """
+        instants = {h: stub.args(call)[-1][arg] - stub.offset for h, stub in self.hosts.items()}
+        first = next(iter(instants.values()))
+        assert instants == pytest.approx(dict.fromkeys(instants, first), abs=1e-9), instants
+        assert isinstance(first, float)
+        return first
+
+
+def _rig(states: Sequence[str] = (), deadman: float = 30.0, **per_host: Any) -> Rig:
+    """Stub hosts (with ``states`` committed, and StubHost options ``per_host``) and a caller.
+
+    Clock sync stops after 0.1 s of probing (probes with a ``delay`` never
+    reach the sync target).
+    """
+    clock = FakeClock()
+    options = {
+        h: {"offset": OFFSETS[h], "states": states, **per_host.get(h, {})} for h in PLACEMENT
+    }
+    hosts = stub_hosts(PLACEMENT, clock, **options)
+    policy = SyncPolicy(limit=0.1)
+    caller = GroupCaller(_group(), hosts, clock=clock, sync_policy=policy, deadman=deadman)
+    return Rig(clock, hosts, caller)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One failure point: the call that fails on h2 and all that must follow."""
+
+    call: str
+    message: str
+    calls: list[str]  # every host's calls (clock probes left out)
+    phases: list[str]  # the phases run (an abort is added where every host got one)
+    after: int = 0  # calls of that name h2 answers before it fails
+    error: RpcError | None = None  # what h2 raises (default: a RemoteError)
+    stop: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.call}{'#2' if self.after else ''}{' --stop' if self.stop else ''}"
+
+
+def _fails_as(case: Case, rig: Rig, operation: Coroutine[Any, Any, OperationReport]) -> None:
+    """Run ``operation`` with ``case``'s fault armed on h2; check the sentence, phases and calls.
+
+    Every host got the case's calls and keeps no operation open; the runner
+    went through the case's phases, then an abort where the hosts got one.
+    """
+    rig.hosts["h2"].fail(case.call, case.error, after=case.after)
+    with pytest.raises(OperationFailed) as info:
+        run(operation)
+    assert str(info.value) == case.message
+    undone = ["undo: abort"] if "abort" in case.calls else []
+    assert rig.ran() == [*case.phases, *undone]
+    for stub in rig.hosts.values():
+        assert stub.called() == case.calls, stub
+        assert not stub.open, stub
+
+
+def _failed(step: str, call: str, tail: str = "") -> str:
+    return f"{step} failed on host h2: h2: {call} failed (injected){tail}"
+
+
+SAVE_CASES = [
+    Case(
+        "probe",
+        "clock sync failed on host h2: " + str(UNREACHABLE),
+        ["states"],
+        SAVE[:1],
+        error=UNREACHABLE,
+    ),
+    *(
+        Case(
+            call,
+            _failed(step, call, ROLLED_BACK),
+            ["states", *calls, "abort"],
+            SAVE[: len(calls) + 1],
+            stop=stop,
+        )
+        for stop in (False, True)
+        for step, call, calls in (
+            (SAVE[1], "pause", ["pause"]),
+            (SAVE[2], "save_memory", ["pause", "save_memory"]),
+            (SAVE[3], "drain", ["pause", "save_memory", "drain"]),
+        )
+    ),
+    Case(
+        "resume",
+        _failed("resume and deliver frames", "resume", ROLLED_BACK),
+        ["states", "pause", "save_memory", "drain", "resume", "abort"],
+        [*SAVE, "resume and deliver frames"],
+    ),
+    *(
+        Case(
+            "commit",
+            _failed(
+                "commit",
+                "commit",
+                "; state 'snap' was removed from the hosts that had committed it",
+            ),
+            ["states", "pause", "save_memory", "drain", *calls, "commit", "abort"],
+            [*SAVE, *phases, "commit"],
+            stop=stop,
+        )
+        for stop, calls, phases in (
+            (False, ["resume"], ["resume and deliver frames"]),
+            (True, [], []),
+        )
+    ),
+]
+
+
+@pytest.mark.parametrize("case", SAVE_CASES, ids=str)
+def test_save_fails_at_each_step(case: Case) -> None:
+    """A save failing on one host at any step is undone everywhere, as the step calls for.
+
+    Before anything is opened (clock sync) no host gets an abort; from the
+    pause on, every host gets one with the same resume instant, so the VMs run
+    again together; a host that committed drops the state again. No host lists
+    the state, no operation stays open, every VM runs.
+    """
+    rig = _rig()
+    _fails_as(case, rig, rig.caller.save("snap", stop=case.stop, progress=rig.progress))
+    if "abort" in case.calls:
+        rig.common("abort", "resume_at")
+        ops = {op for stub in rig.hosts.values() for op in stub.operations}
+        assert len(ops) == 1
+    else:
+        assert not any(stub.operations for stub in rig.hosts.values())
+    assert rig.states() == {h: [] for h in PLACEMENT}
+    assert rig.vms() == ALL_RUNNING
+
+
+def test_save_commit_failure_undoes_the_hosts_that_committed() -> None:
+    """h1 and h3 commit, h2 does not: the abort drops the state h1 and h3 had listed."""
+    rig = _rig()
+    rig.hosts["h2"].fail("commit")
+    with pytest.raises(OperationFailed, match="commit failed on host h2"):
+        run(rig.caller.save("snap"))
+    (op,) = rig.hosts["h1"].operations
+    committed = [OpPhase.OPEN, OpPhase.PAUSED, OpPhase.SAVED, OpPhase.DRAINED, OpPhase.RESUMED]
+    assert rig.hosts["h1"].history(op) == [*committed, OpPhase.COMMITTED]
+    assert rig.hosts["h3"].history(op) == [*committed, OpPhase.COMMITTED]
+    assert rig.hosts["h2"].history(op) == [*committed, OpPhase.ABORTED]
+    assert rig.states() == {h: [] for h in PLACEMENT}
+
+
+def test_save_stop_failure_leaves_the_committed_state() -> None:
+    """`save --stop` whose destroy fails on h2 raises naming it; the state stays committed.
+
+    Nothing is aborted (the state is complete everywhere); h1's and h3's VMs
+    are gone, h2's are still paused in their committed operation.
+    """
+    rig = _rig()
+    rig.hosts["h2"].fail("stop")
+    with pytest.raises(OperationFailed) as info:
+        run(rig.caller.save("snap", stop=True, progress=rig.progress))
+    assert str(info.value) == _failed("destroying VMs", "stop")
+    assert rig.ran() == [*SAVE, "commit", "destroy VMs"]
+    for stub in rig.hosts.values():
+        assert stub.called() == ["states", "pause", "save_memory", "drain", "commit", "stop"]
+    assert rig.states() == {h: ["snap"] for h in PLACEMENT}
+    assert rig.vms() == {"h1": {}, "h2": {"s1": PAUSED}, "h3": {}}
+    (op,) = rig.hosts["h2"].open
+    assert rig.hosts["h2"].history(op)[-1] is OpPhase.COMMITTED
+
+
+RESTORE_CASES = [
+    Case(
+        "probe",
+        "clock sync failed on host h2: " + str(UNREACHABLE),
+        ["states"],
+        RESTORE[:1],
+        error=UNREACHABLE,
+    ),
+    Case(
+        "prepare_restore",
+        _failed("load VMs paused, frames held", "prepare_restore", RESTORING_STOPPED),
+        ["states", "prepare_restore", "abort"],
+        RESTORE[:2],
+    ),
+    Case(
+        "probe_path",
+        "clock sync failed on host h2: "
+        + str(UNREACHABLE)
+        + "; the half-restored VMs were stopped",
+        ["states", "prepare_restore", "abort"],
+        RESTORE[:3],
+        after=1,
+        error=UNREACHABLE,
+    ),
+    Case(
+        "resume",
+        _failed("resume and deliver frames", "resume", RESTORING_STOPPED),
+        ["states", "prepare_restore", "resume", "abort"],
+        RESTORE,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", RESTORE_CASES, ids=str)
+def test_restore_fails_at_each_step(case: Case) -> None:
+    """A restore failing on one host is stopped everywhere; the state itself is untouched.
+
+    Before anything is opened (the first clock sync) no host gets an abort
+    and the VMs run on; after, every host gets one and the VMs it restored
+    are stopped (h2's own VMs survive only if h2 never replaced them).
+    """
+    rig = _rig(states=["base"])
+    _fails_as(case, rig, rig.caller.restore("base", progress=rig.progress))
+    assert rig.states() == {h: ["base"] for h in PLACEMENT}
+    if "abort" not in case.calls:
+        assert rig.vms() == ALL_RUNNING
+        assert not any(stub.operations for stub in rig.hosts.values())
+        return
+    rig.common("abort", "resume_at")
+    replaced_on_h2 = case.call != "prepare_restore"
+    assert rig.vms() == {"h1": {}, "h2": {} if replaced_on_h2 else ALL_RUNNING["h2"], "h3": {}}
+
+
+def test_budget_refusal_touches_nothing() -> None:
+    """Clock error that could break the skew budget refuses the save with the figures.
+
+    h2's probes take 10 ms, so its offset may be off by 5 ms: a ClockError
+    names it, and no host got anything but the state listing and probes.
+    """
+    rig = _rig(h2={"delay": 0.010})
+    with pytest.raises(ClockError, match=r"predicts up to 5\.00 ms of skew.*h2: delay 10\.000 ms"):
+        run(rig.caller.save("snap", progress=rig.progress))
+    assert rig.ran() == ["clock sync"]
+    for stub in rig.hosts.values():
+        assert stub.called() == ["states"]
+        assert not stub.operations
+
+
+def test_save_pauses_and_resumes_at_one_instant_on_every_host() -> None:
+    """Every host gets the same pause and resume instants, each on its own clock.
+
+    Converted back with the host's offset, the pause instants are one caller
+    instant, and so are the resume instants; the resume leaves the time
+    the busiest host needs to queue its held frames, and each host's dead-man
+    deadline is the pause instant plus the caller's dead-man time.
+    """
+    rig = _rig(h2={"frames": 1000})
+    report = run(rig.caller.save("snap", progress=rig.progress))
+    pause = rig.common("pause", "at")
+    resume = rig.common("resume", "at")
+    deadline = rig.common("pause", "deadline")
+    assert pause == pytest.approx(rig.clock() + 0.35)
+    assert resume == pytest.approx(rig.clock() + 0.05 + 1000 * 20e-6)
+    assert deadline == pytest.approx(pause + 30.0)
+    assert report.pause_skew_ms == pytest.approx(0.0, abs=1e-6)
+    assert report.resume_skew_ms == pytest.approx(0.0, abs=1e-6)
+    assert {v.name: v.paused_at for v in report.vms} == pytest.approx(
+        dict.fromkeys(["p1", "p2", "s1", "w1"], pause)
+    )
+    offsets = {c.host: c.offset_ms / 1000 for c in report.clocks}
+    assert offsets == pytest.approx(OFFSETS)
+    assert rig.ran(failed=False) == [*SAVE, "resume and deliver frames", "commit"]
+    assert rig.states() == {h: ["snap"] for h in PLACEMENT}
+    assert rig.vms() == ALL_RUNNING
+
+
+def test_cancelled_save_keeps_extending_then_stops_cleanly() -> None:
+    """While h2 hangs in drain the caller keeps pushing back every host's dead-man deadline.
+
+    Cancelling the save (the user's Ctrl-C) cancels the hanging call and the
+    keepalive; it is not swallowed, and no abort is sent: the hosts' dead-man
+    timers resume the VMs.
+    """
+    rig = _rig(deadman=0.3)
+    rig.hosts["h2"].hang("drain")
+
+    async def save_until_extended() -> None:
+        task = asyncio.create_task(rig.caller.save("snap"))
+        for stub in rig.hosts.values():
+            await stub.reached("extend", 2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert not [t for t in others if t.get_name().startswith("keepalive")]
+        assert len(others) <= 1  # the test's own bounding task at most
+
+    run(save_until_extended(), limit=20)
+    for stub in rig.hosts.values():
+        assert "abort" not in stub.called()
+        assert stub.open  # left to the host's dead-man timer
+    rig.common("extend", "deadline")
+
+
+def test_restore_commit_failure_names_the_state_and_what_it_means() -> None:
+    """A restore whose commit fails on h2 says which state and what became of its VMs.
+
+    The sentence names the state (not ''), says the state itself is unchanged
+    (nothing was removed) and where the restored VMs run and where they were
+    stopped: h1 and h3 committed and keep theirs, h2's are stopped by the abort.
+    """
+    rig = _rig(states=["base"])
+    rig.hosts["h2"].fail("commit")
+    with pytest.raises(OperationFailed) as info:
+        run(rig.caller.restore("base", progress=rig.progress))
+    assert str(info.value) == _failed(
+        "commit",
+        "commit",
+        "; the restore of state 'base' did not complete (the state itself is unchanged):"
+        " its VMs run on host h1, h3, which committed it, and were stopped on every other"
+        " host; restore it again, or `lockstep up` for fresh VMs",
+    )
+    assert rig.ran() == [*RESTORE, "commit", "undo: abort"]
+    for stub in rig.hosts.values():
+        assert stub.called() == ["states", "prepare_restore", "resume", "commit", "abort"]
+        assert not stub.open
+    rig.common("abort", "resume_at")
+    (op,) = rig.hosts["h1"].operations
+    resumed = [OpPhase.OPEN, OpPhase.PREPARED, OpPhase.RESUMED]
+    assert rig.hosts["h1"].history(op) == [*resumed, OpPhase.COMMITTED]
+    assert rig.hosts["h2"].history(op) == [*resumed, OpPhase.ABORTED]
+    assert rig.vms() == {"h1": ALL_RUNNING["h1"], "h2": {}, "h3": ALL_RUNNING["h3"]}
+    assert rig.states() == {h: ["base"] for h in PLACEMENT}
+
+
+def test_restore_commit_failure_names_where_the_abort_failed_too() -> None:
+    """When h2 fails its commit and then its abort, the sentence says its VMs were not stopped.
+
+    They run on, restored but not committed, in h2's still open operation.
+    """
+    rig = _rig(states=["base"])
+    rig.hosts["h2"].fail("commit")
+    rig.hosts["h2"].fail("abort", UNREACHABLE)
+    with pytest.raises(OperationFailed) as info:
+        run(rig.caller.restore("base"))
+    assert str(info.value).endswith(
+        f"were stopped on every other host except h2 ({UNREACHABLE}); restore it again,"
+        " or `lockstep up` for fresh VMs"
+    )
+    assert rig.vms() == ALL_RUNNING  # h2's restored VMs too: its abort never came
+    assert rig.hosts["h2"].open and not rig.hosts["h1"].open
