@@ -21,7 +21,8 @@ Cancellation (``asyncio.CancelledError``) is never caught or translated.
      ├── StoreError             the state store on one host
      │    ├── StateNotFound     no such state (or not complete) here
      │    ├── StateExists       a state of that name is already here
-     │    └── StateInUse        other states or running VMs depend on it
+     │    ├── StateInUse        other states or running VMs depend on it
+     │    └── StateDamaged      a file of the state is missing or not as committed
      ├── LabError               the embedded lab
      │    └── ImageBuildError   building the guest image failed
      ├── RpcError               talking to an execd
@@ -97,6 +98,10 @@ class StateNotFound(StoreError):
 
 class StateExists(StoreError):
     """A state of that name already exists in this store."""
+
+
+class StateDamaged(StoreError):
+    """A file of a state is missing, or its size or checksum is not what was committed."""
 
 
 class StateInUse(StoreError):

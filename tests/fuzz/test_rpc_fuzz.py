@@ -208,6 +208,7 @@ ARGS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
     "PrepareRestore": st.tuples(ops, states, anything),
     "States": st.tuples(),
     "StateShow": st.tuples(states),
+    "VerifyState": st.tuples(states, st.booleans()),
     "StateDelete": st.tuples(states),
     "StateFrames": st.tuples(states, vms),
 }

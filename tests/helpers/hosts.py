@@ -1,12 +1,15 @@
 """In-memory execds for the caller's tests: one :class:`StubHost` per host, each a HostLink.
 
 A stub keeps what the caller's commit/abort logic depends on, the way an execd
-keeps it (``lockstep.execd.service``): each save or restore is the execd's own
-:class:`~lockstep.execd.ops.Operation`, opened by ``pause`` or
+keeps it (``lockstep.execd.service``): each save or restore has the execd's own
+:class:`~lockstep.execd.ops.Lifecycle`, opened by ``pause`` or
 ``prepare_restore`` and moved on by each call along the allowed transitions
 only (a call out of order fails as it would there); ``commit`` lists a save's
 state; ``abort`` drops what is not committed, undoes a save this host already
-committed, resumes a save's VMs at ``resume_at`` and stops a restore's VMs.
+committed, resumes a save's VMs at ``resume_at``. A restore is atomic, as an
+execd's: it prepares new VMs beside the running ones, switches over at
+``resume`` (each VM's :attr:`StubHost.generation` goes up) and, aborted,
+discards what it prepared or switches back.
 
 Its clock is the shared :class:`FakeClock` plus the host's ``offset``: probe
 replies carry that clock (``probe_path`` gives None, so sync probes over
@@ -26,8 +29,10 @@ from typing import Any
 
 from lockstep.errors import RemoteError, RpcError
 from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
-from lockstep.execd.ops import Operation, OperationError, OpKind, OpPhase
+from lockstep.execd.ops import Lifecycle, OperationError, OpKind, OpPhase
+from lockstep.execd.restore import SWITCH_LEAD
 from lockstep.group import VmSpec
+from lockstep.store import Verified
 
 __all__ = ["Call", "FakeClock", "StubHost", "stub_hosts"]
 
@@ -55,6 +60,22 @@ class Call:
 
     name: str
     args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StubOp:
+    """One operation on a stub host: what it is about, and its lifecycle."""
+
+    id: str
+    kind: OpKind
+    state: str
+    vms: list[str]
+    deadline: float
+    keep_running: bool = True
+    life: Lifecycle = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.life = Lifecycle(self.id, self.kind, f"{self.kind.value} {self.state!r}")
 
 
 @dataclass
@@ -88,7 +109,8 @@ class StubHost:
         self.frames = frames  # frames a save holds (and a restore loads) per VM
         self.vms: dict[str, str] = dict.fromkeys(vms, RUNNING)  # name -> runstate
         self.saved: dict[str, StateInfo] = {s: self._info(s, vms) for s in states}  # committed
-        self.operations: dict[str, Operation] = {}  # every one opened here, by id
+        self.operations: dict[str, StubOp] = {}  # every one opened here, by id
+        self.generation: dict[str, int] = dict.fromkeys(vms, 0)  # VM -> restores it went through
         self.open: set[str] = set()
         self.committed: dict[str, str] = {}  # save op -> its state, once committed here
         self.calls: list[Call] = []
@@ -135,7 +157,7 @@ class StubHost:
 
     def history(self, op: str) -> list[OpPhase]:
         """The phases operation ``op`` went through on this host."""
-        return list(self.operations[op].history)
+        return list(self.operations[op].life.history)
 
     # -- internals ----------------------------------------------------------------
 
@@ -162,30 +184,28 @@ class StubHost:
     def _info(self, state: str, vms: Iterable[str]) -> StateInfo:
         return StateInfo(state, self.name, created_at="2026-12-01T00:00:00.000+00:00", vms=[*vms])
 
-    def _op(self, op: str) -> Operation:
+    def _op(self, op: str) -> StubOp:
         if op not in self.open:
             raise self._refuse(f"no operation {op}")
         return self.operations[op]
 
-    def _advance(self, operation: Operation, phase: OpPhase, *required: OpPhase) -> None:
+    def _advance(self, operation: StubOp, phase: OpPhase, *required: OpPhase) -> None:
         try:
             if required:
-                operation.require(*required)
-            operation.advance(phase)
+                operation.life.require(*required)
+            operation.life.advance(phase)
         except OperationError as exc:
             raise self._refuse(exc) from exc
 
-    def _open(
-        self, op: str, kind: OpKind, state: str, vms: list[str], deadline: float
-    ) -> Operation:
+    def _open(self, op: str, kind: OpKind, state: str, vms: list[str], deadline: float) -> StubOp:
         if op in self.operations:
             raise self._refuse(f"operation {op} exists already")
-        operation = Operation(op, kind, state, vms, deadline)
+        operation = StubOp(op, kind, state, vms, deadline)
         self.operations[op] = operation
         self.open.add(op)
         return operation
 
-    def _resume(self, operation: Operation, at: float | None) -> list[VmReport]:
+    def _resume(self, operation: StubOp, at: float | None) -> list[VmReport]:
         reports = []
         for vm in operation.vms:
             if self.vms.get(vm) == PAUSED:
@@ -269,13 +289,27 @@ class StubHost:
         return [VmReport(vm, frames_held=self.frames) for vm in operation.vms]
 
     async def resume(self, op: str, at: float) -> list[VmReport]:
-        """Resume the paused VMs at ``at`` (a save's only if it keeps them running)."""
+        """A save: resume its paused VMs at ``at``. A restore: switch over to its new VMs."""
         await self._enter("resume", op=op, at=at)
         operation = self._op(op)
-        if operation.kind is OpKind.SAVE and not operation.keep_running:
+        if operation.kind is OpKind.RESTORE:
+            self._advance(operation, OpPhase.RESUMED, OpPhase.PREPARED)
+            return self._switch(operation, at, +1)
+        if not operation.keep_running:
             raise self._refuse(f"operation {op} saves with --stop; its VMs are not resumed")
-        self._advance(operation, OpPhase.RESUMED, OpPhase.DRAINED, OpPhase.PREPARED)
+        self._advance(operation, OpPhase.RESUMED, OpPhase.DRAINED)
         return self._resume(operation, at)
+
+    def _switch(self, operation: StubOp, at: float | None, step: int) -> list[VmReport]:
+        """Swap each VM of a restore for the next (or back to the previous) generation."""
+        for vm in operation.vms:
+            self.vms[vm] = RUNNING
+            self.generation[vm] = self.generation.get(vm, 0) + step
+        pause = None if at is None else at - SWITCH_LEAD
+        return [
+            VmReport(vm, paused_at=pause, resumed_at=at, frames_delivered=self.frames)
+            for vm in operation.vms
+        ]
 
     async def stop(self, op: str) -> list[VmReport]:
         """Destroy a committed ``save --stop``'s VMs."""
@@ -318,9 +352,8 @@ class StubHost:
             return []
         operation = self.operations[op]
         if operation.kind is OpKind.RESTORE:
-            for vm in operation.vms:
-                self.vms.pop(vm, None)
-            reports = [VmReport(vm) for vm in operation.vms]
+            switched = operation.life.phase is OpPhase.RESUMED
+            reports = self._switch(operation, resume_at, -1) if switched else []
         else:
             reports = self._resume(operation, resume_at)
         self._advance(operation, OpPhase.ABORTED)
@@ -333,7 +366,7 @@ class StubHost:
         self._op(op).deadline = deadline
 
     async def prepare_restore(self, op: str, state: str, deadline: float) -> list[VmReport]:
-        """Replace the state's VMs by paused ones loaded from it."""
+        """Prepare the state's VMs beside the running ones (which run on untouched)."""
         await self._enter("prepare_restore", op=op, state=state, deadline=deadline)
         info = self.saved.get(state)
         if info is None:
@@ -341,8 +374,6 @@ class StubHost:
                 f"{self.name}: no state {state!r}", host=self.name, kind="StateNotFound"
             )
         operation = self._open(op, OpKind.RESTORE, state, list(info.vms), deadline)
-        for vm in operation.vms:
-            self.vms[vm] = PAUSED
         self._advance(operation, OpPhase.PREPARED)
         return [VmReport(vm, frames_held=self.frames) for vm in operation.vms]
 
@@ -360,6 +391,15 @@ class StubHost:
                 f"{self.name}: no state {name!r}", host=self.name, kind="StateNotFound"
             )
         return {"name": info.name, "host": info.host, "vms": {vm: {} for vm in info.vms}}
+
+    async def verify_state(self, name: str, deep: bool) -> Verified:
+        """A state's files, all as committed (a fault makes one damaged)."""
+        await self._enter("verify_state", name=name, deep=deep)
+        if name not in self.saved:
+            raise RemoteError(
+                f"{self.name}: no state {name!r}", host=self.name, kind="StateNotFound"
+            )
+        return Verified(files=2, hashed_bytes=4096 if deep else 512, seconds=0.01)
 
     async def state_delete(self, name: str) -> list[str]:
         """Forget a state."""

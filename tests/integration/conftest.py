@@ -11,8 +11,10 @@ the guests' console logs and execd logs are copied to ``build/test-logs/``.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
+import secrets
 import shutil
 import string
 import tempfile
@@ -28,7 +30,16 @@ from bench.common import free_subnets
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.group import GroupSpec, load_group
 from lockstep.lab.guestctl import GuestControl
-from lockstep.lab.lab import LabOptions, bring_up, clients_for, guest, lab_data_dir, take_down
+from lockstep.lab.lab import (
+    LabOptions,
+    bring_up,
+    clients_for,
+    guest,
+    lab_data_dir,
+    take_down,
+    vm_run_dir,
+    wait_guests,
+)
 from lockstep.proc import which
 
 LOGS = Path(__file__).resolve().parents[2] / "build" / "test-logs"
@@ -131,12 +142,47 @@ def fresh(lab: Lab) -> Lab:
     async def up() -> None:
         async with lab.caller() as caller:
             await caller.up()
-        from lockstep.lab.lab import wait_guests
-
         await wait_guests(lab.group, lab.data)
 
     asyncio.run(up())
     return lab
+
+
+def runtime_of(lab: Lab, vm: str) -> dict[str, object]:
+    """Guest ``vm``'s runtime record, as its execd keeps it (``vm.json``)."""
+    folder = vm_run_dir(lab.data, lab.group.vms[vm].host, vm)
+    data: dict[str, object] = json.loads((folder / "vm.json").read_text())
+    return data
+
+
+@pytest.fixture
+def own_ram(fresh: Lab) -> Lab:
+    """The lab with every VM on a RAM file of its own, so its next save can be fast.
+
+    A VM restored without reflink maps a state's image privately (an earlier
+    test may have left it so); a save (standard) and restore moves it back.
+    """
+    if all(runtime_of(fresh, vm)["ram_shared"] for vm in fresh.group.vms):
+        return fresh
+
+    async def cycle() -> None:
+        name = f"own-ram-{secrets.token_hex(3)}"
+        async with fresh.caller() as caller:
+            await caller.save(name)
+            await caller.restore(name)
+
+    asyncio.run(cycle())
+    if not all(runtime_of(fresh, vm)["ram_shared"] for vm in fresh.group.vms):
+        # Still mapped privately somewhere: fresh VMs always boot on RAM of their own.
+        async def reboot() -> None:
+            async with fresh.caller() as caller:
+                await caller.down()
+                await caller.up()
+            await wait_guests(fresh.group, fresh.data)
+
+        asyncio.run(reboot())
+    assert all(runtime_of(fresh, vm)["ram_shared"] for vm in fresh.group.vms)
+    return fresh
 
 
 def reload(lab: Lab) -> GroupSpec:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lockstep.net.freeze import NicFreeze, in_netns
+from lockstep.net.freeze import FreezeState, NicFreeze, in_netns
 from lockstep.net.links import create_tap, tap_name
 from lockstep.proc import run
 
@@ -138,6 +138,7 @@ def _flow(b: Bench, freeze: NicFreeze, outside_every: int) -> tuple[dict[bytes, 
         start = time.monotonic()
         await asyncio.sleep(0.5)
         await freeze.deliver()
+        await freeze.lift()
         return time.monotonic() - start
 
     threads = [threading.Thread(target=send), threading.Thread(target=read)]
@@ -190,6 +191,7 @@ def _paused_flow(b: Bench, freeze: NicFreeze) -> tuple[int, int]:
         await asyncio.sleep(0.3)  # memory saved, frames in flight drained
         await freeze.deliver()
         running.set()  # the resume
+        await freeze.lift()
 
     threads = [threading.Thread(target=send), threading.Thread(target=read)]
     for t in threads:
@@ -218,6 +220,13 @@ def test_frames_delivered_to_a_paused_vm_come_out_in_order(bench: Bench) -> None
     sent, held = _paused_flow(bench, freeze)
     got = _numbers(bench, GROUP_MAC)
     assert held > 0 and freeze.dropped == 0
+    assert freeze.history == [
+        FreezeState.NEW,
+        FreezeState.PREPARED,
+        FreezeState.ENGAGED,
+        FreezeState.DELIVERED,
+        FreezeState.LIFTED,
+    ]
     assert got == list(range(sent)), (
         f"sent {sent}, received {len(got)}, first out of order at"
         f" {next((i for i, n in enumerate(got) if n != i), None)}"
@@ -286,6 +295,7 @@ def test_clsact_stays_with_the_tap_and_the_freeze_leaves_nothing(bench: Bench) -
         filters = run(["tc", "filter", "show", "dev", bench.tap, "egress"], netns=bench.netns)
         assert "mirred" in filters.text
         await freeze.deliver()
+        await freeze.lift()
 
     asyncio.run(cycle())
     qdiscs = run(["tc", "qdisc", "show", "dev", bench.tap], netns=bench.netns).text

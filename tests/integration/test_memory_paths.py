@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import secrets
 from pathlib import Path
 
 import pytest
 
 from lockstep.caller.report import OperationReport
-from lockstep.lab.lab import host_root, vm_run_dir, wait_guests
+from lockstep.lab.lab import host_root, vm_run_dir
 from tests.integration.conftest import Lab
 
 pytestmark = pytest.mark.integration
@@ -49,45 +48,6 @@ def _image(lab: Lab, state: str, vm: str) -> Path:
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _run_dir(lab: Lab, vm: str) -> Path:
-    return vm_run_dir(lab.data, lab.group.vms[vm].host, vm)
-
-
-def _runtime(lab: Lab, vm: str) -> dict[str, object]:
-    data: dict[str, object] = json.loads((_run_dir(lab, vm) / "vm.json").read_text())
-    return data
-
-
-@pytest.fixture
-def own_ram(fresh: Lab) -> Lab:
-    """The lab with every VM on a RAM file of its own, so its next save can be fast.
-
-    A VM restored without reflink maps a state's image privately (an earlier
-    test may have left it so); a save (standard) and restore moves it back.
-    """
-    if all(_runtime(fresh, vm)["ram_shared"] for vm in fresh.group.vms):
-        return fresh
-
-    async def cycle() -> None:
-        name = f"own-ram-{secrets.token_hex(3)}"
-        async with fresh.caller() as caller:
-            await caller.save(name)
-            await caller.restore(name)
-
-    asyncio.run(cycle())
-    if not all(_runtime(fresh, vm)["ram_shared"] for vm in fresh.group.vms):
-        # Still mapped privately somewhere: fresh VMs always boot on RAM of their own.
-        async def reboot() -> None:
-            async with fresh.caller() as caller:
-                await caller.down()
-                await caller.up()
-            await wait_guests(fresh.group, fresh.data)
-
-        asyncio.run(reboot())
-    assert all(_runtime(fresh, vm)["ram_shared"] for vm in fresh.group.vms)
-    return fresh
 
 
 def test_fast_restore_gives_back_exactly_the_saved_memory(own_ram: Lab) -> None:
@@ -142,7 +102,7 @@ def test_saved_ram_image_is_unchanged_after_the_vm_runs_on(own_ram: Lab) -> None
             vm: await asyncio.to_thread(_sha256, _image(own_ram, "ram-frozen", vm)) for vm in VMS
         }
         assert again == first
-        own = _run_dir(own_ram, "p1") / "guest.ram"
+        own = vm_run_dir(own_ram.data, own_ram.group.vms["p1"].host, "p1") / "guest.ram"
         assert await asyncio.to_thread(_sha256, own) != first["p1"]
 
     asyncio.run(run())

@@ -31,13 +31,19 @@ OFFSETS = {"h1": 0.0, "h2": 2.5, "h3": -1.25}
 ALL_RUNNING = {h: dict.fromkeys(vms, RUNNING) for h, vms in PLACEMENT.items()}
 UNREACHABLE = HostUnreachable("host h2 (10.0.0.2:7443) is unreachable: connection refused")
 ROLLED_BACK = "; the operation was rolled back on every host (VMs running as before)"
-RESTORING_STOPPED = (
-    "; the VMs being restored were stopped on every host (the ones they replaced are gone:"
-    " restore again, or `lockstep up` for fresh VMs)"
+DISCARDED = (
+    "; the restore of state 'base' was undone: the VMs it prepared were discarded, and the"
+    " group runs on as it was"
+)
+SWITCHED_BACK = (
+    "; the restore of state 'base' was undone: every host that had switched over to the"
+    " restored VMs switched back, and the group runs on as it was"
 )
 SAVE = ["clock sync", "freeze NICs and pause", "save memory and freeze disk layers"]
 SAVE += ["drain and save held frames"]
-RESTORE = ["clock sync", "load VMs paused, frames held", "clock sync", "resume and deliver frames"]
+RESTORE = ["verify the state", "clock sync", "load VMs paused, frames held", "clock sync"]
+RESTORE += ["switch over"]
+NOT_RESTORED = {h: dict.fromkeys(vms, 0) for h, vms in PLACEMENT.items()}
 
 
 def _group() -> GroupSpec:
@@ -249,32 +255,36 @@ def test_save_stop_failure_leaves_the_committed_state() -> None:
 
 RESTORE_CASES = [
     Case(
+        "verify_state",
+        "verifying the state failed on host h2: h2: verify_state failed (injected)",
+        ["states", "verify_state"],
+        RESTORE[:1],
+    ),
+    Case(
         "probe",
         "clock sync failed on host h2: " + str(UNREACHABLE),
-        ["states"],
-        RESTORE[:1],
+        ["states", "verify_state"],
+        RESTORE[:2],
         error=UNREACHABLE,
     ),
     Case(
         "prepare_restore",
-        _failed("load VMs paused, frames held", "prepare_restore", RESTORING_STOPPED),
-        ["states", "prepare_restore", "abort"],
-        RESTORE[:2],
+        _failed("load VMs paused, frames held", "prepare_restore", DISCARDED),
+        ["states", "verify_state", "prepare_restore", "abort"],
+        RESTORE[:3],
     ),
     Case(
         "probe_path",
-        "clock sync failed on host h2: "
-        + str(UNREACHABLE)
-        + "; the half-restored VMs were stopped",
-        ["states", "prepare_restore", "abort"],
-        RESTORE[:3],
+        "clock sync failed on host h2: " + str(UNREACHABLE) + DISCARDED,
+        ["states", "verify_state", "prepare_restore", "abort"],
+        RESTORE[:4],
         after=1,
         error=UNREACHABLE,
     ),
     Case(
         "resume",
-        _failed("resume and deliver frames", "resume", RESTORING_STOPPED),
-        ["states", "prepare_restore", "resume", "abort"],
+        _failed("switch over", "resume", SWITCHED_BACK),
+        ["states", "verify_state", "prepare_restore", "resume", "abort"],
         RESTORE,
     ),
 ]
@@ -282,22 +292,36 @@ RESTORE_CASES = [
 
 @pytest.mark.parametrize("case", RESTORE_CASES, ids=str)
 def test_restore_fails_at_each_step(case: Case) -> None:
-    """A restore failing on one host is stopped everywhere; the state itself is untouched.
+    """A restore failing on one host is undone everywhere: the group runs on as it was.
 
-    Before anything is opened (the first clock sync) no host gets an abort
-    and the VMs run on; after, every host gets one and the VMs it restored
-    are stopped (h2's own VMs survive only if h2 never replaced them).
+    Before anything is opened (the state's check, the first clock sync) no
+    host gets an abort; after, every host gets one, with one common resume
+    instant: what was prepared is discarded, and hosts that had switched over
+    switch back. Every VM runs, the same generation as before, and the state
+    itself is untouched.
     """
     rig = _rig(states=["base"])
     _fails_as(case, rig, rig.caller.restore("base", progress=rig.progress))
     assert rig.states() == {h: ["base"] for h in PLACEMENT}
+    assert rig.vms() == ALL_RUNNING
+    assert {h: stub.generation for h, stub in rig.hosts.items()} == NOT_RESTORED
     if "abort" not in case.calls:
-        assert rig.vms() == ALL_RUNNING
         assert not any(stub.operations for stub in rig.hosts.values())
         return
     rig.common("abort", "resume_at")
-    replaced_on_h2 = case.call != "prepare_restore"
-    assert rig.vms() == {"h1": {}, "h2": {} if replaced_on_h2 else ALL_RUNNING["h2"], "h3": {}}
+    for stub in rig.hosts.values():
+        for op in stub.operations:  # h2 opened none if its prepare failed
+            assert stub.history(op)[-1] is OpPhase.ABORTED
+
+
+def test_restore_verifies_deep_only_when_asked() -> None:
+    """Every host checks the state before anything; the RAM's hashes only with verify."""
+    rig = _rig(states=["base"])
+    run(rig.caller.restore("base"))
+    run(rig.caller.restore("base", verify=True))
+    for stub in rig.hosts.values():
+        assert [a["deep"] for a in stub.args("verify_state")] == [False, True]
+        assert {vm: n for vm, n in stub.generation.items()} == {vm: 2 for vm in stub.generation}
 
 
 def test_budget_refusal_touches_nothing() -> None:
@@ -372,11 +396,11 @@ def test_cancelled_save_keeps_extending_then_stops_cleanly() -> None:
 
 
 def test_restore_commit_failure_names_the_state_and_what_it_means() -> None:
-    """A restore whose commit fails on h2 says which state and what became of its VMs.
+    """A restore whose commit fails on h2 names the state and says what h2 will do.
 
-    The sentence names the state (not ''), says the state itself is unchanged
-    (nothing was removed) and where the restored VMs run and where they were
-    stopped: h1 and h3 committed and keep theirs, h2's are stopped by the abort.
+    The switch-over took effect everywhere, so nothing is aborted: h1 and h3
+    keep the restored VMs; h2's operation stays open, and its dead-man timer
+    switches it back at the deadline, which the sentence says.
     """
     rig = _rig(states=["base"])
     rig.hosts["h2"].fail("commit")
@@ -385,36 +409,31 @@ def test_restore_commit_failure_names_the_state_and_what_it_means() -> None:
     assert str(info.value) == _failed(
         "commit",
         "commit",
-        "; the restore of state 'base' did not complete (the state itself is unchanged):"
-        " its VMs run on host h1, h3, which committed it, and were stopped on every other"
-        " host; restore it again, or `lockstep up` for fresh VMs",
+        "; the restore of state 'base' took effect on every host, but host h2 could not be"
+        " told to keep it: at the operation's deadline it switches back to the VMs it ran"
+        " before (run `lockstep restore base` again)",
     )
-    assert rig.ran() == [*RESTORE, "commit", "undo: abort"]
+    assert rig.ran() == [*RESTORE, "commit", "undo: report"]
     for stub in rig.hosts.values():
-        assert stub.called() == ["states", "prepare_restore", "resume", "commit", "abort"]
-        assert not stub.open
-    rig.common("abort", "resume_at")
+        assert stub.called() == ["states", "verify_state", "prepare_restore", "resume", "commit"]
     (op,) = rig.hosts["h1"].operations
     resumed = [OpPhase.OPEN, OpPhase.PREPARED, OpPhase.RESUMED]
     assert rig.hosts["h1"].history(op) == [*resumed, OpPhase.COMMITTED]
-    assert rig.hosts["h2"].history(op) == [*resumed, OpPhase.ABORTED]
-    assert rig.vms() == {"h1": ALL_RUNNING["h1"], "h2": {}, "h3": ALL_RUNNING["h3"]}
+    assert rig.hosts["h2"].history(op) == resumed
+    assert rig.hosts["h2"].open and not rig.hosts["h1"].open
+    assert rig.vms() == ALL_RUNNING
     assert rig.states() == {h: ["base"] for h in PLACEMENT}
 
 
-def test_restore_commit_failure_names_where_the_abort_failed_too() -> None:
-    """When h2 fails its commit and then its abort, the sentence says its VMs were not stopped.
-
-    They run on, restored but not committed, in h2's still open operation.
-    """
+def test_restore_abort_that_cannot_reach_a_host_says_it_undoes_by_itself() -> None:
+    """h2 fails the switch-over and cannot be reached to abort: the sentence says what it does."""
     rig = _rig(states=["base"])
-    rig.hosts["h2"].fail("commit")
+    rig.hosts["h2"].fail("resume")
     rig.hosts["h2"].fail("abort", UNREACHABLE)
     with pytest.raises(OperationFailed) as info:
         run(rig.caller.restore("base"))
     assert str(info.value).endswith(
-        f"were stopped on every other host except h2 ({UNREACHABLE}); restore it again,"
-        " or `lockstep up` for fresh VMs"
+        "and the group runs on as it was (host h2 could not be told: it undoes the restore by"
+        " itself at the operation's deadline)"
     )
-    assert rig.vms() == ALL_RUNNING  # h2's restored VMs too: its abort never came
     assert rig.hosts["h2"].open and not rig.hosts["h1"].open

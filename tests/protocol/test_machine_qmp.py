@@ -12,6 +12,7 @@ history, and what reached the stub where that is the point.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,6 +25,7 @@ from qemu.qmp import ExecInterruptedError, ExecuteError
 from lockstep.errors import QemuStartError, QmpError, VmError
 from lockstep.group import VmSpec
 from lockstep.vm.machine import Machine, VmRunstate
+from tests.helpers.loop import longest_stall
 from tests.helpers.qmp_stub import Script, Split, Step, StubProcess, event, stub_process
 from tests.helpers.rpc import run
 
@@ -436,6 +438,39 @@ def test_save_memory_migrates_to_the_passed_file(
     assert sent["getfd"]["fd"] == "memfile"
     assert sent["migrate"]["arguments"] == {"uri": "fd:memfile"}
     assert sent["migrate"]["wrote"] == size
+
+
+def test_flushing_the_memory_file_leaves_the_event_loop_free(
+    qemu: StubQemu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fsync of a saved memory file (gigabytes) runs on a worker thread.
+
+    On the event loop it stalled every other call of the execd meanwhile:
+    probes, extends, the other VMs' migrations. Here a flush takes 0.4 s and a
+    task ticking every 10 ms must not miss a beat.
+    """
+    machine, _ = qemu(
+        migration_script(
+            "paused", Step(returns={"status": "completed"}), migrate=(Step(stream=STREAM),)
+        )
+    )
+    flushed = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.4)
+        flushed.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+
+    async def save_while_watched() -> float:
+        _, longest = await longest_stall(machine.save_memory(tmp_path / "p1.mem"))
+        return longest
+
+    longest = attached(machine, save_while_watched)
+    assert flushed, "the memory file must be flushed"
+    assert longest < 0.2, f"the event loop stalled for {longest:.2f} s"
 
 
 def test_failed_save_carries_qemus_reason(qemu: StubQemu, tmp_path: Path) -> None:

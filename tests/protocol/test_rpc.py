@@ -28,6 +28,7 @@ from lockstep.errors import (
     HostUnreachable,
     RemoteError,
     RpcError,
+    StateDamaged,
     StateExists,
     StateInUse,
     StateNotFound,
@@ -50,6 +51,7 @@ from lockstep.rpc import (
 from lockstep.rpc.generated import execd_pb2 as pb
 from lockstep.rpc.generated import execd_pb2_grpc as pb_grpc
 from lockstep.rpc.server import SERVED_BY_ADAPTER, ExecdServicer
+from lockstep.store import Verified
 from tests.helpers.rpc import LOOPBACK, Pki, free_port, run, serving
 
 # --- the stub service -------------------------------------------------------
@@ -162,6 +164,10 @@ class StubApi:
         self._record("state_show", name)
         return dict(MANIFEST)
 
+    async def verify_state(self, name: str, deep: bool) -> Verified:
+        self._record("verify_state", name, deep)
+        return Verified(files=4, hashed_bytes=4096 if deep else 1024, seconds=0.25)
+
     async def state_delete(self, name: str) -> list[str]:
         self._record("state_delete", name)
         return ["l-1", "l-2"]
@@ -242,6 +248,7 @@ def test_every_unary_call_round_trips(pki: Pki) -> None:
             ]
             assert await c.states() == STATES
             assert await c.state_show("s1") == MANIFEST
+            assert await c.verify_state("s1", True) == Verified(4, 4096, 0.25)
             assert await c.state_delete("s1") == ["l-1", "l-2"]
 
     run(body())
@@ -251,7 +258,7 @@ def test_every_unary_call_round_trips(pki: Pki) -> None:
     assert names == [
         "probe", "up", "down", "status", "pause", "drain", "resume", "stop",
         "commit", "commit", "abort", "abort", "extend", "prepare_restore", "states",
-        "state_show", "state_delete",
+        "state_show", "verify_state", "state_delete",
     ]  # fmt: skip
     calls = dict(api.calls)
     assert calls["up"] == ("lab", [_spec("p1"), _spec("s1")])
@@ -387,6 +394,7 @@ def test_proto_table_client_adapter_and_service_agree() -> None:
         ("drain", ValueError("limit is shorter than quiet"), grpc.StatusCode.INVALID_ARGUMENT),
         ("stop", VmError("VM p1 is not paused"), grpc.StatusCode.FAILED_PRECONDITION),
         ("status", NotImplementedError("not yet"), grpc.StatusCode.UNIMPLEMENTED),
+        ("verify_state", StateDamaged("s1.mem is missing"), grpc.StatusCode.DATA_LOSS),
     ],
 )
 def test_service_errors_map_to_codes_and_kinds(
@@ -401,6 +409,7 @@ def test_service_errors_map_to_codes_and_kinds(
         "drain": lambda c: c.drain("op-1", 1.0, 0.5),
         "stop": lambda c: c.stop("op-1"),
         "status": lambda c: c.status(),
+        "verify_state": lambda c: c.verify_state("s1", False),
     }
 
     async def body() -> None:
@@ -507,6 +516,7 @@ BAD_INPUTS: list[tuple[str, Any, str, str]] = [
     ("PrepareRestore", pb.PrepareRestoreRequest(op="o", state="a/b", deadline=1), "state name 'a/b'", "InvalidName"),
     ("PrepareRestore", pb.PrepareRestoreRequest(op="o", state="s", deadline=NAN), "deadline must", "ValueError"),
     ("StateShow", pb.StateRequest(name=".."), "state name '..'", "InvalidName"),
+    ("VerifyState", pb.VerifyStateRequest(name="a/b"), "state name", "InvalidName"),
     ("StateDelete", pb.StateRequest(name="../../etc"), "state name", "InvalidName"),
     ("Down", pb.DownRequest(vms=["p1", "-x"]), "VM name '-x'", "InvalidName"),
     ("Up", pb.UpRequest(group="lab", vm_specs_json=["{bad json"]), "VM spec #1 is invalid", "ValueError"),

@@ -1,45 +1,127 @@
-"""The execd's dead-man's timer, in-process: operations whose caller went quiet end by themselves."""
+"""The execd's dead-man's timer: operations whose caller went quiet end by themselves."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from lockstep.execd.deadman import DeadMan
 from lockstep.execd.model import ExecdConfig
-from lockstep.execd.ops import Operation, OperationError, OpKind
+from lockstep.execd.ops import OperationError, OpPhase
+from lockstep.execd.save import SaveOperation
 from lockstep.execd.service import HostService
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the service reads netlink as root")
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the service reads netlink as root")
+
+
+@dataclass
+class FakeOp:
+    """What the timer sees of an operation."""
+
+    id: str
+    deadline: float
+    due: bool = True
+
+
+def test_timer_expires_at_the_deadline_only_what_is_due() -> None:
+    """Due operations past their deadline expire; a busy one and a later one wait."""
+    now = [100.0]
+    ops = [FakeOp("late", 99.0), FakeOp("busy", 99.0, due=False), FakeOp("later", 101.0)]
+    expired: list[str] = []
+
+    async def expire(op: object) -> None:
+        assert isinstance(op, FakeOp)
+        expired.append(op.id)
+        ops.remove(op)
+
+    timer = DeadMan(lambda: now[0], lambda: list(ops), expire, lambda _op: None)
+    asyncio.run(timer.tick())
+    assert expired == ["late"]
+    now[0] = 101.0
+    asyncio.run(timer.tick())
+    assert expired == ["late", "later"]
+
+
+def test_timer_survives_an_expiry_that_fails_with_any_exception(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An expiry raising something unexpected is logged and the operation closed; the timer runs on.
+
+    It used to catch only LockstepError: anything else ended the safety net
+    silently, and every later operation's paused VMs stayed paused.
+    """
+    now = [100.0]
+    ops = [FakeOp("broken", 99.0), FakeOp("next", 100.2)]
+    closed: list[str] = []
+    expired: list[str] = []
+
+    async def expire(op: object) -> None:
+        assert isinstance(op, FakeOp)
+        if op.id == "broken":
+            raise RuntimeError("boom")
+        expired.append(op.id)
+        ops.remove(op)
+
+    def close(op: object) -> None:
+        assert isinstance(op, FakeOp)
+        closed.append(op.id)
+        ops.remove(op)
+
+    async def run() -> None:
+        timer = DeadMan(lambda: now[0], lambda: list(ops), expire, close)
+        timer.start()
+        await asyncio.sleep(0.1)
+        now[0] = 100.3
+        await asyncio.sleep(0.15)
+        await timer.stop()
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(run())
+    assert closed == ["broken"]
+    assert expired == ["next"]
+    assert "operation broken could not expire cleanly" in caplog.text
 
 
 def _service(root: Path) -> HostService:
     return HostService(ExecdConfig(host="h1", root=root))
 
 
-async def _open(service: HostService, op: str, deadline_in: float) -> None:
+async def _open(service: HostService, op: str, deadline_in: float) -> SaveOperation:
+    """A save with no VM and a staging state, on record, as pause would open it."""
     await service.start()
-    staging = service.store.begin(f"state-{op}")
-    service._staging[op] = staging
-    service._open_op(
-        Operation(op, OpKind.SAVE, f"state-{op}", [], service.clock.now() + deadline_in)
+    state = f"state-{op}"
+    operation = SaveOperation(
+        service.host,
+        op,
+        state,
+        [],
+        service.clock.now() + deadline_in,
+        staging=service.store.begin(state),
     )
+    operation.save_record()
+    service.ops[op] = operation
+    return operation
 
 
+@root_only
 def test_operation_expires_at_its_deadline_not_before(tmp_path: Path) -> None:
     """An unattended save lives until its deadline, then its staging state is dropped."""
 
     async def run() -> None:
         service = _service(tmp_path)
-        await _open(service, "op1", 0.4)
+        op = await _open(service, "op1", 0.4)
         await asyncio.sleep(0.2)
-        assert "op1" in service._ops
+        assert "op1" in service.ops
         assert list(service.store.staging_dir.iterdir())
         await asyncio.sleep(0.4)
-        assert "op1" not in service._ops
+        assert "op1" not in service.ops
+        assert op.history == [OpPhase.OPEN, OpPhase.ABORTED]
         assert not list(service.store.staging_dir.iterdir())
         assert not list((tmp_path / "run" / "ops").iterdir())
         await service.close()
@@ -47,6 +129,7 @@ def test_operation_expires_at_its_deadline_not_before(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
+@root_only
 def test_extend_pushes_the_deadline_and_persists_it(tmp_path: Path) -> None:
     """A caller that extends keeps its operation alive; the new deadline is on disk."""
 
@@ -58,31 +141,32 @@ def test_extend_pushes_the_deadline_and_persists_it(tmp_path: Path) -> None:
         record = json.loads((tmp_path / "run" / "ops" / "op2.json").read_text())
         assert record["deadline"] == later
         await asyncio.sleep(0.5)
-        assert "op2" in service._ops
+        assert "op2" in service.ops
         await service.abort("op2", None)
-        assert "op2" not in service._ops
+        assert "op2" not in service.ops
         await service.close()
 
     asyncio.run(run())
 
 
+@root_only
 def test_busy_step_holds_off_expiry(tmp_path: Path) -> None:
     """While a step of the operation runs, the timer waits for it to finish."""
 
     async def run() -> None:
         service = _service(tmp_path)
-        await _open(service, "op3", 0.1)
-        service._busy["op3"] = 1
-        await asyncio.sleep(0.4)
-        assert "op3" in service._ops
-        del service._busy["op3"]
+        op = await _open(service, "op3", 0.1)
+        with op.step():
+            await asyncio.sleep(0.4)
+            assert "op3" in service.ops
         await asyncio.sleep(0.2)
-        assert "op3" not in service._ops
+        assert "op3" not in service.ops
         await service.close()
 
     asyncio.run(run())
 
 
+@root_only
 def test_restarted_execd_finds_the_operation_and_expires_it(tmp_path: Path) -> None:
     """An operation on disk when execd restarts is an orphan: only abort or expiry end it."""
 
@@ -92,17 +176,44 @@ def test_restarted_execd_finds_the_operation_and_expires_it(tmp_path: Path) -> N
         await first.close()
         second = _service(tmp_path)
         await second.start()
-        assert second._ops["op4"].orphan
+        assert second.ops["op4"].orphan
         with pytest.raises(OperationError, match="execd restarted during operation op4"):
             await second.drain("op4", 0.01, 0.1)
         await asyncio.sleep(1.2)
-        assert "op4" not in second._ops
+        assert "op4" not in second.ops
         assert not list(second.store.staging_dir.iterdir()), "staging is dropped at start"
         await second.close()
 
     asyncio.run(run())
 
 
+@root_only
+def test_committed_save_stop_whose_caller_died_stops_its_vms_at_the_deadline(
+    tmp_path: Path,
+) -> None:
+    """A `save --stop` committed, then no word from its caller: at the deadline it stops.
+
+    The timer used to skip committed operations, so a caller that died
+    between the commit and the stop left the VMs paused for good.
+    """
+
+    async def run() -> None:
+        service = _service(tmp_path)
+        op = await _open(service, "op5", 0.3)
+        op.keep_running = False
+        for phase in (OpPhase.PAUSED, OpPhase.SAVED, OpPhase.DRAINED, OpPhase.COMMITTED):
+            op.advance(phase)
+        assert not op.ended
+        await asyncio.sleep(0.6)
+        assert "op5" not in service.ops
+        assert op.history[-2:] == [OpPhase.COMMITTED, OpPhase.STOPPED]
+        assert not list((tmp_path / "run" / "ops").iterdir())
+        await service.close()
+
+    asyncio.run(run())
+
+
+@root_only
 def test_unknown_operation_abort_is_a_no_op(tmp_path: Path) -> None:
     """Aborting an operation this host never saw (or already ended) undoes nothing, fails nothing."""
 

@@ -62,8 +62,9 @@ async def _refused(op: Operation) -> None:
 def test_phase_plans() -> None:
     """Save resumes at a common instant before commit; --stop commits then destroys.
 
-    A restore syncs clocks again after loading, then resumes together; the
-    steps at a common instant are the pause and the resumes.
+    A restore verifies the state first, syncs clocks again after loading, then
+    switches over; the steps at a common instant are the pause, the resume
+    and the switch-over.
     """
     assert [p.name for p in save_plan(stop=False)] == [
         "clock sync", "freeze NICs and pause", "save memory and freeze disk layers",
@@ -74,19 +75,28 @@ def test_phase_plans() -> None:
         "drain and save held frames", "commit", "destroy VMs",
     ]  # fmt: skip
     assert [p.name for p in restore_plan()] == [
-        "clock sync", "load VMs paused, frames held", "clock sync",
-        "resume and deliver frames", "commit",
+        "verify the state", "clock sync", "load VMs paused, frames held", "clock sync",
+        "switch over", "commit",
     ]  # fmt: skip
     common = [p.name for p in save_plan(stop=False) if p.at_common_instant]
     assert common == ["freeze NICs and pause", "resume and deliver frames"]
-    assert [p.name for p in restore_plan() if p.at_common_instant] == ["resume and deliver frames"]
+    assert [p.name for p in restore_plan() if p.at_common_instant] == ["switch over"]
 
 
 def test_what_each_failure_undoes() -> None:
-    """Only the first clock sync (nothing open yet) and the destroy (state committed) undo nothing."""
-    for plan in (save_plan(stop=False), save_plan(stop=True), restore_plan()):
+    """What opens nothing undoes nothing: the state's check, the first clock sync, the destroy.
+
+    The destroy comes after the state is committed; a restore's failed commit
+    only says what it means (the switch-over already took effect).
+    """
+    for plan in (save_plan(stop=False), save_plan(stop=True)):
         bare = [i for i, p in enumerate(plan) if p.undo is None]
         assert bare == [0] + ([5] if plan[-1].name == "destroy VMs" else [])
+    restore = restore_plan()
+    assert [i for i, p in enumerate(restore) if p.undo is None] == [0, 1]
+    assert [p.undo.name for p in restore if p.undo is not None] == [
+        "abort", "abort", "abort", "report",
+    ]  # fmt: skip
 
 
 def test_runner_walks_every_phase_in_order() -> None:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lockstep.errors import StateExists, StateInUse, StateNotFound, StoreError
+from lockstep.errors import StateDamaged, StateExists, StateInUse, StateNotFound, StoreError
 from lockstep.store import (
     MANIFEST_FILE,
     FileRecord,
@@ -404,6 +404,38 @@ def test_verify_catches_size_change_missing_and_extra_files(store: StateStore) -
     (folder / "frames" / "p1.pcap").unlink()
     with pytest.raises(StoreError, match=r"p1\.pcap is missing"):
         store.verify("s")
+
+
+def test_shallow_verify_checks_sizes_and_small_files_and_names_host_vm_and_file(
+    store: StateStore,
+) -> None:
+    """Without ``deep``, every size and the frames' and device state's hashes are checked.
+
+    The guests' RAM (a standard path's whole memory stream) is only sized: a
+    changed byte in it passes a shallow check and fails a deep one. Damage is
+    one sentence naming the host, the VM, what the file is and its path.
+    """
+    save(store, "s", {"p1": ["a1"]})
+    folder = store.states_dir / "s"
+    ram = folder / "p1.mem"  # no RAM image: the stream holds the RAM
+    data = bytearray(ram.read_bytes())
+    data[0] ^= 0x01
+    ram.write_bytes(bytes(data))
+    shallow = store.verify("s", deep=False)
+    assert shallow.files == 2 and shallow.hashed_bytes == (folder / "frames/p1.pcap").stat().st_size
+    with pytest.raises(
+        StateDamaged, match=r"on host h1 is damaged: VM p1's memory stream .*p1\.mem"
+    ):
+        store.verify("s", deep=True)
+    frames = folder / "frames" / "p1.pcap"
+    frames.write_bytes(frames.read_bytes()[:-1] + b"X")
+    with pytest.raises(StateDamaged, match=r"VM p1's held frames .*p1\.pcap does not match"):
+        store.verify("s", deep=False)
+    frames.write_bytes(b"short")
+    with pytest.raises(
+        StateDamaged, match=r"has 5 bytes, not the 6 committed; nothing was changed"
+    ):
+        store.verify("s", deep=False)
 
 
 # --- delete ------------------------------------------------------------------

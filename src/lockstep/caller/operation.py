@@ -60,13 +60,15 @@ class Options:
     """How the user asked for the operation.
 
     ``stop``: destroy the VMs after a save; ``quiet`` and ``drain_limit``: the
-    drain's quiet time and bound (s); ``force``: go on despite noisy clocks.
+    drain's quiet time and bound (s); ``force``: go on despite noisy clocks;
+    ``verify``: a restore checks the hash of the guests' RAM too.
     """
 
     stop: bool = False
     quiet: float = 0.05
     drain_limit: float = 1.0
     force: bool = False
+    verify: bool = False
 
 
 class Runstate(enum.Enum):

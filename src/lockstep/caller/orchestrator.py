@@ -233,13 +233,24 @@ class GroupCaller:
         return op.report
 
     async def restore(
-        self, name: str, *, force: bool = False, progress: Progress | None = None
+        self,
+        name: str,
+        *,
+        force: bool = False,
+        verify: bool = False,
+        progress: Progress | None = None,
     ) -> OperationReport:
-        """Restore the whole group to state ``name``; every VM resumes at one instant.
+        """Restore the whole group to state ``name``: new VMs, switched to at one instant.
+
+        Every file of the state is checked first on every host (``verify``:
+        the guests' RAM hashed too). The new VMs are prepared beside the
+        running ones; only when every host is ready do the old VMs pause and
+        the new ones resume, at a common instant.
 
         Raises:
-            OperationFailed: the state is missing somewhere (nothing touched), or a
-                step failed (the half-restored VMs are stopped; the message says).
+            OperationFailed: the state is missing or damaged somewhere (nothing
+                touched), or a step failed (the restore was undone and the group
+                runs on as it was; the message says).
             ClockError: clock sync predicts more skew than the budget (unless ``force``).
         """
         validate_name("state", name)
@@ -251,7 +262,7 @@ class GroupCaller:
                 f"state {name!r} is missing on host {', '.join(missing)}; nothing was changed"
                 " (see `lockstep states`)"
             )
-        op = self._operation("restore", name, Options(force=force), progress)
+        op = self._operation("restore", name, Options(force=force, verify=verify), progress)
         await run(op, restore_plan())
         op.report.duration_s = self.clock() - started
         return op.report

@@ -3,10 +3,12 @@
 A :class:`Phase` is a step every host is asked to take: its ``act`` asks the
 hosts (through the :class:`~lockstep.caller.operation.Operation`) and files
 their answers; when a host fails it, the runner (:mod:`lockstep.caller.runner`)
-runs its ``undo``. Today every undo is an :class:`Abort`: the operation is
-aborted on every host and the VMs that must resume do so at one common
-instant; it differs only in what it means for the user. Phases marked
-``at_common_instant`` take effect at one absolute time on every host.
+runs its ``undo``. Most undos are an :class:`Abort`: the operation is aborted
+on every host and the VMs that must resume do so at one common instant; it
+differs only in what it means for the user. A restore never touches the running
+VMs before its switch-over, so aborting it before then only discards what it
+prepared, and after it switches back. Phases marked ``at_common_instant`` take
+effect at one absolute time on every host.
 
 The plans are pure: :func:`save_plan` and :func:`restore_plan` list the phases
 in order; adding a step is one phase here and one line in its plan. Progress
@@ -27,7 +29,7 @@ from lockstep.caller.sync import measure
 from lockstep.errors import ClockError
 from lockstep.execd.model import SaveProgress
 
-__all__ = ["Abort", "Phase", "Undo", "restore_plan", "save_plan"]
+__all__ = ["Abort", "Phase", "Say", "Undo", "restore_plan", "save_plan"]
 
 
 class Undo(Protocol):
@@ -84,14 +86,46 @@ def _except(aborted: Results) -> str:
     return " except " + ", ".join(f"{r.host} ({r.error})" for r in failed) if failed else ""
 
 
-def _restore_not_committed(op: Operation, results: Results, aborted: Results) -> str:
-    """What a restore whose commit failed somewhere left: where its VMs run, where they stopped."""
-    committed = sorted(h for h, r in results.items() if r.ok)
-    run = f"run on host {', '.join(committed)}, which committed it, and " if committed else ""
+@dataclass(frozen=True)
+class Say:
+    """Nothing to undo on the hosts: only what the failure means for the user."""
+
+    means: Callable[[Operation, Results], str]
+    name: str = "report"
+
+    async def run(self, op: Operation, results: Results) -> str:
+        """Say what the failure means (after "; ")."""
+        return "; " + self.means(op, results)
+
+
+def _restore_undone(done: str) -> Callable[[Operation, Results, Results], str]:
+    """What an aborted restore means: ``done`` on every host, and the group runs on as it was."""
+
+    def means(op: Operation, _results: Results, aborted: Results) -> str:
+        unreached = sorted(r.host for r in failures(aborted))
+        late = (
+            f" (host {', '.join(unreached)} could not be told: it undoes the restore by itself"
+            " at the operation's deadline)"
+            if unreached
+            else ""
+        )
+        return (
+            f"the restore of state {op.state!r} was undone: {done}, and the group runs on as it"
+            f" was{late}"
+        )
+
+    return means
+
+
+def _restore_not_committed(op: Operation, results: Results) -> str:
+    """What a restore whose commit failed somewhere means: it took effect, not for good there."""
+    failed = sorted(h for h, r in results.items() if not r.ok)
     return (
-        f"the restore of state {op.state!r} did not complete (the state itself is unchanged):"
-        f" its VMs {run}were stopped on every {'other ' if committed else ''}host"
-        f"{_except(aborted)}; restore it again, or `lockstep up` for fresh VMs"
+        f"the restore of state {op.state!r} took effect on every host, but host"
+        f" {', '.join(failed)} could not be told to keep it: at the operation's deadline"
+        f" {'they switch' if len(failed) > 1 else 'it switches'} back to the VMs"
+        f" {'they' if len(failed) > 1 else 'it'} ran before (run `lockstep restore"
+        f" {op.state}` again)"
     )
 
 
@@ -100,17 +134,14 @@ ROLL_BACK = Abort(
         "the operation was rolled back on every host (VMs running as before)" + _except(aborted)
     )
 )
-STOP_RESTORED = Abort(
-    lambda _op, _r, aborted: (
-        "the VMs being restored were stopped on every host (the ones they replaced are gone:"
-        " restore again, or `lockstep up` for fresh VMs)" + _except(aborted)
-    )
+DISCARD_PREPARED = Abort(_restore_undone("the VMs it prepared were discarded"))
+SWITCH_BACK = Abort(
+    _restore_undone("every host that had switched over to the restored VMs switched back")
 )
-STOP_HALF_RESTORED = Abort(lambda _op, _r, _a: "the half-restored VMs were stopped")
 UNDO_SAVE_COMMIT = Abort(
     lambda op, _r, _a: f"state {op.state!r} was removed from the hosts that had committed it"
 )
-UNDO_RESTORE_COMMIT = Abort(_restore_not_committed)
+RESTORE_NOT_KEPT = Say(_restore_not_committed)
 
 
 # -- the actions -------------------------------------------------------------------
@@ -181,6 +212,10 @@ async def _stop(op: Operation) -> None:
     await op.each(lambda _h, link: link.stop(op.id))
 
 
+async def _verify(op: Operation) -> None:
+    await op.each(lambda _h, link: link.verify_state(op.state, op.options.verify))
+
+
 async def _prepare_restore(op: Operation) -> None:
     deadline = op.deadline = op.clock() + op.deadman
     prepared = await op.each(
@@ -199,10 +234,13 @@ DRAIN = Phase("drain and save held frames", _drain, ROLL_BACK)
 RESUME_SAVED = Phase("resume and deliver frames", _resume, ROLL_BACK, at_common_instant=True)
 COMMIT_SAVE = Phase("commit", _commit, UNDO_SAVE_COMMIT)
 DESTROY = Phase("destroy VMs", _stop, what="destroying VMs")  # the state is committed
-PREPARE_RESTORE = Phase("load VMs paused, frames held", _prepare_restore, STOP_RESTORED)
-RESYNC_RESTORE = Phase("clock sync", _sync, STOP_HALF_RESTORED)
-RESUME_RESTORED = Phase("resume and deliver frames", _resume, STOP_RESTORED, at_common_instant=True)
-COMMIT_RESTORE = Phase("commit", _commit, UNDO_RESTORE_COMMIT)
+# Nothing is touched before the state is verified on every host.
+VERIFY = Phase("verify the state", _verify, what="verifying the state")
+PREPARE_RESTORE = Phase("load VMs paused, frames held", _prepare_restore, DISCARD_PREPARED)
+RESYNC_RESTORE = Phase("clock sync", _sync, DISCARD_PREPARED)
+# The old VMs pause a moment before the new ones resume at the common instant.
+SWITCH_OVER = Phase("switch over", _resume, SWITCH_BACK, at_common_instant=True)
+COMMIT_RESTORE = Phase("commit", _commit, RESTORE_NOT_KEPT)
 
 
 def save_plan(*, stop: bool) -> list[Phase]:
@@ -216,4 +254,4 @@ def save_plan(*, stop: bool) -> list[Phase]:
 
 def restore_plan() -> list[Phase]:
     """The phases of ``lockstep restore``."""
-    return [CLOCK_SYNC, PREPARE_RESTORE, RESYNC_RESTORE, RESUME_RESTORED, COMMIT_RESTORE]
+    return [VERIFY, CLOCK_SYNC, PREPARE_RESTORE, RESYNC_RESTORE, SWITCH_OVER, COMMIT_RESTORE]

@@ -101,8 +101,22 @@ class OperationReport:
 
     @property
     def pause_skew_ms(self) -> float | None:
-        """Spread of the pause instants over all VMs (save only)."""
+        """Spread of the pause instants over all VMs (a restore: of the VMs it replaced)."""
         return skew_ms(v.paused_at for v in self.vms)
+
+    @property
+    def switch_over_ms(self) -> float | None:
+        """A restore's switch-over: from the first replaced VM's pause to the last new VM's resume.
+
+        None for a save, or a restore that replaced no running VM.
+        """
+        if self.operation != "restore":
+            return None
+        paused = [v.paused_at for v in self.vms if v.paused_at is not None]
+        resumed = [v.resumed_at for v in self.vms if v.resumed_at is not None]
+        if not paused or not resumed:
+            return None
+        return (max(resumed) - min(paused)) * 1000
 
     @property
     def resume_skew_ms(self) -> float | None:
@@ -160,6 +174,7 @@ class OperationReport:
         data = asdict(self)
         data["pause_skew_ms"] = self.pause_skew_ms
         data["resume_skew_ms"] = self.resume_skew_ms
+        data["switch_over_ms"] = self.switch_over_ms
         data["frames_held"] = sum(v.frames_held for v in self.vms)
         data["frames_delivered"] = sum(v.frames_delivered for v in self.vms)
         data["frames_dropped"] = sum(v.frames_dropped for v in self.vms)

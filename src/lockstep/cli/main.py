@@ -306,22 +306,31 @@ async def save(
 
 @main.command()
 @click.argument("name")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Also check the hash of the guests' saved RAM (reads all of it: about a second per"
+    " GiB from the page cache, more from disk). Sizes, device state and frames are always checked.",
+)
 @force_option
 @budget_option
 @json_option
 @with_caller
 @sync_options
 async def restore(
-    caller: GroupCaller, name: str, force: bool, skew_budget: float, as_json: bool
+    caller: GroupCaller, name: str, verify: bool, force: bool, skew_budget: float, as_json: bool
 ) -> None:
-    """Restore the whole group to state NAME; every VM resumes at one instant.
+    """Restore the whole group to state NAME: new VMs, switched to at one instant.
 
-    The VMs the group runs now are replaced. The state stays as it was: it
+    Every file of the state is checked on every host first. The new VMs are
+    prepared beside the running ones; only when every host is ready do the
+    running VMs pause and the new ones resume, at one instant. A restore that
+    cannot finish leaves the group as it was. The state stays as it was: it
     can be restored again and again.
     """
     caller.skew_budget = skew_budget / 1000
     with operation_progress(sys.stderr.isatty()) as progress:
-        report = await caller.restore(name, force=force, progress=progress)
+        report = await caller.restore(name, force=force, verify=verify, progress=progress)
     _report(report, as_json)
 
 

@@ -82,6 +82,8 @@ def render_report(report: OperationReport) -> None:
         parts.append(f"pause skew [bold]{_ms(report.pause_skew_ms)}[/]")
     if report.resume_skew_ms is not None:
         parts.append(f"resume skew [bold]{_ms(report.resume_skew_ms)}[/]")
+    if report.switch_over_ms is not None:
+        parts.append(f"switch-over {_ms(report.switch_over_ms)}")
     parts.append(f"predicted ≤ {_ms(report.predicted_skew_ms)}")
     parts.append(f"took {report.duration_s:.2f} s")
     console.print(", ".join(parts))

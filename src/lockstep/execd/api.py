@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
 from lockstep.group import VmSpec
+from lockstep.store import Verified
 
 __all__ = ["ExecdApi"]
 
@@ -71,6 +72,9 @@ class ExecdApi(Protocol):
 
     def state_show(self, name: str) -> dict[str, Any]:
         """One state's manifest as JSON-ready data."""
+
+    async def verify_state(self, name: str, deep: bool) -> Verified:
+        """Check every file of a state against its manifest (RAM hashes with ``deep``)."""
 
     async def state_delete(self, name: str) -> list[str]:
         """Delete a state no other state or VM depends on; return layers removed."""

@@ -8,7 +8,9 @@ Unset, it costs one comparison per point.
 
 Points: ``pause:before``, ``pause:after``, ``save_memory:before``,
 ``save_memory:after``, ``drain:after``, ``resume:before``, ``resume:after``,
-``commit:before``, ``prepare_restore:before``, ``prepare_restore:after``, ``probe``.
+``commit:before``, ``prepare_restore:before``, ``prepare_restore:load`` (a new VM's
+QEMU is about to load its memory; ``kill-qemu`` kills that new VM), ``prepare_restore:after``,
+``probe``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ POINTS = frozenset(
         "resume:after",
         "commit:before",
         "prepare_restore:before",
+        "prepare_restore:load",
         "prepare_restore:after",
         "probe",
     }

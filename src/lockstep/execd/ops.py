@@ -1,18 +1,31 @@
-"""Operations in progress on one execd, with explicit lifecycles.
+"""Operations in progress on one execd: each save or restore is one object with its lifecycle.
 
-A save or restore is an :class:`Operation` that moves through :class:`OpPhase`
-along the allowed transitions only; a call out of order fails with a clear
-error instead of half-doing something.
+An :class:`Operation` owns what it works on (its VMs, its staging state, its
+freezes, its frames and RAM images, a restore's new VMs) and knows how to
+undo itself (:meth:`Operation.abort`) and how to end when its caller goes
+quiet (:meth:`Operation.expire`). Its :class:`Lifecycle` moves through
+:class:`OpPhase` along the transitions its kind allows; a step asked out of
+order fails with a clear error instead of half-doing something. The concrete
+operations are :class:`lockstep.execd.save.SaveOperation` and
+:class:`lockstep.execd.restore.RestoreOperation`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lockstep.errors import LockstepError
 
-__all__ = ["OpKind", "OpPhase", "Operation", "OperationError"]
+if TYPE_CHECKING:
+    from lockstep.execd.host import Host
+    from lockstep.execd.model import VmReport
+    from lockstep.execd.vms import HostVm
+
+__all__ = ["Lifecycle", "OpKind", "OpPhase", "Operation", "OperationError"]
 
 
 class OperationError(LockstepError):
@@ -32,7 +45,10 @@ class OpPhase(enum.Enum):
     save:    OPEN -> PAUSED -> SAVED -> DRAINED -> RESUMED -> COMMITTED
              OPEN -> PAUSED -> SAVED -> DRAINED -> COMMITTED -> STOPPED  (--stop)
     restore: OPEN -> PREPARED -> RESUMED -> COMMITTED
-    and any phase before COMMITTED may go to ABORTED.
+             (RESUMED: switched over, the new VMs run and the old ones are paused)
+
+    Any phase before COMMITTED may go to ABORTED (a restore's RESUMED too: it
+    switches back); a save's COMMITTED too, when another host failed to commit.
     """
 
     OPEN = "open"
@@ -46,31 +62,35 @@ class OpPhase(enum.Enum):
     ABORTED = "aborted"
 
 
-_ALLOWED: dict[OpPhase, frozenset[OpPhase]] = {
-    OpPhase.OPEN: frozenset({OpPhase.PAUSED, OpPhase.PREPARED, OpPhase.ABORTED}),
-    OpPhase.PAUSED: frozenset({OpPhase.SAVED, OpPhase.ABORTED}),
-    OpPhase.SAVED: frozenset({OpPhase.DRAINED, OpPhase.ABORTED}),
-    OpPhase.DRAINED: frozenset({OpPhase.RESUMED, OpPhase.COMMITTED, OpPhase.ABORTED}),
-    OpPhase.PREPARED: frozenset({OpPhase.RESUMED, OpPhase.ABORTED}),
-    OpPhase.RESUMED: frozenset({OpPhase.COMMITTED, OpPhase.ABORTED}),
-    OpPhase.COMMITTED: frozenset({OpPhase.STOPPED}),
-    OpPhase.STOPPED: frozenset(),
-    OpPhase.ABORTED: frozenset(),
+_P = OpPhase
+_ALLOWED: Mapping[OpKind, Mapping[OpPhase, frozenset[OpPhase]]] = {
+    OpKind.SAVE: {
+        _P.OPEN: frozenset({_P.PAUSED, _P.ABORTED}),
+        _P.PAUSED: frozenset({_P.SAVED, _P.ABORTED}),
+        _P.SAVED: frozenset({_P.DRAINED, _P.ABORTED}),
+        _P.DRAINED: frozenset({_P.RESUMED, _P.COMMITTED, _P.ABORTED}),
+        _P.RESUMED: frozenset({_P.COMMITTED, _P.ABORTED}),
+        _P.COMMITTED: frozenset({_P.STOPPED, _P.ABORTED}),
+        _P.STOPPED: frozenset(),
+        _P.ABORTED: frozenset(),
+    },
+    OpKind.RESTORE: {
+        _P.OPEN: frozenset({_P.PREPARED, _P.ABORTED}),
+        _P.PREPARED: frozenset({_P.RESUMED, _P.ABORTED}),
+        _P.RESUMED: frozenset({_P.COMMITTED, _P.ABORTED}),
+        _P.COMMITTED: frozenset(),
+        _P.ABORTED: frozenset(),
+    },
 }
 
 
 @dataclass
-class Operation:
-    """One save or restore as this host sees it."""
+class Lifecycle:
+    """The phase of one operation of ``kind`` and every phase it went through."""
 
-    id: str
+    op: str
     kind: OpKind
-    state: str
-    vms: list[str]
-    deadline: float
-    keep_running: bool = True
-    # Found on disk after an execd restart: it can only expire or be aborted.
-    orphan: bool = False
+    what: str  # for messages: "save 'base'"
     phase: OpPhase = OpPhase.OPEN
     history: list[OpPhase] = field(default_factory=lambda: [OpPhase.OPEN])
 
@@ -83,52 +103,152 @@ class Operation:
         if self.phase not in phases:
             wanted = " or ".join(p.value for p in phases)
             raise OperationError(
-                f"operation {self.id} ({self.kind.value} {self.state!r}) is {self.phase.value};"
+                f"operation {self.op} ({self.what}) is {self.phase.value};"
                 f" this step needs it {wanted}"
             )
 
+    def found_in(self, phase: OpPhase) -> None:
+        """Start over in ``phase``, as a restarted execd finds the operation on disk."""
+        self.phase = phase
+        self.history = [phase]
+
     def advance(self, new: OpPhase) -> None:
-        """Move to ``new`` if the lifecycle allows it.
+        """Move to ``new`` if this kind's lifecycle allows it.
 
         Raises:
             OperationError: the transition is not allowed.
         """
-        if new not in _ALLOWED[self.phase]:
+        if new not in _ALLOWED[self.kind][self.phase]:
             raise OperationError(
-                f"operation {self.id}: cannot go from {self.phase.value} to {new.value}"
+                f"operation {self.op}: cannot go from {self.phase.value} to {new.value}"
             )
         self.phase = new
         self.history.append(new)
 
-    def to_json(self) -> dict[str, object]:
-        """What survives an execd restart: enough to resume its VMs at the deadline."""
+
+class Operation:
+    """One save or restore as this host sees it (subclasses do the steps)."""
+
+    kind: ClassVar[OpKind]
+
+    def __init__(
+        self,
+        host: Host,
+        op: str,
+        state: str,
+        vms: list[str],
+        deadline: float,
+        *,
+        orphan: bool = False,
+    ) -> None:
+        self.host = host
+        self.id = op
+        self.state = state
+        self.vms = vms
+        self.deadline = deadline
+        # Found on disk after an execd restart: it can only be aborted or expire.
+        self.orphan = orphan
+        self.life = Lifecycle(op, self.kind, f"{self.kind.value} {state!r}")
+        self._busy = 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.id!r}, {self.state!r}, {self.phase.value})"
+
+    @property
+    def phase(self) -> OpPhase:
+        """Where the operation is."""
+        return self.life.phase
+
+    @property
+    def history(self) -> list[OpPhase]:
+        """Every phase it went through, in order."""
+        return list(self.life.history)
+
+    @property
+    def ended(self) -> bool:
+        """Whether nothing is left to do (no step, no expiry)."""
+        return self.phase in (OpPhase.STOPPED, OpPhase.ABORTED) or (
+            self.phase is OpPhase.COMMITTED and not self.awaits_after_commit
+        )
+
+    @property
+    def awaits_after_commit(self) -> bool:
+        """Whether a step still follows the commit (a ``save --stop``'s stop)."""
+        return False
+
+    @property
+    def due(self) -> bool:
+        """Whether the dead-man's timer may end it now: not ended, no step of it running."""
+        return not self.ended and self._busy == 0
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """Run one step of it: the dead-man's timer never expires it meanwhile.
+
+        Raises:
+            OperationError: it was found after an execd restart (only abort ends it).
+        """
+        if self.orphan:
+            raise OperationError(
+                f"host {self.host.name}: execd restarted during operation {self.id}; it can"
+                " only be aborted (its VMs resume at its deadline)"
+            )
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+
+    def advance(self, new: OpPhase) -> None:
+        """Move on to ``new`` and keep the journal's record in step.
+
+        Raises:
+            OperationError: the lifecycle does not allow it.
+        """
+        self.life.advance(new)
+        if self.ended:
+            self.host.journal.remove(self.id)
+        else:
+            self.save_record()
+
+    def record(self) -> dict[str, Any]:
+        """What survives an execd restart (see :meth:`Operation.extra_record`)."""
         return {
             "id": self.id,
             "kind": self.kind.value,
             "state": self.state,
             "vms": self.vms,
             "deadline": self.deadline,
+            "phase": self.phase.value,
+            **self.extra_record(),
         }
 
-    @classmethod
-    def orphan_from_json(cls, data: dict[str, object]) -> Operation:
-        """An operation read back after a restart, waiting for its deadline.
+    def extra_record(self) -> dict[str, Any]:
+        """What a kind of operation adds to its record."""
+        return {}
 
-        Raises:
-            ValueError: the record is malformed.
-        """
-        vms = data.get("vms")
-        deadline = data.get("deadline")
-        if not isinstance(vms, list) or not isinstance(deadline, int | float):
-            raise ValueError("operation record lacks vms or deadline")
-        kind = OpKind(str(data["kind"]))
-        op = cls(
-            id=str(data["id"]),
-            kind=kind,
-            state=str(data["state"]),
-            vms=[str(v) for v in vms],
-            deadline=float(deadline),
-            orphan=True,
-        )
-        op.advance(OpPhase.PAUSED if kind is OpKind.SAVE else OpPhase.PREPARED)
-        return op
+    def save_record(self) -> None:
+        """Write the record into the journal."""
+        self.host.journal.write(self.id, self.record())
+
+    def extend(self, deadline: float) -> None:
+        """Push back the deadline (kept in the journal, for a restart)."""
+        self.deadline = deadline
+        if not self.ended:
+            self.save_record()
+
+    def targets(self) -> list[HostVm]:
+        """The VMs of the operation this host runs now."""
+        return [vm for n in self.vms if (vm := self.host.vms.get(n)) is not None]
+
+    def held_chains(self) -> dict[str, list[str]]:
+        """Layer chains of VMs the operation holds that the host does not run (yet)."""
+        return {}
+
+    async def abort(self, resume_at: float | None) -> list[VmReport]:
+        """Undo the operation; VMs that must run again resume at ``resume_at``."""
+        raise NotImplementedError
+
+    async def expire(self) -> None:
+        """End the operation at its deadline: its caller went quiet."""
+        raise NotImplementedError

@@ -15,9 +15,11 @@ For each tap of the VM (DESIGN.md, "The freeze"):
   the held frames in their order through the tap socket with
   ``PACKET_QDISC_BYPASS`` (so they skip the tap's qdisc and are not captured
   again). A paused QEMU does not read its tap, so they wait in the tap's own
-  queue (made long enough for them first); then ``lift`` removes the filter
-  and the veth pair. When the VM resumes it reads the held frames first, and
-  whatever arrives after the lift behind them: nothing overtakes a held frame.
+  queue (made long enough for them first); then the filter goes. When the VM
+  resumes it reads the held frames first, and whatever arrives after the
+  filter went behind them: nothing overtakes a held frame;
+- ``lift`` (after the VM resumed): stop the capture, count what was delivered
+  and dropped, remove the veth pair.
   (Delivering after the resume, as this module once did, let a frame that
   arrived just after the filter went reach the VM before frames still on their
   way through the capture: 208 reordered in 5 cycles on a slow machine.)
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import socket
 import tempfile
 import threading
@@ -86,13 +89,29 @@ class FreezeLimits:
     limit: int = 262144
 
 
-class FreezeState:
-    """Lifecycle of a freeze: NEW -> PREPARED -> ENGAGED -> (DELIVERED) -> LIFTED."""
+class FreezeState(enum.Enum):
+    """Lifecycle of a freeze: NEW -> PREPARED -> ENGAGED -> DELIVERED -> LIFTED.
+
+    Any state may go to LIFTED (a freeze is lifted however it ends); a freeze
+    prepared but never engaged may deliver (a state's frames, on a restore).
+    """
 
     NEW = "new"
     PREPARED = "prepared"
     ENGAGED = "engaged"
+    DELIVERED = "delivered"
     LIFTED = "lifted"
+
+
+_FREEZE_ALLOWED: dict[FreezeState, frozenset[FreezeState]] = {
+    FreezeState.NEW: frozenset({FreezeState.PREPARED, FreezeState.LIFTED}),
+    FreezeState.PREPARED: frozenset(
+        {FreezeState.ENGAGED, FreezeState.DELIVERED, FreezeState.LIFTED}
+    ),
+    FreezeState.ENGAGED: frozenset({FreezeState.DELIVERED, FreezeState.LIFTED}),
+    FreezeState.DELIVERED: frozenset({FreezeState.LIFTED}),
+    FreezeState.LIFTED: frozenset(),
+}
 
 
 def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
@@ -246,8 +265,17 @@ class NicFreeze:
         self._threads: list[threading.Thread] = []
         self._last_arrival = time.monotonic()
         self._ipr: Any = None
+        # Between deliver and lift: frames injected per NIC, the taps' drop
+        # counters before, and the restore's boundary of stale frames.
+        self._sent: list[int] = []
+        self._dropped_before: list[int] = []
+        self._discard_before: float | None = None
 
-    def _set(self, state: str) -> None:
+    def _set(self, state: FreezeState) -> None:
+        if state not in _FREEZE_ALLOWED[self.state]:
+            raise NetError(
+                f"freeze of VM {self.vm}: cannot go from {self.state.value} to {state.value}"
+            )
         self.state = state
         self.history.append(state)
 
@@ -383,7 +411,9 @@ class NicFreeze:
             NetError: a filter could not be added.
         """
         if self.state != FreezeState.PREPARED:
-            raise NetError(f"freeze of VM {self.vm} is {self.state}; engage needs it prepared")
+            raise NetError(
+                f"freeze of VM {self.vm} is {self.state.value}; engage needs it prepared"
+            )
         try:
             for nic in self._nics:
                 nic.rx_base = (await self._counters(nic.capture_index))[0]
@@ -530,14 +560,38 @@ class NicFreeze:
             self.held -= len(batch) - len(fresh)
             return fresh
 
+    async def queue_saved(self) -> int:
+        """Queue a state's frames (:meth:`load_pcaps`) on the taps now; return how many.
+
+        For a restore: the new VM is paused (QEMU reads nothing yet) and no
+        frame of its new timeline exists yet, so they are first in its queue.
+        What the taps drop is counted as dropped.
+
+        Raises:
+            NetError: a tap's queue could not be made long enough.
+        """
+        before = [await self._tx_dropped(nic) for nic in self._nics]
+        queued = 0
+        for i, nic in enumerate(self._nics):
+            await self._make_room(nic)
+            saved, nic.saved = nic.saved, []
+            sent = await self._inject(nic, saved)
+            lost = max(0, await self._tx_dropped(nic) - before[i])
+            with self._lock:
+                self.delivered += sent - lost
+                self.dropped += lost
+            queued += sent - lost
+        return queued
+
     async def deliver(self, discard_before: float | None = None) -> None:
-        """Queue the held frames on the taps in order, then lift; the VM must still be paused.
+        """Queue the held frames on the taps in order and remove the filters; the VM is paused.
 
         A state's saved frames go first, then the frames captured live, then
         those arriving meanwhile. With ``discard_before`` (a restore: the
         common resume instant, less a margin), live frames captured before it
         belong to the timeline being replaced and are discarded (counted as
-        ``stale``), never delivered. What the tap drops is counted as dropped.
+        ``stale``), never delivered (``math.inf``: every live frame). What the
+        tap drops is counted as dropped.
 
         Order: the paused VM reads nothing, so the frames wait in the tap's
         queue in the order injected; once the filter is gone, new frames queue
@@ -545,41 +599,51 @@ class NicFreeze:
         path, a moment after a direct one) could come second; nothing of the
         group is sent then, as every VM of the group is paused.
 
+        Only what must come before the VM resumes is done here (a few netlink
+        requests): :meth:`lift`, after the resume, stops the capture and
+        removes the rest.
+
         Raises:
             NetError: a tap's queue could not be made long enough.
         """
         if self.state not in (FreezeState.ENGAGED, FreezeState.PREPARED):
             return
-        before = [await self._tx_dropped(nic) for nic in self._nics]
-        sent = [0] * len(self._nics)
+        self._dropped_before = [await self._tx_dropped(nic) for nic in self._nics]
+        self._sent = [0] * len(self._nics)
+        self._discard_before = discard_before
         for nic in self._nics:
             await self._make_room(nic)
         for i, nic in enumerate(self._nics):
             saved, nic.saved = nic.saved, []
-            sent[i] = await self._inject(nic, saved)
+            self._sent[i] = await self._inject(nic, saved)
             while batch := self._take(nic, discard_before):
-                sent[i] += await self._inject(nic, batch)
+                self._sent[i] += await self._inject(nic, batch)
         # No frame is redirected once the filters are gone. Those redirected
         # just before may still be on their way to the capture end: wait until
-        # the readers have every one (the kernel's count says when), deliver
-        # them, then stop the readers and take whatever they left in the sockets.
-        # Frames that never arrived, or that a full socket dropped, are counted.
+        # the readers have every one (the kernel's count says when) and deliver them.
         for nic in self._nics:
             await self._remove_filter(nic)
         for nic in self._nics:
             await self._settle(nic)
         for i, nic in enumerate(self._nics):
-            sent[i] += await self._inject(nic, self._take(nic, discard_before))
+            self._sent[i] += await self._inject(nic, self._take(nic, discard_before))
+        self._set(FreezeState.DELIVERED)
+
+    async def _account(self) -> None:
+        """After a delivery: stop the readers, deliver what they left, count what was lost.
+
+        Frames that never reached the capture (a full socket dropped them) or
+        that a tap dropped are counted as dropped.
+        """
         await self._stop_readers()
         for i, nic in enumerate(self._nics):
             self._read_pending(nic)
-            sent[i] += await self._inject(nic, self._take(nic, discard_before))
-            missing = max(await self._in_flight(nic), 0)  # a full socket dropped them, say
-            lost = max(0, await self._tx_dropped(nic) - before[i])
+            self._sent[i] += await self._inject(nic, self._take(nic, self._discard_before))
+            missing = max(await self._in_flight(nic), 0)
+            lost = max(0, await self._tx_dropped(nic) - self._dropped_before[i])
             with self._lock:
-                self.delivered += sent[i] - lost
+                self.delivered += self._sent[i] - lost
                 self.dropped += lost + missing
-        await self.lift()
 
     async def _stop_readers(self) -> None:
         self._stop.set()
@@ -595,10 +659,13 @@ class NicFreeze:
     async def lift(self) -> None:
         """Remove filters, veths and sockets; frames still held are discarded.
 
-        Idempotent; never raises for what is already gone.
+        After :meth:`deliver`, this is where the frames delivered and dropped
+        are counted. Idempotent; never raises for what is already gone.
         """
         if self.state == FreezeState.LIFTED:
             return
+        if self.state == FreezeState.DELIVERED:
+            await self._account()
         for nic in self._nics:
             await self._remove_filter(nic)
         await self._stop_readers()

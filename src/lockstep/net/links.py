@@ -28,6 +28,7 @@ __all__ = [
     "link_exists",
     "list_links",
     "netlink",
+    "set_master",
     "tap_name",
 ]
 
@@ -36,9 +37,14 @@ LINK_PREFIX = "ls"
 OUR_LINK = re.compile(rf"^{LINK_PREFIX}[0-9a-f]{{8}}([tfg])(\d+)$")
 
 
-def tap_name(group: str, vm: str, index: int) -> str:
-    """The tap of NIC ``index`` of ``vm`` in ``group``: ``ls`` + 8 hex + ``t`` + index."""
-    digest = hashlib.sha256(f"{group}/{vm}".encode()).hexdigest()[:8]
+def tap_name(group: str, vm: str, index: int, *, spare: bool = False) -> str:
+    """The tap of NIC ``index`` of ``vm`` in ``group``: ``ls`` + 8 hex + ``t`` + index.
+
+    ``spare`` names the other set a VM's NICs can have: a restore prepares the
+    new VM on the set the running one does not use, so both exist at once.
+    """
+    key = f"{group}/{vm}/spare" if spare else f"{group}/{vm}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{LINK_PREFIX}{digest}t{index}"
 
 
@@ -111,6 +117,31 @@ async def create_tap(name: str, bridge: str, *, netns: str | None = None) -> Non
             await ipr.link("set", ifname=name, master=br[0], state="up")
         except NetlinkError as exc:
             raise NetError(f"cannot create tap {_where(name, netns)} on {bridge}: {exc}") from exc
+
+
+async def set_master(name: str, bridge: str | None, *, netns: str | None = None) -> None:
+    """Enslave link ``name`` to ``bridge``, or take it out of its bridge (None).
+
+    Out of its bridge, a tap gets no frame; the bridge forgets the addresses it
+    had learnt on it, so frames for them are flooded until learnt again.
+
+    Raises:
+        NetError: a link is missing or could not be changed.
+    """
+    async with netlink(netns) as ipr:
+        try:
+            if bridge is None:
+                await ipr.link("set", ifname=name, master=0)
+                return
+            br = await ipr.link_lookup(ifname=bridge)
+            if not br:
+                raise NetError(f"bridge {_where(bridge, netns)} does not exist")
+            await ipr.link("set", ifname=name, master=br[0])
+        except NetlinkError as exc:
+            where = _where(name, netns)
+            raise NetError(
+                f"cannot {'set the bridge of' if bridge else 'unbridge'} {where}: {exc}"
+            ) from exc
 
 
 async def ensure_clsact(ipr: Any, index: int) -> None:

@@ -14,8 +14,9 @@ itself when the call is transport). Everything else follows from the table:
   HostClient, ExecdServicer and :class:`~lockstep.execd.api.ExecdApi` each have
   the methods it calls for.
 
-A new call is: the proto (regenerated), an entry here, a HostClient method, an
-ExecdServicer method and, if the service answers it, an ExecdApi method.
+A new call is: the proto (regenerated first: this module needs its messages),
+an entry here, a HostClient method, an ExecdServicer method and, if the
+service answers it, an ExecdApi method.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
     "STATUS",
     "STOP",
     "UP",
+    "VERIFY_STATE",
     "Call",
     "ServedBy",
     "Timeout",
@@ -115,6 +117,8 @@ PREPARE_RESTORE: Final = Call(
 )
 STATES: Final = Call("States", Timeout.NORMAL, pb.Empty, pb.StateList)
 STATE_SHOW: Final = Call("StateShow", Timeout.NORMAL, pb.StateRequest, pb.StateDetail)
+# Slow: a deep check hashes the guests' RAM.
+VERIFY_STATE: Final = Call("VerifyState", Timeout.SLOW, pb.VerifyStateRequest, pb.VerifyStateReply)
 STATE_FRAMES: Final = Call(
     "StateFrames", Timeout.SLOW, pb.StateFramesRequest, pb.FileChunk, stream=True
 )
@@ -141,6 +145,7 @@ CALLS: Final[Mapping[str, Call[Any, Any]]] = MappingProxyType(
             PREPARE_RESTORE,
             STATES,
             STATE_SHOW,
+            VERIFY_STATE,
             STATE_FRAMES,
             STATE_DELETE,
         )

@@ -52,6 +52,7 @@ from lockstep.rpc.calls import (
     STATUS,
     STOP,
     UP,
+    VERIFY_STATE,
     Call,
     Timeout,
 )
@@ -59,6 +60,7 @@ from lockstep.rpc.convert import ERROR_KIND_KEY
 from lockstep.rpc.generated import execd_pb2 as pb
 from lockstep.rpc.generated import execd_pb2_grpc as pb_grpc
 from lockstep.rpc.probe import ProbeCounts, ProbeKey, UdpProbePath
+from lockstep.store import Verified
 
 __all__ = ["HostClient"]
 
@@ -384,6 +386,16 @@ class HostClient:
             return convert.manifest_from_pb(reply)
         except ValueError as exc:
             raise RemoteError(f"{self.host}: {exc}", host=self.host) from exc
+
+    async def verify_state(self, name: str, deep: bool) -> Verified:
+        """Check every file of state ``name`` against its manifest (RAM hashes with ``deep``).
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError (kind
+                ``StateDamaged`` naming the VM and file when the state is damaged).
+        """
+        reply = await self._call(VERIFY_STATE, pb.VerifyStateRequest(name=name, deep=deep))
+        return Verified(reply.files, reply.hashed_bytes, reply.seconds)
 
     async def state_frames(self, name: str, vm: str) -> list[tuple[str, bytes]]:
         """The pcap files of the frames state ``name`` holds for ``vm``: (file name, content).

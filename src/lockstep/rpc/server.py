@@ -44,6 +44,7 @@ from pydantic import ValidationError
 from lockstep.errors import (
     ConfigError,
     LockstepError,
+    StateDamaged,
     StateExists,
     StateInUse,
     StateNotFound,
@@ -83,6 +84,7 @@ else:
 # First match wins: subclasses before their bases.
 STATUS_FOR_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (StateNotFound, grpc.StatusCode.NOT_FOUND),
+    (StateDamaged, grpc.StatusCode.DATA_LOSS),
     (StateExists, grpc.StatusCode.ALREADY_EXISTS),
     (StateInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -460,6 +462,14 @@ class ExecdServicer(pb_grpc.ExecdServicer):
     async def StateShow(self, request: pb.StateRequest) -> pb.StateDetail:
         """One state's manifest."""
         return convert.manifest_to_pb(self._api.state_show(_state(request.name)))
+
+    @_rpc
+    async def VerifyState(self, request: pb.VerifyStateRequest) -> pb.VerifyStateReply:
+        """Check a state's files against its manifest."""
+        checked = await self._api.verify_state(_state(request.name), request.deep)
+        return pb.VerifyStateReply(
+            files=checked.files, hashed_bytes=checked.hashed_bytes, seconds=checked.seconds
+        )
 
     @_rpc
     async def StateDelete(self, request: pb.StateRequest) -> pb.StateDeleteReply:

@@ -12,7 +12,7 @@ from lockstep.store.manifest import (
     parse_utc,
     utc_now,
 )
-from lockstep.store.store import Staging, StagingState, StateStore
+from lockstep.store.store import Staging, StagingState, StateStore, Verified
 
 __all__ = [
     "MANIFEST_FILE",
@@ -21,6 +21,7 @@ __all__ = [
     "Staging",
     "StagingState",
     "StateStore",
+    "Verified",
     "VmRecord",
     "check_relpath",
     "parse_utc",

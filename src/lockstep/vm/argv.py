@@ -45,9 +45,15 @@ class RamFile:
 
 @dataclass(frozen=True)
 class VmPaths:
-    """Where one VM's QEMU keeps its sockets and logs (execd's runtime dir for it)."""
+    """Where one VM's QEMU keeps its sockets and logs (execd's runtime dir for it).
+
+    ``logdir`` holds the console log when it is not ``rundir``: a VM being
+    restored runs from a folder of its own until the restore commits, while its
+    console goes on in the VM's one log.
+    """
 
     rundir: Path
+    logdir: Path | None = None
 
     @property
     def qmp(self) -> Path:
@@ -62,7 +68,7 @@ class VmPaths:
     @property
     def console(self) -> Path:
         """Serial console (ttyS0), appended across QEMU restarts."""
-        return self.rundir / "console.log"
+        return (self.logdir or self.rundir) / "console.log"
 
     @property
     def channel(self) -> Path:

@@ -182,9 +182,10 @@ class Machine:
         netns: str | None = None,
         qemu_binary: str = QEMU_BINARY,
         command_timeout: float = _COMMAND_TIMEOUT,
+        logdir: Path | None = None,
     ) -> None:
         self.spec = spec
-        self.paths = VmPaths(rundir)
+        self.paths = VmPaths(rundir, logdir)
         self.netns = netns
         self.qemu_binary = qemu_binary
         # Seconds QEMU has to answer one QMP command (and send the event it owes).
@@ -216,6 +217,14 @@ class Machine:
     def pid(self) -> int | None:
         """QEMU's pid, once started or attached."""
         return self._pid
+
+    def relocate(self, rundir: Path) -> None:
+        """Say that this VM's files (sockets, pid file, RAM file) now live in ``rundir``.
+
+        For a restored VM whose folder was moved into place while QEMU runs:
+        QEMU keeps what it has open, and new connections use the new paths.
+        """
+        self.paths = VmPaths(rundir)
 
     def control_threads(self) -> list[int]:
         """Thread ids that carry a QMP command through: every thread but the vCPUs.
@@ -392,7 +401,8 @@ class Machine:
             await asyncio.sleep(_POLL)
         return not self.alive()
 
-    async def _drop_qmp(self) -> None:
+    async def drop_qmp(self) -> None:
+        """Close the QMP connection (QEMU runs on: an execd stopping leaves its VMs running)."""
         qmp, self._qmp = self._qmp, None
         if qmp is not None:
             # After quit (or a crash) the reader ends with EOF; that is expected.
@@ -409,7 +419,7 @@ class Machine:
         if self._qmp is not None:
             with contextlib.suppress(VmError):
                 await self.execute("quit", timeout=timeout)
-        await self._drop_qmp()
+        await self.drop_qmp()
         if not await self._wait_exit(timeout):
             await self.kill()
             return
@@ -418,7 +428,7 @@ class Machine:
 
     async def kill(self) -> None:
         """Kill QEMU at once (SIGKILL); the VM is gone afterwards."""
-        await self._drop_qmp()
+        await self.drop_qmp()
         if self._pid is not None and self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pid, signal.SIGKILL)
@@ -632,8 +642,8 @@ class Machine:
             await self.execute("getfd", {"fdname": "memfile"})
             await self.execute("migrate", {"uri": "fd:memfile"})
             await self._wait_migration("saving memory", progress, timeout)
-            try:
-                os.fsync(fd)
+            try:  # gigabytes to flush: on a worker thread, the event loop serves on
+                await asyncio.to_thread(os.fsync, fd)
             except OSError as exc:
                 raise VmError(
                     f"VM {self.name}: memory file {path} could not be flushed: {exc.strerror}"

@@ -232,6 +232,24 @@ class StateDetail(_message.Message):
     manifest_json: str
     def __init__(self, manifest_json: _Optional[str] = ...) -> None: ...
 
+class VerifyStateRequest(_message.Message):
+    __slots__ = ("name", "deep")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEEP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    deep: bool
+    def __init__(self, name: _Optional[str] = ..., deep: _Optional[bool] = ...) -> None: ...
+
+class VerifyStateReply(_message.Message):
+    __slots__ = ("files", "hashed_bytes", "seconds")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    HASHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    files: int
+    hashed_bytes: int
+    seconds: float
+    def __init__(self, files: _Optional[int] = ..., hashed_bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class StateDeleteReply(_message.Message):
     __slots__ = ("removed_layers",)
     REMOVED_LAYERS_FIELD_NUMBER: _ClassVar[int]

@@ -114,6 +114,11 @@ class ExecdStub:
                 request_serializer=lockstep_dot_v1_dot_execd__pb2.StateRequest.SerializeToString,
                 response_deserializer=lockstep_dot_v1_dot_execd__pb2.StateDetail.FromString,
                 _registered_method=True)
+        self.VerifyState = channel.unary_unary(
+                '/lockstep.v1.Execd/VerifyState',
+                request_serializer=lockstep_dot_v1_dot_execd__pb2.VerifyStateRequest.SerializeToString,
+                response_deserializer=lockstep_dot_v1_dot_execd__pb2.VerifyStateReply.FromString,
+                _registered_method=True)
         self.StateDelete = channel.unary_unary(
                 '/lockstep.v1.Execd/StateDelete',
                 request_serializer=lockstep_dot_v1_dot_execd__pb2.StateRequest.SerializeToString,
@@ -231,6 +236,13 @@ class ExecdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyState(self, request, context):
+        """Check every file of a state against its manifest before a restore touches anything.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StateDelete(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -326,6 +338,11 @@ def add_ExecdServicer_to_server(servicer, server):
                     servicer.StateShow,
                     request_deserializer=lockstep_dot_v1_dot_execd__pb2.StateRequest.FromString,
                     response_serializer=lockstep_dot_v1_dot_execd__pb2.StateDetail.SerializeToString,
+            ),
+            'VerifyState': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyState,
+                    request_deserializer=lockstep_dot_v1_dot_execd__pb2.VerifyStateRequest.FromString,
+                    response_serializer=lockstep_dot_v1_dot_execd__pb2.VerifyStateReply.SerializeToString,
             ),
             'StateDelete': grpc.unary_unary_rpc_method_handler(
                     servicer.StateDelete,
@@ -770,6 +787,33 @@ class Execd:
             '/lockstep.v1.Execd/StateShow',
             lockstep_dot_v1_dot_execd__pb2.StateRequest.SerializeToString,
             lockstep_dot_v1_dot_execd__pb2.StateDetail.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockstep.v1.Execd/VerifyState',
+            lockstep_dot_v1_dot_execd__pb2.VerifyStateRequest.SerializeToString,
+            lockstep_dot_v1_dot_execd__pb2.VerifyStateReply.FromString,
             options,
             channel_credentials,
             insecure,
