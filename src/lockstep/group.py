@@ -381,8 +381,9 @@ def _printable(text: str) -> str:
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
-    parts = [_printable(str(p)) for p in loc if not str(p).startswith("function-")]
-    return ".".join(parts)
+    """Where in the file an error is (``vms.p1.kernel``); a long key is quoted and cut."""
+    parts = [str(p) for p in loc if not str(p).startswith("function-")]
+    return ".".join(_shown(p) if len(p) > _SHOWN else _printable(p) for p in parts)
 
 
 def _resolve(data: dict[str, Any], base: Path) -> dict[str, Any]:

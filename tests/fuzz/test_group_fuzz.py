@@ -216,6 +216,7 @@ def group_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @example(raw=_with(hosts={"h1": {"address": "a b\n:١٢٣"}}), check_files=False)
 @example(raw=_with(networks={"lan": {"bridge": "br\n"}}), check_files=False)
 @example(raw=_with(vms={"p1\n": {"host": "h1", "kernel": "/k"}}), check_files=False)
+@example(raw=_with(vms={"x" * 100_000: {"host": "h1", "kernel": "/k"}}), check_files=False)
 @example(
     raw=_with(
         vms={

@@ -58,6 +58,7 @@ from lockstep.rpc import (
     server_credentials,
     start_server,
 )
+from lockstep.rpc.calls import UP
 from lockstep.rpc.generated import execd_pb2 as pb
 from lockstep.rpc.server import MAX_AHEAD
 from lockstep.store import Manifest, StateStore, VmRecord, utc_now
@@ -223,10 +224,6 @@ class Call:
 
 
 calls = st.sampled_from(sorted(ARGS)).flatmap(lambda m: ARGS[m].map(lambda args: Call(m, args)))
-
-
-def _snake(method: str) -> str:
-    return re.sub(r"(?<!^)([A-Z])", r"_\1", method).lower()
 
 
 # --- the execd under test ------------------------------------------------------------
@@ -403,11 +400,11 @@ async def invoke(execd: Execd, call: Call) -> object:
             group=group, vm_specs_json=[t.replace(BASE, base_img) for t in texts]
         )
         # HostClient.up only sends valid VmSpecs; the wire must survive what it cannot send.
-        return await client._unary("Up", request, pb.VmStatusList)
+        return await client._call(UP, request)
     if call.method == "SaveMemory":
         op, keep_running = call.args
         return await client.save_memory(op, keep_running, lambda _p: None)
-    method: Callable[..., Awaitable[object]] = getattr(client, _snake(call.method))
+    method: Callable[..., Awaitable[object]] = getattr(client, CALLS[call.method].python_name)
     return await method(*call.args)
 
 
@@ -437,7 +434,7 @@ def test_every_rpc_is_fuzzed() -> None:
     """The strategies cover every RPC of the call table, and the HostClient has each."""
     assert set(ARGS) == set(CALLS)
     for method in ARGS:
-        assert callable(getattr(HostClient, _snake(method)))
+        assert callable(getattr(HostClient, CALLS[method].python_name))
 
 
 @pytest.mark.usefixtures("untouched_session")
@@ -581,7 +578,7 @@ def test_garbage_bytes_are_refused(execd: Execd, method: str, payload: bytes) ->
     traceback in the execd's log; the server now refuses them as INVALID_ARGUMENT.
     """
     path = f"/{pb.DESCRIPTOR.services_by_name['Execd'].full_name}/{method}"
-    streaming = method == "SaveMemory"
+    streaming = CALLS[method].stream
     kind = execd.channel.unary_stream if streaming else execd.channel.unary_unary
     rpc: Any = kind(path, request_serializer=None, response_deserializer=None)  # raw bytes
     try:
