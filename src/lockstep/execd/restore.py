@@ -48,10 +48,10 @@ log = logging.getLogger(__name__)
 # The old VMs pause this long before the new ones resume: time to take their
 # taps out of the bridges, let the old timeline's last frames arrive (they are
 # dropped) and lift the new VMs' freezes. It is the switch-over's whole cost.
-SWITCH_LEAD = 0.04
-_SETTLE = 0.005  # s after the old VMs paused before their last frames count as arrived
-_QUIET = 0.003  # s without a frame that count as quiet then
-_QUIET_LIMIT = 0.01  # s: the longest that wait
+SWITCH_LEAD = 0.03
+_SETTLE = 0.003  # s after the old VMs paused before their last frames count as arrived
+_QUIET = 0.002  # s without a frame that count as quiet then
+_QUIET_LIMIT = 0.006  # s: the longest that wait
 
 
 def _kill(vm: HostVm) -> None:
@@ -214,8 +214,7 @@ class RestoreOperation(Operation):
         olds, news = list(self.old.values()), list(self.new.values())
         stop_at = at - SWITCH_LEAD
         paused = {r.name: r.paused_at for r in await pause_at(self.host, olds, stop_at)}
-        for vm in olds:
-            await self.host.vms.bridge_taps(vm, attached=False)
+        await gather_all([self.host.vms.bridge_taps(vm, attached=False) for vm in olds])
         # The old timeline's last frames (sent just before its VMs paused, on
         # any host) arrive at the new taps' freezes, and are dropped with the rest.
         await asyncio.sleep(max(0.0, stop_at + _SETTLE - self.host.clock.now()))
@@ -234,8 +233,8 @@ class RestoreOperation(Operation):
             OperationError: the restore has not switched over.
         """
         self.life.require(OpPhase.RESUMED)
-        for vm in self.old.values():
-            await self.host.vms.discard(vm)
+        # The replaced VMs' memory and disk layers are of no more use: kill them.
+        await gather_all([self.host.vms.discard(vm, graceful=False) for vm in self.old.values()])
         for vm in self.new.values():
             self.host.vms.move_home(vm)
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -249,7 +248,8 @@ class RestoreOperation(Operation):
         """Quit every new VM, remove its taps, folder and layer; the running VMs stay."""
         new, self.new = self.new, {}
         failures = await asyncio.gather(
-            *(self.host.vms.discard(vm) for vm in new.values()), return_exceptions=True
+            *(self.host.vms.discard(vm, graceful=False) for vm in new.values()),
+            return_exceptions=True,
         )
         shutil.rmtree(self.folder, ignore_errors=True)
         self.host.collect_garbage()
@@ -286,10 +286,8 @@ class RestoreOperation(Operation):
         news, olds = list(self.new.values()), list(self.old.values())
         when = at if at is not None else self.host.clock.now() + SWITCH_LEAD
         await pause_at(self.host, news, when - SWITCH_LEAD)
-        for vm in news:
-            await self.host.vms.bridge_taps(vm, attached=False)
-        for vm in olds:
-            await self.host.vms.bridge_taps(vm, attached=True)
+        await gather_all([self.host.vms.bridge_taps(vm, attached=False) for vm in news])
+        await gather_all([self.host.vms.bridge_taps(vm, attached=True) for vm in olds])
         reports = await resume_at(self.host, olds, when)
         for vm in olds:
             self.host.vms.register(vm)

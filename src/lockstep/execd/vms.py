@@ -203,9 +203,11 @@ class VmRegistry:
             disk=layer, taps=runtime.taps, incoming=incoming, ram=runtime.ram_file
         )
 
-    async def discard(self, vm: HostVm) -> None:
+    async def discard(self, vm: HostVm, *, graceful: bool = True) -> None:
         """Quit ``vm``'s QEMU, lift its freeze, remove its taps (and its folder if not home).
 
+        Not ``graceful``: QEMU is killed at once, for a VM whose memory and
+        disk no one will use again (a restore's replaced or unused VMs).
         The VM is forgotten if it is the one this host runs under its name.
         """
         try:
@@ -214,7 +216,7 @@ class VmRegistry:
                 vm.freeze = None
         finally:
             try:
-                await vm.machine.quit()
+                await (vm.machine.quit() if graceful else vm.machine.kill())
             finally:
                 if self.vms.get(vm.name) is vm:
                     self.forget(vm.name)
