@@ -13,9 +13,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from lockstep.caller.connect import clients_for
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.group import load_group
-from lockstep.lab.lab import LabOptions, bring_up, clients_for, take_down
+from lockstep.lab.lab import LabOptions, bring_up, take_down
 from lockstep.proc import run
 
 

@@ -37,9 +37,10 @@ from typing import Any, TypeVar
 
 from bench.common import lab_options, percentile, say
 from bench.naive import naive_restore, naive_save
+from lockstep.caller.connect import clients_for
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.errors import LabError, LockstepError
-from lockstep.lab.lab import bring_up, clients_for, take_down
+from lockstep.lab.lab import bring_up, take_down
 from lockstep.lab.verify import EVERYTHING, LAST_RESTORE, Since, log_marks, verify_lab
 
 LAB = "lshb"

@@ -54,6 +54,7 @@ import tomli_w
 from bench.common import free_subnets, say
 from bench.naive import naive_restore, naive_save
 from bench.scratch import drop_caches
+from lockstep.caller.connect import clients_for
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.caller.report import OperationReport
 from lockstep.errors import LockstepError
@@ -61,7 +62,6 @@ from lockstep.group import load_group
 from lockstep.lab.lab import (
     LabOptions,
     bring_up,
-    clients_for,
     guest,
     lab_data_dir,
     take_down,

@@ -27,13 +27,13 @@ from typing import Any
 import pytest
 
 from bench.common import free_subnets
+from lockstep.caller.connect import clients_for
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.group import GroupSpec, load_group
 from lockstep.lab.guestctl import GuestControl
 from lockstep.lab.lab import (
     LabOptions,
     bring_up,
-    clients_for,
     guest,
     lab_data_dir,
     take_down,

@@ -22,9 +22,10 @@ from contextlib import contextmanager
 
 import pytest
 
+from lockstep.caller.connect import clients_for
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.errors import ClockError, OperationFailed
-from lockstep.lab.lab import clients_for, execd_pid, restart_execd, wait_execds, wait_guests
+from lockstep.lab.lab import execd_pid, restart_execd, wait_execds, wait_guests
 from lockstep.rpc import Timeout
 from tests.integration.conftest import Lab
 

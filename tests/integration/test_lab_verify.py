@@ -23,13 +23,13 @@ from typing import Any
 
 import pytest
 
+from lockstep.caller.connect import clients_for
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.caller.report import OperationReport
 from lockstep.group import GroupSpec
 from lockstep.lab.lab import (
     LabOptions,
     bring_up,
-    clients_for,
     lab_data_dir,
     take_down,
     vm_run_dir,

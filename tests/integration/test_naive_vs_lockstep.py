@@ -15,8 +15,9 @@ from typing import Any
 
 from bench.heartbeat import counts
 from bench.naive import naive_restore, naive_save
+from lockstep.caller.connect import clients_for
 from lockstep.caller.orchestrator import GroupCaller
-from lockstep.lab.lab import LabOptions, clients_for
+from lockstep.lab.lab import LabOptions
 from lockstep.lab.verify import verify_lab
 from tests.integration.conftest import Lab
 

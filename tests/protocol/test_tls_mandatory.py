@@ -50,7 +50,7 @@ def test_caller_without_tls_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "Traceback" not in result.output
     sentence = " ".join(result.output.split())
-    assert "the group file has no [tls] section: mutual TLS is mandatory" in sentence
+    assert "has no [tls] section: mutual TLS is mandatory" in sentence
 
 
 def test_source_opens_no_plaintext_port_or_channel() -> None:

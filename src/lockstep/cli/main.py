@@ -8,14 +8,12 @@ sentence on stderr and a non-zero exit status; never a traceback.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.table import Table
@@ -24,83 +22,16 @@ from lockstep.caller.clock import SyncPolicy
 from lockstep.caller.orchestrator import GroupCaller, HostResult
 from lockstep.caller.report import OperationReport, clock_lines
 from lockstep.cli.certs import certs
+from lockstep.cli.common import json_option, with_caller
 from lockstep.cli.lab import lab
 from lockstep.cli.output import console, emit, error, operation_progress, render_report
-from lockstep.errors import ConfigError, LockstepError
-from lockstep.group import GroupSpec, group_file_path, load_group
+from lockstep.cli.run import run
+from lockstep.errors import LockstepError
+from lockstep.group import group_file_path
 from lockstep.net import pcap
 from lockstep.net.frames import describe, mac_text
-from lockstep.rpc import HostClient, channel_credentials
 
 __all__ = ["main"]
-
-T = TypeVar("T")
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-
-
-def fail(message: str) -> None:
-    """Print one sentence and exit 1."""
-    error(message)
-    sys.exit(1)
-
-
-def run_async(coro: Awaitable[T]) -> T:
-    """Run a coroutine; LockstepError becomes one sentence and exit status 1."""
-    try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    except LockstepError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        error("interrupted")
-        sys.exit(130)
-    raise AssertionError("unreachable")
-
-
-def _group(ctx: click.Context) -> GroupSpec:
-    path: Path = ctx.obj["group_path"]
-    try:
-        return load_group(path, check_files=False)
-    except ConfigError as exc:
-        fail(str(exc))
-    raise AssertionError("unreachable")
-
-
-@asynccontextmanager
-async def connected(group: GroupSpec) -> AsyncIterator[GroupCaller]:
-    """A caller with one mutual-TLS client per host of ``group``."""
-    if group.tls is None:
-        raise ConfigError(
-            "the group file has no [tls] section: mutual TLS is mandatory"
-            " (make certificates with `lockstep certs`)"
-        )
-    creds = channel_credentials(group.tls.ca, group.tls.cert, group.tls.key)
-    clients = {
-        name: HostClient(name, host.address, creds, target_name=name)
-        for name, host in group.hosts.items()
-    }
-    try:
-        yield GroupCaller(group, clients)
-    finally:
-        for c in clients.values():
-            await c.close()
-
-
-def with_caller(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """Decorate a command body ``async fn(caller, **kw)``: connect, run, report errors."""
-
-    @click.pass_context
-    @functools.wraps(fn)
-    def wrapper(ctx: click.Context, /, **kw: Any) -> Any:
-        group = _group(ctx)
-
-        async def body() -> Any:
-            async with connected(group) as caller:
-                return await fn(caller, **kw)
-
-        return run_async(body())
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -133,6 +64,7 @@ def main(ctx: click.Context, group_file: str | None) -> None:
 
 main.add_command(certs)
 main.add_command(lab)
+main.add_command(run)
 
 
 def _host_errors(results: dict[str, HostResult[Any]]) -> dict[str, str]:

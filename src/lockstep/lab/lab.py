@@ -25,13 +25,14 @@ from typing import Any
 
 import tomli_w
 
+from lockstep.caller.connect import clients_for
 from lockstep.errors import LabError, LockstepError
 from lockstep.group import GroupSpec, load_group
 from lockstep.lab.guestctl import GuestControl
 from lockstep.lab.image import GuestImage, build_image
 from lockstep.lab.ledger import Ledger, PathEntry, ProcessEntry, lab_ledger_path
 from lockstep.lab.topology import LabPlan, lab_down, lab_up, plan_lab, vm_ip
-from lockstep.rpc import HostClient, Timeout, channel_credentials, issue, make_ca
+from lockstep.rpc import HostClient, issue, make_ca
 
 __all__ = [
     "EXECD_PORT",
@@ -246,23 +247,6 @@ def _check_options(opts: LabOptions) -> None:
         raise LabError(
             f"the stream rate must be 0 or more packets per second, not {opts.stream_rate}"
         )
-
-
-def clients_for(
-    group: GroupSpec, timeouts: Mapping[Timeout, float] | None = None
-) -> dict[str, HostClient]:
-    """One mutual-TLS client per host of ``group`` (``timeouts`` overrides the call table's).
-
-    Raises:
-        ConfigError: the group has no [tls] or its files are unusable.
-    """
-    if group.tls is None:
-        raise LabError("the group file has no [tls] section")
-    creds = channel_credentials(group.tls.ca, group.tls.cert, group.tls.key)
-    return {
-        name: HostClient(name, host.address, creds, target_name=name, timeouts=timeouts)
-        for name, host in group.hosts.items()
-    }
 
 
 async def wait_execds(group: GroupSpec, timeout: float = 30.0) -> None:
