@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # nftables: the tests block the clock-probe path with a real firewall rule;
-# xfsprogs: the memory benchmark makes a reflink-capable xfs on a loop device.
+# xfsprogs: the memory benchmark makes a reflink-capable xfs on a loop device;
+# chromium: a test opens `lockstep run`'s HTML report in it, headless, and checks what it draws.
 PACKAGES=(qemu-system-x86 qemu-utils debootstrap e2fsprogs busybox-static iproute2
-          cpio tcpdump procps ca-certificates nftables xfsprogs)
+          cpio tcpdump procps ca-certificates nftables xfsprogs chromium)
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 

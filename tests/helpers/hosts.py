@@ -23,18 +23,23 @@ it until cancelled (:meth:`StubHost.hang`), after letting some calls through.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from lockstep.api import Group
+from lockstep.caller.clock import SyncPolicy
+from lockstep.caller.orchestrator import GroupCaller
 from lockstep.errors import RemoteError, RpcError
 from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
 from lockstep.execd.ops import Lifecycle, OperationError, OpKind, OpPhase
 from lockstep.execd.restore import SWITCH_LEAD
-from lockstep.group import VmSpec
+from lockstep.group import GroupSpec, VmSpec, parse_group
 from lockstep.store import Verified
 
-__all__ = ["Call", "FakeClock", "StubHost", "stub_hosts"]
+__all__ = ["Call", "FakeClock", "StubHost", "stub_api", "stub_group", "stub_hosts"]
 
 MEMORY_BYTES = 1 << 20  # what each VM's memory takes, as a save reports it
 RUNNING, PAUSED = "running", "paused"
@@ -421,3 +426,43 @@ def stub_hosts(
 ) -> dict[str, StubHost]:
     """One stub per host of ``placement`` (host -> its VMs); ``per_host`` gives StubHost options."""
     return {h: StubHost(h, vms, clock, **per_host.get(h, {})) for h, vms in placement.items()}
+
+
+def stub_group(
+    placement: Mapping[str, Sequence[str]], name: str = "g", *, network: str | None = None
+) -> GroupSpec:
+    """The group of ``placement`` (host -> its VMs) as a group file would give it.
+
+    Hosts are 10.0.0.N:7443; with ``network``, each VM has one NIC on it (bridge br0).
+    """
+    vms: dict[str, dict[str, Any]] = {}
+    for h, names in placement.items():
+        for vm in names:
+            vms[vm] = {"host": h, "kernel": "/k"}
+            if network is not None:
+                vms[vm]["nics"] = [{"network": network, "mac": f"52:54:00:00:00:{len(vms):02x}"}]
+    hosts = {h: {"address": f"10.0.0.{i}:7443"} for i, h in enumerate(placement, 1)}
+    data: dict[str, Any] = {"name": name, "hosts": hosts, "vms": vms}
+    if network is not None:
+        data["networks"] = {network: {"bridge": "br0"}}
+    return parse_group(data, f"{name}.toml", check_files=False)
+
+
+def stub_api(
+    states: Sequence[str] = ("origin",),
+    placement: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[Group, dict[str, StubHost]]:
+    """A :class:`lockstep.Group` over stub hosts holding ``states``, and the hosts.
+
+    Default placement: p1 on h1, s1 on h2. Each of the Group's calls makes a
+    caller of its own over the same stubs, as a script's calls reach one execd.
+    """
+    placement = placement or {"h1": ["p1"], "h2": ["s1"]}
+    clock = FakeClock()
+    hosts = stub_hosts(placement, clock, **{h: {"states": states} for h in placement})
+
+    @asynccontextmanager
+    async def connect(spec: GroupSpec) -> AsyncIterator[GroupCaller]:
+        yield GroupCaller(spec, hosts, clock=clock, sync_policy=SyncPolicy(limit=0.1))
+
+    return Group(stub_group(placement, "lsapi"), Path("lsapi.toml"), connect), hosts

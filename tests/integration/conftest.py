@@ -17,6 +17,8 @@ import random
 import secrets
 import shutil
 import string
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -43,6 +45,7 @@ from lockstep.lab.lab import (
 from lockstep.proc import which
 
 LOGS = Path(__file__).resolve().parents[2] / "build" / "test-logs"
+LOCKSTEP = Path(sys.executable).parent / "lockstep"  # the venv's command
 
 
 def _skip_unless_lab_possible() -> None:
@@ -85,6 +88,19 @@ class Lab:
             rc, out = await ctl.run(command, timeout=timeout)
         assert rc == 0, f"{vm}: `{command}` exited {rc}: {out}"
         return out
+
+    def cli(
+        self, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``lockstep -g GROUP ARGS...`` as a user runs it (its exit status is the caller's)."""
+        return subprocess.run(
+            [str(LOCKSTEP), "-g", str(self.group_file), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=env,
+        )
 
     def console(self, vm: str) -> str:
         """Guest ``vm``'s console log so far."""

@@ -7,11 +7,8 @@ path reaches) are measured by ``python -m bench.clock``, not asserted here.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,14 +21,7 @@ TABLE = "lockstep_test_fw"
 
 
 def _check(lab: Lab, *args: str) -> dict[str, Any]:
-    exe = Path(sys.executable).parent / "lockstep"
-    proc = subprocess.run(
-        [str(exe), "-g", str(lab.group_file), "check", "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = lab.cli("check", "--json", *args, timeout=60)
     assert proc.returncode == 0, proc.stderr
     data: dict[str, Any] = json.loads(proc.stdout)
     return data

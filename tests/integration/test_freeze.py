@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import tomllib
@@ -280,16 +279,9 @@ def test_state_frames_lists_and_exports_what_the_state_holds(fresh: Lab, tmp_pat
             await caller.save("fz-frames")
 
     asyncio.run(save())
-    exe = Path(sys.executable).parent / "lockstep"
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(exe), "-g", str(fresh.group_file), "state", "frames", "fz-frames", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return fresh.cli("state", "frames", "fz-frames", *args, timeout=60)
 
     for vm, spec in sorted(fresh.group.vms.items()):
         kept = (

@@ -22,8 +22,8 @@ from lockstep.caller.orchestrator import GroupCaller
 from lockstep.caller.report import OperationReport
 from lockstep.errors import ClockError, HostUnreachable, OperationFailed, RpcError
 from lockstep.execd.ops import OpPhase
-from lockstep.group import GroupSpec, parse_group
-from tests.helpers.hosts import PAUSED, RUNNING, FakeClock, StubHost, stub_hosts
+from lockstep.group import GroupSpec
+from tests.helpers.hosts import PAUSED, RUNNING, FakeClock, StubHost, stub_group, stub_hosts
 from tests.helpers.rpc import run
 
 PLACEMENT = {"h1": ["p1", "p2"], "h2": ["s1"], "h3": ["w1"]}
@@ -47,9 +47,7 @@ NOT_RESTORED = {h: dict.fromkeys(vms, 0) for h, vms in PLACEMENT.items()}
 
 
 def _group() -> GroupSpec:
-    vms = {vm: {"host": h, "kernel": "/k"} for h, names in PLACEMENT.items() for vm in names}
-    hosts = {h: {"address": f"10.0.0.{i}:7443"} for i, h in enumerate(PLACEMENT, 1)}
-    return parse_group({"name": "g", "hosts": hosts, "vms": vms}, "g.toml", check_files=False)
+    return stub_group(PLACEMENT)
 
 
 @dataclass

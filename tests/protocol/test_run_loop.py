@@ -12,23 +12,16 @@ from pathlib import Path
 
 from lockstep.caller.clock import SyncPolicy
 from lockstep.caller.orchestrator import GroupCaller
-from lockstep.group import GroupSpec, parse_group
+from lockstep.group import GroupSpec
 from lockstep.run.cases import Case
 from lockstep.run.loop import RunOptions, case_env, run_cases
-from tests.helpers.hosts import FakeClock, StubHost, stub_hosts
+from tests.helpers.hosts import FakeClock, StubHost, stub_group, stub_hosts
 
 PLACEMENT = {"h1": ["p1"], "h2": ["s1"]}
 
 
 def _group() -> GroupSpec:
-    vms = {
-        vm: {"host": h, "kernel": "/k", "nics": [{"network": "lan", "mac": f"52:54:00:00:00:0{i}"}]}
-        for i, (h, names) in enumerate(PLACEMENT.items(), 1)
-        for vm in names
-    }
-    hosts = {h: {"address": f"10.0.0.{i}:7443"} for i, h in enumerate(PLACEMENT, 1)}
-    data = {"name": "lsnolab", "hosts": hosts, "vms": vms, "networks": {"lan": {"bridge": "br0"}}}
-    return parse_group(data, "g.toml", check_files=False)
+    return stub_group(PLACEMENT, "lsnolab", network="lan")
 
 
 def _caller() -> tuple[GroupCaller, dict[str, StubHost]]:

@@ -174,3 +174,24 @@ def test_html_report_stands_alone_with_a_picture_per_case() -> None:
     assert page.count("data:image/png;base64,") == 3
     assert "assertion failed: VIP not on s1" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
+
+
+def test_a_role_only_in_stats_lines_was_held_from_the_window_s_start() -> None:
+    """After a restore the agents log no role line, only stats: the role band starts at 0.
+
+    A later role line still changes the role at its own instant.
+    """
+    case = CaseResult("10-ok", "/c/10-ok", "passed", started=1000.5, duration_s=2.0, reset_s=0.5)
+    case.console = {
+        "p1": [
+            '{"t": 1000.9, "vm": "p1", "r": "a", "n": 7, "event": "heartbeat_stats",'
+            ' "role": "standby", "rx": 10}',
+            '{"t": 1001.5, "vm": "p1", "r": "a", "n": 8, "event": "role", "role": "primary"}',
+        ]
+    }
+    bands, _ = timeline(case)
+    assert [b.kind for b in bands] == ["standby", "primary"]
+    assert [(b.start, b.end) for b in bands] == [
+        (0.0, pytest.approx(1.5)),
+        (pytest.approx(1.5), 2.5),
+    ]

@@ -545,14 +545,40 @@ def log_marks(name: str) -> dict[str, int]:
     Raises:
         LabError: there is no such lab.
     """
-    data = _lab_data(name)
     marks = {}
-    for vm in lab_vms(data):
+    for vm, path in _console_logs(name):
         try:
-            marks[vm.name] = console_log_path(data, vm.host, vm.name).stat().st_size
+            marks[vm] = path.stat().st_size
         except FileNotFoundError:
-            marks[vm.name] = 0
+            marks[vm] = 0
     return marks
+
+
+def console_since(name: str, marks: Mapping[str, int], keep: int) -> dict[str, list[str]]:
+    """Each guest's console lines of lab ``name`` since ``marks`` (its last ``keep``, if more).
+
+    A log that cannot be read gives no lines: this is what a report shows beside
+    its result, never a reason to lose the result.
+
+    Raises:
+        LabError: there is no such lab.
+    """
+    out = {}
+    for vm, path in _console_logs(name):
+        try:
+            with path.open("rb") as f:
+                f.seek(marks.get(vm, 0))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            text = ""
+        out[vm] = text.splitlines()[-keep:] if keep > 0 else []
+    return out
+
+
+def _console_logs(name: str) -> list[tuple[str, Path]]:
+    """Each guest of lab ``name`` and its console log's path."""
+    data = _lab_data(name)
+    return [(vm.name, console_log_path(data, vm.host, vm.name)) for vm in lab_vms(data)]
 
 
 def verify_lab(

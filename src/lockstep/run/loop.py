@@ -25,7 +25,7 @@ from lockstep.caller.orchestrator import GroupCaller
 from lockstep.errors import LockstepError
 from lockstep.group import GroupSpec
 from lockstep.lab.lab import lab_data_dir
-from lockstep.lab.verify import console_log_path, lab_vms, log_marks, verify_lab
+from lockstep.lab.verify import console_since, log_marks, verify_lab
 from lockstep.run.cases import Case
 from lockstep.run.execute import Outcome, execute
 from lockstep.run.results import CaseResult, RunResult
@@ -90,21 +90,6 @@ def _lab_addresses(lab: str) -> dict[str, str]:
         return {str(v["name"]): str(v["ip"]) for v in placed}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
-
-
-def _console_window(lab: str, marks: Mapping[str, int]) -> dict[str, list[str]]:
-    """Each lab guest's console lines since ``marks`` (the last ones, if many)."""
-    data = lab_data_dir(lab)
-    out = {}
-    for vm in lab_vms(data):
-        try:
-            with console_log_path(data, vm.host, vm.name).open("rb") as f:
-                f.seek(marks.get(vm.name, 0))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            text = ""
-        out[vm.name] = text.splitlines()[-_CONSOLE_LINES:]
-    return out
 
 
 async def _check(command: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
@@ -177,7 +162,7 @@ async def _one(
     status, message = _verdict(case, outcome, options.timeout)
     if lab is not None:
         noticed: dict[str, Any] | None = verify_lab(lab, marks=marks).to_json()
-        console = _console_window(lab, marks)
+        console = console_since(lab, marks, _CONSOLE_LINES)
     else:
         noticed = await _check(options.check, env) if options.check else None
         console = {}

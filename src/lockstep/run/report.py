@@ -21,9 +21,10 @@ from datetime import UTC, datetime
 from lockstep.lab.verify import LogLine, parse_log
 from lockstep.run.results import CaseResult, RunResult
 
-__all__ = ["Band", "Mark", "html_report", "timeline", "timeline_png"]
+__all__ = ["ROLE_COLOURS", "Band", "Mark", "html_report", "timeline", "timeline_png"]
 
-_ROLE_COLOUR = {"primary": "#2b7bba", "standby": "#9ecae1", None: "#dddddd"}
+# A role's band on the timeline (the report's legend names them: primary dark, standby light).
+ROLE_COLOURS = {"primary": "#2b7bba", "standby": "#9ecae1", None: "#dddddd"}
 _STATUS_COLOUR = {"passed": "#2e7d32", "failed": "#c62828"}
 
 
@@ -47,16 +48,25 @@ class Mark:
 
 
 def _role_bands(vm: str, lines: Sequence[LogLine], t0: float, end: float) -> list[Band]:
+    """``vm``'s roles over the window: from its role and takeover lines, and its periodic stats.
+
+    A role first seen in a stats line was held from the window's start (the
+    stats line says what the agent has been all along); a role or takeover
+    line changes it at its own instant.
+    """
     bands: list[Band] = []
     role: str | None = None
     since = 0.0
     for line in lines:
-        new = line.text_field("role") if line.event in ("role", "takeover") else None
         if line.event == "takeover":
-            new = "primary"
+            new: str | None = "primary"
+        elif line.event in ("role", "heartbeat_stats"):
+            new = line.text_field("role")
+        else:
+            continue
         if new is None or new == role:
             continue
-        at = max(0.0, line.t - t0)
+        at = 0.0 if role is None and line.event == "heartbeat_stats" else max(0.0, line.t - t0)
         if role is not None:
             bands.append(Band(vm, since, at, role))
         role, since = new, at
@@ -105,7 +115,7 @@ def timeline_png(case: CaseResult) -> bytes:
         if b.kind == "silence":
             ax.broken_barh([(b.start, b.end - b.start)], (row - 0.1, 0.2), color="#e53935")
         else:
-            colour = _ROLE_COLOUR.get(b.kind, "#dddddd")
+            colour = ROLE_COLOURS.get(b.kind, "#dddddd")
             ax.broken_barh([(b.start, b.end - b.start)], (row - 0.35, 0.7), color=colour)
     for m in marks:
         if m.vm is None:
