@@ -12,9 +12,10 @@ Cancellation (``asyncio.CancelledError``) is never caught or translated.
      ├── ConfigError            bad group file, execd config or option value
      │    └── InvalidName       a name that could reach a path or command line (a ValueError too)
      ├── CommandError           an external command exited non-zero or could not start
-     ├── VmError                a QEMU process, from start to quit
+     ├── VmError                a QEMU process or libvirt domain, from start to quit
      │    ├── QemuStartError    QEMU exited or failed to open QMP while starting
      │    ├── QmpError          a QMP command failed or the connection broke
+     │    ├── LibvirtError      libvirt refused or failed a call (or is not there)
      │    └── VmStateError      a VM method was called in the wrong lifecycle state
      ├── NetError               taps, bridges, namespaces, the freeze
      ├── DiskError              qcow2 layers
@@ -74,6 +75,10 @@ class QemuStartError(VmError):
 
 class QmpError(VmError):
     """A QMP command failed, or the QMP connection broke."""
+
+
+class LibvirtError(VmError):
+    """libvirt refused or failed a call on a domain, or could not be reached."""
 
 
 class VmStateError(VmError):

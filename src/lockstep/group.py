@@ -27,6 +27,21 @@ A group file is TOML::
     disk = ".../rootfs.qcow2"   # the base image; never written
     nics = [{ network = "lan", mac = "52:54:00:12:00:01" }]
 
+    [vms.p2]                    # several disks: each writable one is a layer of every state
+    host = "h1"
+    kernel = "..."
+    disks = [".../rootfs.qcow2", ".../data.qcow2",
+             { path = "/srv/iso/tools.iso", readonly = true },     # left alone
+             { path = "/srv/shared.img", shareable = true }]       # left alone
+
+    [vms.db1]                   # a libvirt domain (virsh, virt-manager...): nothing else needed
+    host = "h2"
+    driver = "libvirt"
+    domain = "db1"              # the domain's name on its host (default: the VM's name)
+
+A host's libvirt URI is ``libvirt = "qemu:///system"`` in its ``[hosts.NAME]``
+table (that is the default).
+
 Relative paths are taken from the group file's folder. Every mistake is reported
 as one sentence naming the file, the key and what is wrong (:class:`ConfigError`).
 """
@@ -56,6 +71,8 @@ from lockstep.units import parse_size
 
 __all__ = [
     "DEFAULT_GROUP_FILE",
+    "DEFAULT_LIBVIRT_URI",
+    "DiskSpec",
     "GroupSpec",
     "HostSpec",
     "NetworkSpec",
@@ -70,6 +87,7 @@ __all__ = [
 ]
 
 DEFAULT_GROUP_FILE = "lockstep.toml"
+DEFAULT_LIBVIRT_URI = "qemu:///system"
 # Always fullmatch: with match(), "$" also matches before a trailing newline.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -138,9 +156,18 @@ class TlsSpec(_Model):
 
 
 class HostSpec(_Model):
-    """A host of the group: where its execd listens, as ``HOST:PORT``."""
+    """A host of the group: where its execd listens, as ``HOST:PORT``, and its libvirt URI."""
 
     address: str
+    # Where its execd finds the libvirt domains of the group's libvirt VMs.
+    libvirt: str = DEFAULT_LIBVIRT_URI
+
+    @field_validator("libvirt")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not v.isprintable() or " " in v or "://" not in v:
+            raise ValueError(f"{_shown(v)} is not a libvirt URI (like qemu:///system)")
+        return v
 
     @field_validator("address")
     @classmethod
@@ -227,15 +254,64 @@ class NicSpec(_Model):
         return v
 
 
+def _disk_path(value: Any) -> Any:
+    """A disk given as a plain path is a writable disk of that file."""
+    return {"path": value} if isinstance(value, str) else value
+
+
+class DiskSpec(_Model):
+    """One disk of a VM started by lockstep's QEMU driver: its image and how states treat it.
+
+    A writable disk is layered: the image is never written, the VM writes a
+    qcow2 layer over it, and every state keeps that layer. A ``readonly`` disk
+    (a tools ISO) or a ``shareable`` one (a cluster's shared storage, written
+    by several VMs) is attached as it is and left alone by states.
+    """
+
+    path: Path
+    readonly: bool = False
+    shareable: bool = False
+    # The image's format; None: qemu-img tells when the VM starts.
+    format: Literal["qcow2", "raw"] | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: Path) -> Path:
+        if not str(v).isprintable():
+            raise ValueError(f"disk path {_shown(str(v))} has a control character")
+        return v
+
+    @property
+    def layered(self) -> bool:
+        """Whether states keep this disk as a layer (else it is left alone)."""
+        return not (self.readonly or self.shareable)
+
+    @property
+    def left_alone(self) -> str:
+        """Why states leave this disk alone ("" if it is layered)."""
+        if self.readonly:
+            return "read-only"
+        return "shareable (shared storage)" if self.shareable else ""
+
+
+# What only lockstep's own QEMU driver uses; a libvirt domain has its own.
+_QEMU_ONLY = (
+    "vcpus", "memory", "accel", "disks", "kernel", "initrd", "cmdline", "extra_args", "memory_path",
+)  # fmt: skip
+
+
 class VmSpec(_Model):
-    """One VM: where it runs and how QEMU starts it."""
+    """One VM: where it runs and how QEMU starts it, or which libvirt domain it is.
+
+    ``disk = PATH`` in a group file is one writable disk (``disks = [PATH]``).
+    """
 
     name: str = ""
     host: str
     vcpus: int = Field(default=1, ge=1, le=64)
     memory: Size = 256 << 20
     accel: Literal["tcg", "kvm"] = "tcg"
-    disk: Path | None = None
+    disks: list[Annotated[DiskSpec, BeforeValidator(_disk_path)]] = Field(default_factory=list)
     kernel: Path | None = None
     initrd: Path | None = None
     cmdline: str = ""
@@ -245,6 +321,27 @@ class VmSpec(_Model):
     # file and saves only device state, "standard" streams all of it through
     # migration, "auto" is fast where it works and says why when it is not.
     memory_path: Literal["fast", "standard", "auto"] = "auto"
+    # "qemu": lockstep's execd starts QEMU itself; "libvirt": the VM is a domain
+    # of the host's libvirt (``domain``, default the VM's name, at ``libvirt``,
+    # the host's URI, filled in from [hosts] on load).
+    driver: Literal["qemu", "libvirt"] = "qemu"
+    domain: str | None = None
+    libvirt: str = DEFAULT_LIBVIRT_URI
+    # A libvirt domain lockstep up defines from this XML file (on the VM's host)
+    # when the host has no domain of that name yet.
+    define: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_disk(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "disk" not in data:
+            return data
+        rest = {k: v for k, v in data.items() if k != "disk"}
+        if data["disk"] is None:
+            return rest
+        if "disks" in data:
+            raise ValueError("give disk or disks, not both")
+        return {**rest, "disks": [data["disk"]]}
 
     @field_validator("name")
     @classmethod
@@ -265,7 +362,7 @@ class VmSpec(_Model):
         return v
 
     # Paths also reach messages: a control character in one is a mistake, never a file.
-    @field_validator("disk", "kernel", "initrd")
+    @field_validator("kernel", "initrd", "define")
     @classmethod
     def _path(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         if v is not None and not str(v).isprintable():
@@ -279,13 +376,32 @@ class VmSpec(_Model):
             _no_nul("extra argument", arg)
         return v
 
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str | None) -> str | None:
+        return None if v is None else validate_name("domain", v)
+
     @model_validator(mode="after")
     def _boot(self) -> VmSpec:
+        if self.driver == "libvirt":
+            return self
+        if self.domain is not None or self.define is not None:
+            raise ValueError("domain and define are for driver libvirt")
         if self.kernel is None and (self.initrd is not None or self.cmdline):
             raise ValueError("initrd and cmdline need a kernel")
-        if self.kernel is None and self.disk is None:
+        if self.kernel is None and not self.disks:
             raise ValueError("a VM needs a disk or a kernel to boot from")
         return self
+
+    @property
+    def domain_name(self) -> str:
+        """The libvirt domain this VM is (its own name unless ``domain`` says)."""
+        return self.domain or self.name
+
+    @property
+    def layered_disks(self) -> list[DiskSpec]:
+        """The disks states keep as layers, in order."""
+        return [d for d in self.disks if d.layered]
 
 
 def _with_network(nic: Any, networks: dict[str, Any], held: dict[str, list[str]]) -> Any:
@@ -333,10 +449,22 @@ class GroupSpec(_Model):
         raw_networks = data.get("networks")
         networks: dict[str, Any] = raw_networks if isinstance(raw_networks, dict) else {}
         held = _group_macs(data["vms"])
+        raw_hosts = data.get("hosts")
+        hosts: dict[str, Any] = raw_hosts if isinstance(raw_hosts, dict) else {}
         vms = {}
         for key, vm in data["vms"].items():
             if isinstance(vm, dict):
+                given = sorted({*_QEMU_ONLY, "disk"} & set(vm))
+                if vm.get("driver") == "libvirt" and given:
+                    raise ValueError(
+                        f"VM {_shown(str(key))} is a libvirt domain: {', '.join(given)} is only"
+                        " for driver qemu (the domain has its own)"
+                    )
                 vm = {**vm, "name": key}
+                host = hosts.get(str(vm.get("host")))
+                uri = host.get("libvirt") if isinstance(host, dict) else None
+                if "libvirt" not in vm and isinstance(uri, str):
+                    vm["libvirt"] = uri
                 if isinstance(vm.get("nics"), list):
                     vm["nics"] = [_with_network(nic, networks, held) for nic in vm["nics"]]
             vms[key] = vm
@@ -351,12 +479,20 @@ class GroupSpec(_Model):
         if not self.hosts:
             raise ValueError("a group needs at least one host")
         macs: dict[str, str] = {}
+        domains: dict[tuple[str, str], str] = {}
         for vm in self.vms.values():
             if vm.host not in self.hosts:
                 raise ValueError(
                     f"VM {vm.name!r} is on unknown host {vm.host!r}"
                     f" (hosts: {', '.join(sorted(self.hosts))})"
                 )
+            if vm.driver == "libvirt":
+                other = domains.setdefault((vm.host, vm.domain_name), vm.name)
+                if other != vm.name:
+                    raise ValueError(
+                        f"VMs {other!r} and {vm.name!r} are both domain {vm.domain_name!r}"
+                        f" on host {vm.host!r}"
+                    )
             for nic in vm.nics:
                 if nic.network not in self.networks:
                     raise ValueError(
@@ -395,14 +531,21 @@ def _resolve(data: dict[str, Any], base: Path) -> dict[str, Any]:
     out = dict(data)
     if isinstance(out.get("tls"), dict):
         out["tls"] = {k: fix(v) for k, v in out["tls"].items()}
+
+    def fix_disk(d: Any) -> Any:
+        return {**d, "path": fix(d.get("path"))} if isinstance(d, dict) else fix(d)
+
+    def fix_vm(vm: dict[str, Any]) -> dict[str, Any]:
+        vm = {
+            k: fix(v) if k in ("disk", "kernel", "initrd", "define") else v for k, v in vm.items()
+        }
+        if isinstance(vm.get("disks"), list):
+            vm["disks"] = [fix_disk(d) for d in vm["disks"]]
+        return vm
+
     if isinstance(out.get("vms"), dict):
         out["vms"] = {
-            name: (
-                {k: fix(v) if k in ("disk", "kernel", "initrd") else v for k, v in vm.items()}
-                if isinstance(vm, dict)
-                else vm
-            )
-            for name, vm in out["vms"].items()
+            name: fix_vm(vm) if isinstance(vm, dict) else vm for name, vm in out["vms"].items()
         }
     return out
 
@@ -426,8 +569,9 @@ def parse_group(data: dict[str, Any], source: str, *, check_files: bool = True) 
         raise ConfigError(f"{source}: {where + ': ' if where else ''}{msg}") from exc
     if check_files:
         for vm in group.vms.values():
-            for key in ("disk", "kernel", "initrd"):
-                path = getattr(vm, key)
+            files = [(key, getattr(vm, key)) for key in ("kernel", "initrd")]
+            files += [(f"disks.{i}", d.path) for i, d in enumerate(vm.disks)]
+            for key, path in files:
                 if path is None:
                     continue
                 where = f"{source}: vms.{vm.name}.{key}"

@@ -104,6 +104,26 @@ vm = st.fixed_dictionaries(
         "memory": maybe(size),
         "accel": maybe(st.sampled_from(["tcg", "kvm", "xen"])),
         "disk": maybe(path),
+        "disks": maybe(
+            st.lists(
+                maybe(
+                    st.one_of(
+                        path,
+                        st.fixed_dictionaries(
+                            {"path": path},
+                            optional={
+                                "readonly": maybe(st.booleans()),
+                                "shareable": maybe(st.booleans()),
+                                "format": maybe(st.sampled_from(["qcow2", "raw", "vmdk"])),
+                            },
+                        ),
+                    )
+                ),
+                max_size=3,
+            )
+        ),
+        "driver": maybe(st.sampled_from(["qemu", "libvirt", "xen"])),
+        "domain": maybe(group_names),
         "kernel": maybe(path),
         "initrd": maybe(path),
         "cmdline": maybe(st.text(max_size=40)),
@@ -119,7 +139,14 @@ group_docs = st.fixed_dictionaries(
         "tls": maybe(st.fixed_dictionaries({"ca": path, "cert": path, "key": path})),
         "hosts": maybe(
             st.dictionaries(
-                group_names, maybe(st.fixed_dictionaries({"address": maybe(address)})), max_size=3
+                group_names,
+                maybe(
+                    st.fixed_dictionaries(
+                        {"address": maybe(address)},
+                        optional={"libvirt": maybe(st.sampled_from(["qemu:///system", "x"]))},
+                    )
+                ),
+                max_size=3,
             )
         ),
         "networks": maybe(
@@ -188,8 +215,9 @@ def check_valid(group: GroupSpec) -> None:
         assert spec.name == name
         assert spec.host in group.hosts
         assert 1 <= spec.vcpus <= 64 and spec.memory > 0
-        assert spec.kernel is not None or spec.disk is not None
-        for text in [spec.cmdline, *spec.extra_args, str(spec.disk), str(spec.kernel)]:
+        assert spec.kernel is not None or spec.disks or spec.driver == "libvirt"
+        paths = [str(d.path) for d in spec.disks]
+        for text in [spec.cmdline, *spec.extra_args, *paths, str(spec.kernel)]:
             assert "\x00" not in text
         for n in spec.nics:
             assert n.network in group.networks

@@ -1,7 +1,7 @@
 """The real lab, shared by the integration tests (booting guests under TCG is slow).
 
 One lab per test session: 2 hosts as namespaces, 4 VMs (p1, p2 on h1; s1, s2
-on h2), h2's execd with its clock 2.5 s wrong so every operation exercises clock
+on h2) with two disks each (the root disk and an empty data disk), h2's execd with its clock 2.5 s wrong so every operation exercises clock
 sync. Its name and subnets are picked anew for each session (free ones), so it
 never touches a user's lab nor another test session's. It is always
 taken down (unless ``LOCKSTEP_KEEP_LAB=1``, for debugging), and on any failure
@@ -135,6 +135,7 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     opts = LabOptions(
         name=name,
         clock_offsets={"h2": 2.5},
+        disks=2,
         group_file=work / "lockstep.toml",
         lan_subnet=lan,
         vm_subnet=vms,

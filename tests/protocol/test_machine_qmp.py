@@ -254,13 +254,13 @@ def test_refused_command_is_one_sentence_naming_vm_and_command(qemu: StubQemu) -
         Script(
             {
                 "query-status": status("paused"),
-                "blockdev-snapshot-sync": (Step(error=("GenericError", reason)),),
+                "transaction": (Step(error=("GenericError", reason)),),
             }
         )
     )
     with pytest.raises(QmpError) as info:
-        attached(machine, lambda: machine.snapshot_disk(Path("/no/layer.qcow2")))
-    assert str(info.value) == f"VM p1: QEMU refused blockdev-snapshot-sync: {reason}"
+        attached(machine, lambda: machine.snapshot_disks({0: Path("/no/layer.qcow2")}))
+    assert str(info.value) == f"VM p1: QEMU refused transaction: {reason}"
     assert isinstance(info.value.__cause__, ExecuteError)
     assert machine.history == [V.NEW, V.STARTING, V.PAUSED, V.GONE]
 

@@ -178,3 +178,89 @@ def test_group_file_path_order(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCKSTEP_GROUP", "/e.toml")
     assert group_file_path(None) == Path("/e.toml")
     assert group_file_path("/g.toml") == Path("/g.toml")
+
+
+def test_disks_plain_paths_tables_and_the_one_disk_key() -> None:
+    """``disks`` takes paths and tables; ``disk = PATH`` is one writable disk; not both.
+
+    Read-only and shareable disks are the ones states leave alone, each with
+    why; relative paths are taken from the group file's folder.
+    """
+    data = _group(
+        p1={"host": "h1", "kernel": "/k", "disk": "/img/root.qcow2"},
+        p2={
+            "host": "h1",
+            "kernel": "/k",
+            "disks": [
+                "/img/root.qcow2",
+                {"path": "/img/iso", "readonly": True, "format": "raw"},
+                {"path": "/srv/shared.img", "shareable": True},
+            ],
+        },
+    )
+    g = parse_group(data, "g.toml", check_files=False)
+    assert [d.path for d in g.vms["p1"].disks] == [Path("/img/root.qcow2")]
+    p2 = g.vms["p2"]
+    assert [d.left_alone for d in p2.disks] == ["", "read-only", "shareable (shared storage)"]
+    assert [d.path for d in p2.layered_disks] == [Path("/img/root.qcow2")]
+    assert p2.disks[1].format == "raw"
+    both = _group(p1={"host": "h1", "kernel": "/k", "disk": "/a", "disks": ["/b"]})
+    _fails(both, "vms.p1: give disk or disks, not both")
+    _fails(
+        _group(p1={"host": "h1", "kernel": "/k", "disks": [{"path": "/a", "format": "vmdk"}]}),
+        r"vms\.p1\.disks\.0\.format: .*'qcow2' or 'raw'",
+    )
+
+
+def test_relative_disk_paths_and_missing_disk_files(tmp_path: Path) -> None:
+    """Disk paths are taken from the group file's folder; a missing one is named by its index."""
+    (tmp_path / "k").write_bytes(b"")
+    (tmp_path / "root.qcow2").write_bytes(b"")
+    f = tmp_path / "g.toml"
+    f.write_text(
+        '[hosts.h1]\naddress = "10.0.0.1:7443"\n'
+        '[vms.p1]\nhost = "h1"\nkernel = "k"\n'
+        'disks = ["root.qcow2", { path = "data.qcow2" }]\n'
+    )
+    with pytest.raises(ConfigError, match=r"vms\.p1\.disks\.1: no such file .*data\.qcow2"):
+        load_group(f)
+    (tmp_path / "data.qcow2").write_bytes(b"")
+    g = load_group(f)
+    assert [d.path for d in g.vms["p1"].disks] == [tmp_path / "root.qcow2", tmp_path / "data.qcow2"]
+
+
+def test_libvirt_domain_needs_only_its_host_and_takes_the_hosts_uri() -> None:
+    """A libvirt VM names its domain (default: its own name) and gets its host's libvirt URI.
+
+    Keys only lockstep's QEMU driver uses are refused for it (the domain has
+    its own), and so are domain keys on a QEMU VM; two VMs cannot be one domain.
+    """
+    data = _group(
+        db1={"host": "h1", "driver": "libvirt"},
+        db2={"host": "h2", "driver": "libvirt", "domain": "db-two"},
+    )
+    data["hosts"]["h2"]["libvirt"] = "qemu+ssh://root@10.0.0.2/system"
+    g = parse_group(data, "g.toml", check_files=False)
+    assert (g.vms["db1"].domain_name, g.vms["db1"].libvirt) == ("db1", "qemu:///system")
+    assert (g.vms["db2"].domain_name, g.vms["db2"].libvirt) == (
+        "db-two",
+        "qemu+ssh://root@10.0.0.2/system",
+    )
+    _fails(
+        _group(db1={"host": "h1", "driver": "libvirt", "memory": "1G", "disk": "/a"}),
+        "VM 'db1' is a libvirt domain: disk, memory is only for driver qemu",
+    )
+    _fails(
+        _group(p1={"host": "h1", "kernel": "/k", "domain": "x"}),
+        "vms.p1: domain and define are for driver libvirt",
+    )
+    _fails(
+        _group(
+            a={"host": "h1", "driver": "libvirt", "domain": "x"},
+            b={"host": "h1", "driver": "libvirt", "domain": "x"},
+        ),
+        "VMs 'a' and 'b' are both domain 'x' on host 'h1'",
+    )
+    bad_uri = _group()
+    bad_uri["hosts"]["h1"]["libvirt"] = "system"
+    _fails(bad_uri, r"hosts\.h1\.libvirt: 'system' is not a libvirt URI")

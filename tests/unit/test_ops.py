@@ -41,21 +41,30 @@ def test_save_stop_path_and_an_undone_commit() -> None:
 
 
 def test_restore_path_switch_back_and_no_save_phases() -> None:
-    """A restore walks OPEN, PREPARED, RESUMED (switched over), COMMITTED; RESUMED can abort.
+    """A restore walks OPEN, PREPARED, SWITCHED, RESUMED, COMMITTED; SWITCHED and RESUMED can abort.
 
-    A save's phases are not a restore's: a restore never pauses or drains,
-    and a committed restore cannot be aborted.
+    A save's phases are not a restore's: a restore never pauses or drains, it
+    never resumes before it switched, and a committed restore cannot be aborted.
     """
     op = _restore()
-    for phase in (OpPhase.PREPARED, OpPhase.RESUMED, OpPhase.COMMITTED):
+    for phase in (OpPhase.PREPARED, OpPhase.SWITCHED, OpPhase.RESUMED, OpPhase.COMMITTED):
         op.advance(phase)
-    assert op.history == [OpPhase.OPEN, OpPhase.PREPARED, OpPhase.RESUMED, OpPhase.COMMITTED]
+    assert op.history == [
+        OpPhase.OPEN, OpPhase.PREPARED, OpPhase.SWITCHED, OpPhase.RESUMED, OpPhase.COMMITTED,
+    ]  # fmt: skip
     with pytest.raises(OperationError, match="cannot go from committed to aborted"):
         op.advance(OpPhase.ABORTED)
-    back = _restore()
-    back.advance(OpPhase.PREPARED)
-    back.advance(OpPhase.RESUMED)
-    back.advance(OpPhase.ABORTED)
+    for last in (OpPhase.SWITCHED, OpPhase.RESUMED):
+        back = _restore()
+        back.advance(OpPhase.PREPARED)
+        back.advance(OpPhase.SWITCHED)
+        if last is OpPhase.RESUMED:
+            back.advance(OpPhase.RESUMED)
+        back.advance(OpPhase.ABORTED)
+    with pytest.raises(OperationError, match="cannot go from prepared to resumed"):
+        skip = _restore()
+        skip.advance(OpPhase.PREPARED)
+        skip.advance(OpPhase.RESUMED)
     with pytest.raises(OperationError, match="cannot go from open to paused"):
         _restore().advance(OpPhase.PAUSED)
     with pytest.raises(OperationError, match="cannot go from open to prepared"):

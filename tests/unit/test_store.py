@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from lockstep.errors import StateDamaged, StateExists, StateInUse, StateNotFound, StoreError
 from lockstep.store import (
     MANIFEST_FILE,
+    DiskRecord,
     FileRecord,
     Manifest,
     StagingState,
@@ -36,9 +37,7 @@ def make_manifest(
     """A manifest for state ``name`` whose VMs have the given layer chains."""
     vms = {
         vm: VmRecord(
-            layer=chain[-1],
-            chain=chain,
-            base=BASE,
+            disks=[DiskRecord(target="vda", base=BASE, chain=chain)],
             spec={"memory": 256 << 20},
             memory=f"{vm}.mem" if memory else None,
             frames=[f"frames/{vm}.pcap"] if memory else [],
@@ -96,24 +95,55 @@ def test_manifest_round_trips_through_json() -> None:
 
 
 def test_a_vm_without_a_disk_has_no_layer_chain_or_base() -> None:
-    """A kernel-only VM records no layer; a layer without a base, or a base alone, is refused."""
+    """A kernel-only VM records no disk; a one-disk record of before reads as disk vda.
+
+    Such a record (``layer``, ``chain``, ``base``) with a layer but no base,
+    or a base alone, is refused, as it always was.
+    """
     diskless = VmRecord(spec={"kernel": "/boot/vmlinuz"}, memory="p1.mem")
     m = Manifest(
         name="s",
         group="lab",
         host="h1",
         created_at="2026-11-26T06:00:00+00:00",
-        vms={"p1": diskless, "s1": VmRecord(layer="b1", chain=["b1"], base=BASE)},
+        vms={"p1": diskless, "s1": VmRecord(layer="b1", chain=["b1"], base=BASE)},  # type: ignore[call-arg]
     )
+    assert m.vms["s1"].disks == [DiskRecord(target="vda", base=BASE, chain=["b1"])]
     assert Manifest.from_json(m.to_json()) == m
     assert m.layers() == {"b1"}
     assert m.chains() == {"s1": ["b1"]}
     with pytest.raises(ValueError, match="needs the base image"):
-        VmRecord(layer="a1", chain=["a1"])
+        VmRecord(layer="a1", chain=["a1"])  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="without a layer has no chain and no base"):
-        VmRecord(base=BASE)
+        VmRecord(base=BASE)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="not an absolute path"):
-        VmRecord(layer="a1", chain=["a1"], base="rootfs.qcow2")
+        VmRecord(disks=[DiskRecord(target="vda", base="rootfs.qcow2", chain=["a1"])])
+
+
+def test_every_disk_of_a_vm_is_kept_and_counted() -> None:
+    """A VM's disks each freeze at their last layer; the state frees or keeps all of them.
+
+    A disk whose chain is empty froze its base image itself (a libvirt
+    domain's own disk): no layer of it is the state's. A disk listed twice
+    (kept and left alone) is refused.
+    """
+    rec = VmRecord(
+        disks=[
+            DiskRecord(target="vda", base=BASE, chain=["a1", "a2"]),
+            DiskRecord(target="vdb", base="/images/data.qcow2", chain=["b1"]),
+            DiskRecord(target="vdc", base="/var/lib/libvirt/images/db1.qcow2"),
+        ],
+        skipped={"hda": "read-only"},
+    )
+    m = Manifest(
+        name="s", group="lab", host="h1", created_at="2026-11-26T06:00:00Z", vms={"p1": rec}
+    )
+    assert Manifest.from_json(m.to_json()) == m
+    assert [d.layer for d in rec.disks] == ["a2", "b1", None]
+    assert m.layers() == {"a2", "b1"}
+    assert m.chains() == {"p1": ["a1", "a2", "b1"]}
+    with pytest.raises(ValueError, match="a disk appears twice"):
+        VmRecord(disks=rec.disks, skipped={"vdb": "read-only"})
 
 
 @given(
@@ -148,7 +178,7 @@ def test_corrupt_manifest_is_a_store_error_naming_the_file(text: str | None, say
         if says == "is not a known field":
             good["surprise"] = 1
         elif says.startswith("must end"):
-            good["vms"]["p1"]["chain"] = ["a1", "other"]
+            good["vms"]["p1"] = {"layer": "a1", "chain": ["a1", "other"], "base": BASE}
         elif says.startswith("not a UTC"):
             good["created_at"] = "2026-11-26T06:00:00+09:00"
         else:
@@ -227,7 +257,7 @@ def test_duplicate_name_appearing_meanwhile_is_refused_at_commit(store: StateSto
     second.abort()
     assert not second.path.exists()
     assert (store.states_dir / "race" / "p1.mem").read_bytes() == b"first"
-    assert store.show("race").vms["p1"].layer == "a1"
+    assert store.show("race").vms["p1"].disks[0].layer == "a1"
 
 
 def test_empty_dir_at_target_is_not_replaced(store: StateStore) -> None:

@@ -245,7 +245,8 @@ class GroupCaller:
         Every file of the state is checked first on every host (``verify``:
         the guests' RAM hashed too). The new VMs are prepared beside the
         running ones; only when every host is ready do the old VMs pause and
-        the new ones resume, at a common instant.
+        the new ones resume, at a common instant (with libvirt domains, at two:
+        every host swaps its domains in between).
 
         Raises:
             OperationFailed: the state is missing or damaged somewhere (nothing
@@ -263,7 +264,9 @@ class GroupCaller:
                 " (see `lockstep states`)"
             )
         op = self._operation("restore", name, Options(force=force, verify=verify), progress)
-        await run(op, restore_plan())
+        # A libvirt domain cannot exist twice: it is swapped while the group is paused.
+        swap_paused = any(vm.driver == "libvirt" for vm in self.group.vms.values())
+        await run(op, restore_plan(swap_paused=swap_paused))
         op.report.duration_s = self.clock() - started
         return op.report
 

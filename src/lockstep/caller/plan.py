@@ -216,6 +216,11 @@ async def _verify(op: Operation) -> None:
     await op.each(lambda _h, link: link.verify_state(op.state, op.options.verify))
 
 
+async def _switch(op: Operation) -> None:
+    at = op.common_instant(RESUME_MARGIN)
+    op.merge(await op.each(lambda h, link: link.switch(op.id, op.on_host(h, at))))
+
+
 async def _prepare_restore(op: Operation) -> None:
     deadline = op.deadline = op.clock() + op.deadman
     prepared = await op.each(
@@ -240,6 +245,11 @@ PREPARE_RESTORE = Phase("load VMs paused, frames held", _prepare_restore, DISCAR
 RESYNC_RESTORE = Phase("clock sync", _sync, DISCARD_PREPARED)
 # The old VMs pause a moment before the new ones resume at the common instant.
 SWITCH_OVER = Phase("switch over", _resume, SWITCH_BACK, at_common_instant=True)
+# Or, where a new VM can take the old one's place only once that one is paused
+# (a libvirt domain cannot exist twice): the old VMs pause at one instant and
+# every host swaps, however long that takes; then the new VMs resume at another.
+SWITCH = Phase("pause and swap in the restored VMs", _switch, SWITCH_BACK, at_common_instant=True)
+RESUME_RESTORED = Phase("resume and deliver frames", _resume, SWITCH_BACK, at_common_instant=True)
 COMMIT_RESTORE = Phase("commit", _commit, RESTORE_NOT_KEPT)
 
 
@@ -252,6 +262,9 @@ def save_plan(*, stop: bool) -> list[Phase]:
     return [CLOCK_SYNC, PAUSE, SAVE_MEMORY, DRAIN, RESUME_SAVED, COMMIT_SAVE]
 
 
-def restore_plan() -> list[Phase]:
-    """The phases of ``lockstep restore``."""
-    return [VERIFY, CLOCK_SYNC, PREPARE_RESTORE, RESYNC_RESTORE, SWITCH_OVER, COMMIT_RESTORE]
+def restore_plan(*, swap_paused: bool = False) -> list[Phase]:
+    """The phases of ``lockstep restore`` (``swap_paused``: a VM is a libvirt domain)."""
+    first = [VERIFY, CLOCK_SYNC, PREPARE_RESTORE, RESYNC_RESTORE]
+    if swap_paused:
+        return [*first, SWITCH, RESUME_RESTORED, COMMIT_RESTORE]
+    return [*first, SWITCH_OVER, COMMIT_RESTORE]

@@ -84,6 +84,13 @@ def lab() -> None:
     " TCG every packet costs host CPU (python -m bench.idle measures it).",
 )
 @click.option(
+    "--disks",
+    default=LabOptions.disks,
+    show_default=True,
+    type=click.IntRange(1, 8),
+    help="Disks per VM: the root disk, then empty data disks (/dev/vdb...); states keep each.",
+)
+@click.option(
     "--clock-offset",
     "offsets",
     multiple=True,
@@ -107,8 +114,8 @@ def lab() -> None:
 @click.pass_context
 def lab_up(
     ctx: click.Context, name: str, hosts: int, vms: int, memory: str, heartbeat: str,
-    fail_timeout: str, stream_rate: int, offsets: tuple[str, ...], packages: tuple[str, ...],
-    starts: tuple[str, ...],
+    fail_timeout: str, stream_rate: int, disks: int, offsets: tuple[str, ...],
+    packages: tuple[str, ...], starts: tuple[str, ...],
 ) -> None:  # fmt: skip
     """Bring the lab up and write its group file (./lockstep.toml unless -g)."""
     parent = ctx.parent.parent if ctx.parent else None
@@ -117,7 +124,7 @@ def lab_up(
         opts = LabOptions(
             name=name, hosts=hosts, vms=vms, memory=memory,
             heartbeat=parse_duration(heartbeat), timeout=parse_duration(fail_timeout),
-            stream_rate=stream_rate,
+            stream_rate=stream_rate, disks=disks,
             clock_offsets=_offsets(offsets), extra_packages=packages,
             start=_starts(starts), group_file=group_file_path(group_opt),
         )  # fmt: skip

@@ -33,7 +33,7 @@ class ExecdApi(Protocol):
     async def down(self, vms: Sequence[str]) -> list[VmStatus]:
         """Stop the named VMs (all when empty) and remove their taps."""
 
-    def status(self) -> list[VmStatus]:
+    async def status(self) -> list[VmStatus]:
         """The VMs of this host as they are now."""
 
     async def pause(
@@ -66,6 +66,9 @@ class ExecdApi(Protocol):
 
     async def prepare_restore(self, op: str, state: str, deadline: float) -> list[VmReport]:
         """Replace this host's VMs of ``state`` by paused VMs loaded from it."""
+
+    async def switch(self, op: str, at: float) -> list[VmReport]:
+        """Pause the restore's old VMs at ``at`` and put the new ones in their place, paused."""
 
     def states(self) -> list[StateInfo]:
         """The committed states on this host."""

@@ -51,8 +51,12 @@ class VmStatus:
     name: str
     runstate: str
     pid: int | None = None
-    layer: str | None = None
+    layer: str | None = None  # the active layers, one per layered disk, comma-separated
     state: str | None = None
+    driver: str = "qemu"
+    domain: str | None = None  # a libvirt domain's name, UUID and live XML (no secrets)
+    uuid: str | None = None
+    xml: str | None = None
 
 
 @dataclass(frozen=True)

@@ -44,11 +44,13 @@ class OpPhase(enum.Enum):
 
     save:    OPEN -> PAUSED -> SAVED -> DRAINED -> RESUMED -> COMMITTED
              OPEN -> PAUSED -> SAVED -> DRAINED -> COMMITTED -> STOPPED  (--stop)
-    restore: OPEN -> PREPARED -> RESUMED -> COMMITTED
-             (RESUMED: switched over, the new VMs run and the old ones are paused)
+    restore: OPEN -> PREPARED -> SWITCHED -> RESUMED -> COMMITTED
+             (SWITCHED: the old VMs paused and the new ones in their place, paused;
+              RESUMED: the new VMs run)
 
-    Any phase before COMMITTED may go to ABORTED (a restore's RESUMED too: it
-    switches back); a save's COMMITTED too, when another host failed to commit.
+    Any phase before COMMITTED may go to ABORTED (a restore's SWITCHED and
+    RESUMED too: it swaps back); a save's COMMITTED too, when another host
+    failed to commit.
     """
 
     OPEN = "open"
@@ -56,6 +58,7 @@ class OpPhase(enum.Enum):
     SAVED = "saved"
     DRAINED = "drained"
     PREPARED = "prepared"
+    SWITCHED = "switched"
     RESUMED = "resumed"
     COMMITTED = "committed"
     STOPPED = "stopped"
@@ -76,7 +79,8 @@ _ALLOWED: Mapping[OpKind, Mapping[OpPhase, frozenset[OpPhase]]] = {
     },
     OpKind.RESTORE: {
         _P.OPEN: frozenset({_P.PREPARED, _P.ABORTED}),
-        _P.PREPARED: frozenset({_P.RESUMED, _P.ABORTED}),
+        _P.PREPARED: frozenset({_P.SWITCHED, _P.ABORTED}),
+        _P.SWITCHED: frozenset({_P.RESUMED, _P.ABORTED}),
         _P.RESUMED: frozenset({_P.COMMITTED, _P.ABORTED}),
         _P.COMMITTED: frozenset(),
         _P.ABORTED: frozenset(),

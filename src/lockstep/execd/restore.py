@@ -1,20 +1,24 @@
-"""A restore on one host, atomic: the new VMs are made beside the running ones, then switched to.
+"""A restore on one host, atomic: the new VMs made ready beside the running ones, then swapped in.
 
-The running VMs keep running while every host prepares the new ones
-(:meth:`RestoreOperation.prepare`): a fresh layer over the state's layer, QEMU
-started paused in ``restoring/<op>/<vm>/`` on the VM's spare tap names, its
-memory loaded, its taps frozen (frames of the running timeline are captured,
-never delivered) and the state's held frames queued on its taps. Nothing of
-the running group changes, so any failure before the switch-over discards the
-new VMs and the group runs on untouched.
+Each VM of the state is a :class:`~lockstep.execd.driver.Replacement` of its
+driver. While the running VMs run on, every host prepares all it can
+(:meth:`RestoreOperation.prepare`): for lockstep's QEMU driver the whole new
+VM (QEMU paused on a fresh layer, memory loaded, NICs frozen, the state's
+frames queued, on the VM's spare taps); for a libvirt domain, which cannot
+exist twice, its fresh layers and XML. Nothing of the running group changes,
+so any failure before the switch-over discards what was prepared and the group
+runs on untouched.
 
-The switch-over (:meth:`RestoreOperation.resume`, at the caller's common
-instant ``at``) pauses the old VMs at ``at - SWITCH_LEAD`` on every host, takes
-their taps out of the bridges, lets the old timeline's last frames arrive and
-drops them, lifts the new VMs' freezes and resumes the new VMs at ``at``. The
-old VMs stay paused until the commit quits them and moves the new VMs' files
-home; an abort after the switch-over switches back, and so does the dead-man's
-timer at the deadline (on every host at once) if the caller went quiet.
+The switch-over pauses the old VMs at one instant on every host, swaps each
+new VM in (:meth:`RestoreOperation.switch`: the old taps leave the bridges; a
+libvirt domain is saved aside and the state's domain restored paused, its taps
+frozen and its frames queued), lets the old timeline's last frames arrive and
+drops them, and resumes the new VMs at a second common instant
+(:meth:`RestoreOperation.resume`). A group of QEMU VMs only does it in one
+call: the old VMs pause ``SWITCH_LEAD`` before the new ones resume. Until the
+commit, an abort (or the dead-man's timer at the deadline, on every host at
+once) swaps back: the old VMs come back (a libvirt domain from what was saved
+aside) and resume at a common instant.
 """
 
 from __future__ import annotations
@@ -24,40 +28,33 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
-from lockstep import disk
-from lockstep.errors import LockstepError, VmError
+from lockstep.errors import LockstepError
+from lockstep.execd.driver import Replacement
 from lockstep.execd.host import Host, gather_all
 from lockstep.execd.instants import pause_at, resume_at
 from lockstep.execd.model import VmReport
 from lockstep.execd.ops import Operation, OperationError, OpKind, OpPhase
-from lockstep.execd.vms import VM_RECORD, HostVm, VmRuntime
+from lockstep.execd.vms import HostVm
 from lockstep.group import VmSpec
-from lockstep.store import Manifest, VmRecord
-from lockstep.vm import memory
+from lockstep.store import Manifest
+from lockstep.vm.machine import VmRunstate
 
 __all__ = ["SWITCH_LEAD", "RestoreOperation"]
 
 log = logging.getLogger(__name__)
 
-# The old VMs pause this long before the new ones resume: time to take their
-# taps out of the bridges, let the old timeline's last frames arrive (they are
-# dropped) and lift the new VMs' freezes. It is the switch-over's whole cost.
+# The old VMs pause this long before the new ones resume, when both are done
+# in one call: time to take their taps out of the bridges, let the old
+# timeline's last frames arrive (they are dropped) and lift the new VMs'
+# freezes. It is the switch-over's whole cost for lockstep's QEMU driver.
 SWITCH_LEAD = 0.03
 _SETTLE = 0.003  # s after the old VMs paused before their last frames count as arrived
 _QUIET = 0.002  # s without a frame that count as quiet then
 _QUIET_LIMIT = 0.006  # s: the longest that wait
-
-
-def _kill(vm: HostVm) -> None:
-    """For the fault hook: SIGKILL a new VM's QEMU (as if it crashed while loading)."""
-    if vm.machine.pid is not None:
-        os.kill(vm.machine.pid, signal.SIGKILL)
 
 
 class RestoreOperation(Operation):
@@ -78,13 +75,22 @@ class RestoreOperation(Operation):
     ) -> None:
         super().__init__(host, op, state, vms, deadline, orphan=orphan)
         self.manifest = manifest
-        self.new: dict[str, HostVm] = {}  # the VMs being restored
-        self.old: dict[str, HostVm] = {}  # the VMs they replace, once switched over
+        self.swaps: dict[str, Replacement] = {}  # by VM, in name order
 
     @property
     def folder(self) -> Path:
         """Where the new VMs' files are until the commit moves them home."""
         return self.host.vms.restoring / self.id
+
+    @property
+    def new(self) -> dict[str, HostVm]:
+        """The VMs being restored, those that exist yet."""
+        return {n: rep.new for n, rep in self.swaps.items() if rep.new is not None}
+
+    @property
+    def old(self) -> dict[str, HostVm]:
+        """The VMs they replace, once swapped."""
+        return {n: rep.old for n, rep in self.swaps.items() if rep.old is not None}
 
     @classmethod
     def open(cls, host: Host, op: str, state: str, deadline: float) -> RestoreOperation:
@@ -99,126 +105,92 @@ class RestoreOperation(Operation):
         return operation
 
     def extra_record(self) -> dict[str, Any]:
-        """Where the new VMs are, so a restarted execd can finish or undo the restore."""
-        return {"new": {name: str(vm.rundir) for name, vm in self.new.items()}}
+        """What each replacement needs, so a restarted execd can finish or undo the restore."""
+        return {"new": {name: rep.record() for name, rep in self.swaps.items()}}
 
     def held_chains(self) -> dict[str, list[str]]:
         """The layer chains of the new VMs before the switch-over, of the old ones after."""
         held = {}
-        for which, vms in (("being restored", self.new), ("being replaced", self.old)):
-            for name, vm in vms.items():
-                if self.host.vms.get(name) is not vm and vm.runtime.chain:
-                    held[f"{name} ({which})"] = vm.runtime.chain
+        for rep in self.swaps.values():
+            held.update(rep.held_layers())
         return held
 
     # -- prepare -------------------------------------------------------------------
 
     async def prepare(self) -> list[VmReport]:
-        """Make every VM of the state beside the running one, paused, its frames queued.
+        """Make ready every VM of the state beside the running one (see the module docstring).
 
-        On any failure every new VM made so far is discarded (the running VMs
-        were never touched) and the operation ends.
+        On any failure everything prepared so far is discarded (the running
+        VMs were never touched) and the operation ends.
 
         Raises:
-            VmError, NetError, DiskError: a new VM could not be made.
+            VmError, NetError, DiskError: a new VM could not be made ready.
         """
         self.life.require(OpPhase.OPEN)
         assert self.manifest is not None
         await self.host.fault.at("prepare_restore:before")
         try:
-            reports = await gather_all(
-                [self._prepare_one(n, r) for n, r in sorted(self.manifest.vms.items())]
-            )
+            for name, rec in sorted(self.manifest.vms.items()):
+                driver = self.host.driver(VmSpec.model_validate(rec.spec))
+                self.swaps[name] = driver.replacement(
+                    self.id, self.manifest.group, self.state, name, rec
+                )
+            self.save_record()
+            reports = await gather_all([rep.prepare() for rep in self.swaps.values()])
         except BaseException:
             with contextlib.suppress(LockstepError):
                 await self._discard_new()
             self.advance(OpPhase.ABORTED)
             raise
+        self.save_record()
         self.advance(OpPhase.PREPARED)
         await self.host.fault.at("prepare_restore:after")
         return reports
 
-    async def _prepare_one(self, name: str, rec: VmRecord) -> VmReport:
-        assert self.manifest is not None
-        host, state_dir = self.host, self.host.store.states_dir / self.state
-        spec = VmSpec.model_validate(rec.spec)
-        running = host.vms.get(name)
-        runtime = VmRuntime(
-            spec=spec,
-            group=self.manifest.group,
-            taps=host.vms.taps(
-                self.manifest.group, spec, avoid=running.runtime.taps if running else ()
-            ),
-            state=self.state,
-        )
-        rundir = self.folder / name
-        rundir.mkdir(parents=True, exist_ok=True)
-        vm = host.vms.new_vm(runtime, rundir)
-        self.new[name] = vm
-        self.save_record()
-        if rec.layer is not None:
-            layers = host.store.layers_dir
-            plan = disk.plan_fresh_overlay(layers, name, disk.layer_path(layers, rec.layer))
-            await disk.create_overlay(plan)
-            runtime.layer = plan.layer_id
-            runtime.chain = [*rec.chain, plan.layer_id]
-        ram = await asyncio.to_thread(
-            memory.restore_ram,
-            spec,
-            None if rec.ram is None else state_dir / rec.ram,
-            vm.machine.paths.ram,
-            state=self.state,
-        )
-        runtime.ram = None if ram.ram is None else str(ram.ram.path)
-        runtime.ram_shared = ram.ram is not None and ram.ram.shared
-        runtime.memory_note = ram.later
-        # Frozen before QEMU opens the taps: a frame of the running timeline
-        # must never wait in a new tap's queue; the freeze takes it, and it is
-        # dropped at the switch-over.
-        await host.vms.make_taps(runtime)
-        vm.freeze = host.vms.freeze_for(vm)
-        await vm.freeze.prepare()
-        await vm.freeze.engage()
-        await host.vms.start(vm, incoming=True)
-        host.vms.persist(vm)
-        assert rec.memory is not None
-        await host.fault.at("prepare_restore:load", lambda: _kill(vm))
-        await vm.machine.load_memory(state_dir / rec.memory, ignore_shared=ram.fast)
-        # The state's frames go first in the new VM's queue: it reads nothing
-        # until it resumes, and nothing of its new timeline exists yet.
-        loaded = vm.freeze.load_pcaps([state_dir / f for f in rec.frames])
-        await vm.freeze.queue_saved()
-        return VmReport(
-            name=name,
-            frames_held=loaded,
-            memory_path="fast" if ram.fast else "standard",
-            memory_note=ram.note,
-        )
-
     # -- the switch-over ------------------------------------------------------------
 
-    async def resume(self, at: float) -> list[VmReport]:
-        """Switch over: the old VMs pause at ``at - SWITCH_LEAD``, the new ones resume at ``at``.
+    async def switch(self, at: float) -> list[VmReport]:
+        """Pause the old VMs at ``at`` and put the new ones in their place, paused.
 
-        Each report has the new VM's resume instant and frames, and the old
-        VM's pause instant (none if the VM did not run here before).
+        Each report has the old VM's pause instant (none if the VM did not
+        run here before). Then the new VMs wait, frozen, for :meth:`resume`.
 
         Raises:
             OperationError: the restore is not prepared.
-            VmError, NetError: the switch-over failed (the caller aborts: it
-                switches back).
+            VmError, NetError: the switch failed (the caller aborts: it swaps back).
         """
         self.life.require(OpPhase.PREPARED)
-        await self.host.fault.at("resume:before")
-        self.old = {n: vm for n in self.new if (vm := self.host.vms.get(n)) is not None}
-        olds, news = list(self.old.values()), list(self.new.values())
-        stop_at = at - SWITCH_LEAD
-        paused = {r.name: r.paused_at for r in await pause_at(self.host, olds, stop_at)}
-        await gather_all([self.host.vms.bridge_taps(vm, attached=False) for vm in olds])
+        olds = {n: vm for n in self.swaps if (vm := self.host.vms.get(n)) is not None}
+        # From here on an undo swaps back and resumes the old VMs, whatever failed.
+        self.advance(OpPhase.SWITCHED)
+        paused = await pause_at(self.host, list(olds.values()), at)
+        await gather_all([rep.swap(olds.get(n)) for n, rep in self.swaps.items()])
+        self.save_record()
         # The old timeline's last frames (sent just before its VMs paused, on
         # any host) arrive at the new taps' freezes, and are dropped with the rest.
-        await asyncio.sleep(max(0.0, stop_at + _SETTLE - self.host.clock.now()))
+        await asyncio.sleep(max(0.0, at + _SETTLE - self.host.clock.now()))
+        news = list(self.new.values())
         await gather_all([vm.freeze.drain(_QUIET, _QUIET_LIMIT) for vm in news if vm.freeze])
+        return [VmReport(name=r.name, paused_at=r.paused_at) for r in paused]
+
+    async def resume(self, at: float) -> list[VmReport]:
+        """Resume the new VMs at ``at`` with their frames (switching over first if not yet).
+
+        Switched over in one call, the old VMs pause at ``at - SWITCH_LEAD``.
+        Each report has the new VM's resume instant and frames, and the old
+        VM's pause instant if it paused in this call.
+
+        Raises:
+            OperationError: the restore is not prepared or switched.
+            VmError, NetError: the switch-over failed (the caller aborts: it
+                swaps back).
+        """
+        self.life.require(OpPhase.PREPARED, OpPhase.SWITCHED)
+        await self.host.fault.at("resume:before")
+        paused: dict[str, float | None] = {}
+        if self.phase is OpPhase.PREPARED:
+            paused = {r.name: r.paused_at for r in await self.switch(at - SWITCH_LEAD)}
+        news = list(self.new.values())
         reports = await resume_at(self.host, news, at, discard_before=math.inf)
         for vm in news:
             self.host.vms.register(vm)
@@ -227,30 +199,25 @@ class RestoreOperation(Operation):
         return [dataclasses.replace(r, paused_at=paused.get(r.name)) for r in reports]
 
     async def commit(self) -> None:
-        """Quit the old VMs and move the new VMs' files home; the restore is done.
+        """The old VMs go for good and the new ones' files move home; the restore is done.
 
         Raises:
             OperationError: the restore has not switched over.
         """
         self.life.require(OpPhase.RESUMED)
-        # The replaced VMs' memory and disk layers are of no more use: kill them.
-        await gather_all([self.host.vms.discard(vm, graceful=False) for vm in self.old.values()])
-        for vm in self.new.values():
-            self.host.vms.move_home(vm)
+        await gather_all([rep.commit() for rep in self.swaps.values()])
         shutil.rmtree(self.folder, ignore_errors=True)
-        self.old, self.new = {}, {}
+        self.swaps = {}
         self.advance(OpPhase.COMMITTED)
         self.host.collect_garbage()
 
     # -- undo ----------------------------------------------------------------------
 
     async def _discard_new(self) -> None:
-        """Quit every new VM, remove its taps, folder and layer; the running VMs stay."""
-        new, self.new = self.new, {}
-        failures = await asyncio.gather(
-            *(self.host.vms.discard(vm, graceful=False) for vm in new.values()),
-            return_exceptions=True,
-        )
+        """Drop every new VM and what was made for it; the running VMs stay."""
+        swaps = list(self.swaps.values())
+        failures = await asyncio.gather(*(rep.discard() for rep in swaps), return_exceptions=True)
+        self.swaps = {}
         shutil.rmtree(self.folder, ignore_errors=True)
         self.host.collect_garbage()
         for failure in failures:
@@ -260,10 +227,10 @@ class RestoreOperation(Operation):
     async def abort(self, resume_at_: float | None) -> list[VmReport]:
         """Undo the restore; the VMs it was to replace run (again).
 
-        Before the switch-over the new VMs are discarded and the running ones
-        never noticed. After it, it switches back: the new VMs pause, the old
-        ones get their taps back and resume at ``resume_at_``, then the new VMs
-        are discarded.
+        Before the switch-over what was prepared is discarded and the running
+        VMs never noticed. After it, it swaps back: the new VMs pause, the old
+        ones come back and resume at ``resume_at_``, then the new ones are
+        discarded.
 
         Raises:
             OperationError: the restore is committed.
@@ -273,65 +240,71 @@ class RestoreOperation(Operation):
         if self.phase is OpPhase.ABORTED:
             return []
         reports: list[VmReport] = []
-        if self.phase is OpPhase.RESUMED:
-            reports = await self._switch_back(resume_at_)
-        names = list(self.new)
+        names = list(self.swaps)
         try:
+            if self.phase in (OpPhase.SWITCHED, OpPhase.RESUMED):
+                reports = await self._switch_back(resume_at_)
             await self._discard_new()
         finally:
             self.advance(OpPhase.ABORTED)
         return reports or [VmReport(name=n) for n in names]
 
     async def _switch_back(self, at: float | None) -> list[VmReport]:
-        news, olds = list(self.new.values()), list(self.old.values())
         when = at if at is not None else self.host.clock.now() + SWITCH_LEAD
+        news = [vm for vm in self.new.values() if vm.machine.runstate is VmRunstate.RUNNING]
         await pause_at(self.host, news, when - SWITCH_LEAD)
-        await gather_all([self.host.vms.bridge_taps(vm, attached=False) for vm in news])
-        await gather_all([self.host.vms.bridge_taps(vm, attached=True) for vm in olds])
+
+        async def back(rep: Replacement) -> HostVm | None:
+            if not rep.swapped:  # paused, perhaps, but still in place
+                return self.host.vms.get(rep.name)
+            old = await rep.swap_back()
+            rep.old = None
+            return old
+
+        olds = [vm for vm in await gather_all([back(r) for r in self.swaps.values()]) if vm]
         reports = await resume_at(self.host, olds, when)
         for vm in olds:
             self.host.vms.register(vm)
-        self.old = {}
         return reports
 
     async def expire(self) -> None:
         """At the deadline, with no word from the caller, the restore is undone.
 
-        Before the switch-over the new VMs go. After it, the host switches back
-        at the deadline, a common instant with every other host: a caller that
-        never committed never said "restored", and one that failed after the
-        switch-over aborted everywhere it could reach.
+        Before the switch-over what was prepared goes. After it, the host
+        swaps back at the deadline, a common instant with every other host: a
+        caller that never committed never said "restored", and one that failed
+        after the switch-over aborted everywhere it could reach.
         """
-        await self.abort(self.deadline if self.phase is OpPhase.RESUMED else None)
+        switched = self.phase in (OpPhase.SWITCHED, OpPhase.RESUMED)
+        await self.abort(self.deadline if switched else None)
 
     # -- after an execd restart ------------------------------------------------------
 
-    async def adopt(self, new_dirs: dict[str, str]) -> None:
-        """Take back the new VMs found in ``new_dirs`` after an execd restart.
+    async def adopt(self, records: dict[str, Any]) -> None:
+        """Take back the replacements an earlier execd recorded (``records``, by VM).
 
         Before the switch-over they are discarded at once (the running VMs
-        never changed). After it they run and are what this host runs; the
-        old ones, paused, wait for an abort or the deadline (a switch back).
+        never changed). After it, the new VMs are what this host runs; the old
+        ones wait for an abort or the deadline (a swap back).
         """
-        for name, folder in sorted(new_dirs.items()):
-            rundir = Path(folder)
+        for name, record in sorted(records.items()):
+            # An execd of before recorded a QEMU VM's folder alone.
+            data = {"driver": "qemu", "rundir": record} if isinstance(record, str) else record
+            switched = self.phase in (OpPhase.SWITCHED, OpPhase.RESUMED)
             try:
-                runtime = VmRuntime.from_json((rundir / VM_RECORD).read_text())
-            except (OSError, ValueError, TypeError) as exc:
-                log.warning("restore %s: VM %s's record is unreadable: %s", self.id, name, exc)
-                shutil.rmtree(rundir, ignore_errors=True)
+                driver = self.host.drivers[str(data.get("driver"))]
+                rep = driver.adopt_replacement(name, data)
+                await rep.adopt_after_restart(self.host.vms.get(name), switched=switched)
+            except (LockstepError, KeyError, OSError, ValueError, TypeError) as exc:
+                log.warning(
+                    "restore %s: VM %s's replacement not taken back: %s", self.id, name, exc
+                )
                 continue
-            vm = self.host.vms.new_vm(runtime, rundir)
-            try:
-                await vm.machine.attach()
-            except VmError as exc:
-                log.warning("restore %s: VM %s not re-attached: %s", self.id, name, exc)
-            self.new[name] = vm
-        if self.phase is not OpPhase.RESUMED:
+            self.swaps[name] = rep
+        if self.phase not in (OpPhase.SWITCHED, OpPhase.RESUMED):
             await self.abort(None)
             return
-        for name, vm in self.new.items():
-            old = self.host.vms.get(name)
-            if old is not None and old is not vm:
-                self.old[name] = old
-            self.host.vms.register(vm)
+        if self.phase is OpPhase.RESUMED:
+            for rep in self.swaps.values():
+                if rep.new is not None:
+                    self.host.vms.register(rep.new)

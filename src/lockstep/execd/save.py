@@ -17,27 +17,22 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from lockstep import disk
 from lockstep.errors import StateNotFound
 from lockstep.execd.clock import background
+from lockstep.execd.driver import MEMORY_FILE, RAM_FILE
 from lockstep.execd.host import Host, gather_all
 from lockstep.execd.instants import freeze_and_pause, resume_at
 from lockstep.execd.model import SaveProgress, StateInfo, VmReport
 from lockstep.execd.ops import Operation, OperationError, OpKind, OpPhase
 from lockstep.execd.vms import HostVm
-from lockstep.store import Manifest, Staging, VmRecord
-from lockstep.vm import memory
-from lockstep.vm.machine import MigrationProgress, VmRunstate
+from lockstep.store import DiskRecord, Manifest, Staging, VmRecord
+from lockstep.vm.machine import VmRunstate
 
 __all__ = ["MEMORY_FILE", "RAM_FILE", "SaveOperation", "state_info"]
 
 log = logging.getLogger(__name__)
-
-MEMORY_FILE = "{vm}.mem"  # the migration stream (device state, and RAM on the standard path)
-RAM_FILE = "{vm}.ram"  # the RAM image a fast save keeps (lockstep.vm.memory)
 
 
 def state_info(m: Manifest) -> StateInfo:
@@ -54,10 +49,10 @@ def state_info(m: Manifest) -> StateInfo:
 
 @dataclass
 class _Kept:
-    """What the state keeps of one VM: its frozen layer and chain, frame files, RAM image."""
+    """What the state keeps of one VM: its frozen disks, those left alone, frames, RAM image."""
 
-    layer: str | None = None
-    chain: list[str] = field(default_factory=list)
+    disks: list[DiskRecord] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
     frames: list[str] = field(default_factory=list)
     ram: str | None = None
 
@@ -146,10 +141,11 @@ class SaveOperation(Operation):
     async def save_memory(
         self, keep_running: bool, progress: Callable[[SaveProgress], None] | None
     ) -> list[VmReport]:
-        """Write each paused VM's memory into the staging state; freeze its disk layer.
+        """Write each paused VM's memory into the staging state; freeze every disk layer of it.
 
-        With ``keep_running`` each VM moves to a fresh layer on top of the one
-        the state keeps; otherwise the VM will be stopped and its layer is kept as is.
+        With ``keep_running`` each VM moves to fresh layers on top of those the
+        state keeps; otherwise the VM will be stopped and its layers are kept as
+        they are (each VM's driver does it: :meth:`VmDriver.save`).
 
         Raises:
             OperationError: the operation is not paused.
@@ -160,73 +156,26 @@ class SaveOperation(Operation):
         self.save_record()
 
         async def one(vm: HostVm) -> VmReport:
-            rt = vm.runtime
-            kept = self.kept.setdefault(vm.name, _Kept())
-            kept.layer, kept.chain = rt.layer, list(rt.chain)
-            if keep_running and rt.layer is not None:
-                layers = self.host.store.layers_dir
-                plan = disk.plan_fresh_overlay(layers, vm.name, disk.layer_path(layers, rt.layer))
-                await vm.machine.snapshot_disk(plan.path)
-                rt.layer = plan.layer_id
-                rt.chain = [*rt.chain, plan.layer_id]
-                self.host.vms.persist(vm)
+            assert self.staging is not None
 
             def report(done: int, total: int) -> None:
                 if progress is not None:
                     progress(SaveProgress(vm=vm.name, done=done, total=total))
 
-            saved = await self._save_vm_memory(vm, report)
-            report(saved.memory_bytes, saved.memory_bytes)
-            return saved
+            saved = await vm.driver.save(
+                vm, self.staging.path, keep_running=keep_running, progress=report
+            )
+            kept = self.kept.setdefault(vm.name, _Kept())
+            kept.disks, kept.skipped, kept.ram = saved.disks, saved.skipped, saved.ram
+            size = saved.report.memory_bytes
+            report(size, size)
+            return saved.report
 
         await self.host.fault.at("save_memory:before", self._killer())
         reports = await gather_all([one(vm) for vm in self.targets()])
         self.advance(OpPhase.SAVED)
         await self.host.fault.at("save_memory:after")
         return reports
-
-    async def _save_vm_memory(self, vm: HostVm, progress: MigrationProgress) -> VmReport:
-        """Save one paused VM's memory into the staging state, fast or standard.
-
-        Fast: the stream holds device state only and the state keeps a RAM
-        image of the VM's RAM file (linked when the VM stops after the save,
-        else reflinked or copied): see :mod:`lockstep.vm.memory`.
-
-        Raises:
-            VmError: the memory or the RAM image could not be written, or the
-                VM's ``memory_path`` is "fast" and the fast path cannot be used.
-        """
-        assert self.staging is not None
-        rt = vm.runtime
-        shared = rt.ram is not None and rt.ram_shared
-        plan = memory.plan_save(
-            rt.spec,
-            rt.ram_file,
-            rt.memory_note,
-            qemu_ignores_shared=shared and await vm.machine.can_ignore_shared(),
-        )
-        size = await vm.machine.save_memory(
-            self.staging.file(MEMORY_FILE.format(vm=vm.name)),
-            ignore_shared=plan.fast,
-            progress=progress,
-        )
-        if not plan.fast:
-            return VmReport(
-                name=vm.name, memory_bytes=size, memory_path="standard", memory_note=plan.reason
-            )
-        assert rt.ram is not None
-        image = RAM_FILE.format(vm=vm.name)
-        kept = await asyncio.to_thread(
-            memory.keep_ram_image,
-            Path(rt.ram),
-            self.staging.file(image),
-            link=not self.keep_running,
-        )
-        self.kept[vm.name].ram = image
-        size += (self.staging.path / image).stat().st_blocks * 512
-        return VmReport(
-            name=vm.name, memory_bytes=size, memory_path="fast", memory_note=kept.describe()
-        )
 
     async def drain(self, quiet: float, limit: float) -> list[VmReport]:
         """Capture until quiet, then write each VM's held frames into the state (pcap).
@@ -314,9 +263,8 @@ class SaveOperation(Operation):
         for vm in targets:
             kept = self.kept.get(vm.name, _Kept())
             records[vm.name] = VmRecord(
-                layer=kept.layer,
-                chain=kept.chain,
-                base=str(vm.runtime.spec.disk) if vm.runtime.spec.disk else None,
+                disks=kept.disks,
+                skipped=kept.skipped,
                 spec=vm.runtime.spec.model_dump(mode="json"),
                 memory=MEMORY_FILE.format(vm=vm.name),
                 ram=kept.ram,

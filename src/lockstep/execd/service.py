@@ -24,13 +24,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from lockstep import disk
 from lockstep.errors import LockstepError, VmError
 from lockstep.execd.clock import ExecdClock
 from lockstep.execd.deadman import DeadMan
 from lockstep.execd.fault import Fault
 from lockstep.execd.host import Host, gather_all
 from lockstep.execd.journal import Journal
+from lockstep.execd.libvirt_driver import LibvirtDriver
 from lockstep.execd.model import (
     ExecdConfig,
     ProbeReply,
@@ -40,6 +40,7 @@ from lockstep.execd.model import (
     VmStatus,
 )
 from lockstep.execd.ops import Operation, OperationError, OpKind, OpPhase
+from lockstep.execd.qemu_driver import QemuDriver
 from lockstep.execd.restore import RestoreOperation
 from lockstep.execd.save import SaveOperation
 from lockstep.execd.states import StateCatalog
@@ -76,6 +77,9 @@ class HostService:
             fault=Fault.from_env(),
             chains_in_use=self._chains_in_use,
         )
+        self.host.drivers.update(
+            {d.kind: d for d in (QemuDriver(self.host), LibvirtDriver(self.host))}
+        )
         self.catalog = StateCatalog(self.host)
         self.ops: dict[str, Operation] = {}
         self._recent: OrderedDict[str, SaveOperation] = OrderedDict()
@@ -104,9 +108,8 @@ class HostService:
             log.info("removed freeze link left by a crash: %s", link)
         for record in sorted(self.vms.rundir.glob(f"*/{VM_RECORD}")):
             runtime = VmRuntime.from_json(record.read_text())
-            vm = self.vms.new_vm(runtime, record.parent)
             try:
-                await vm.machine.attach()
+                vm = await self.host.driver(runtime.spec).adopt(runtime, record.parent)
             except VmError as exc:
                 log.warning("VM %s not re-attached: %s", runtime.spec.name, exc)
                 record.unlink()
@@ -117,7 +120,8 @@ class HostService:
             await self._adopt(data)
         waiting = {n for op in self.ops.values() for n in op.vms}
         for name, vm in self.vms.vms.items():
-            if vm.machine.runstate is not VmRunstate.RUNNING and name not in waiting:
+            paused = vm.machine.runstate in (VmRunstate.PAUSED, VmRunstate.SAVED)
+            if paused and name not in waiting:
                 with contextlib.suppress(LockstepError):
                     await vm.machine.resume()
         await self._remove_stray_taps()
@@ -147,7 +151,7 @@ class HostService:
         self.ops[op] = operation
         if isinstance(operation, RestoreOperation):
             new = data.get("new") or {}
-            await operation.adopt({str(k): str(v) for k, v in dict(new).items()})
+            await operation.adopt({str(k): v for k, v in dict(new).items()})
             if operation.ended:
                 self._close(operation)
 
@@ -166,12 +170,12 @@ class HostService:
     async def close(self) -> None:
         """Stop the dead-man's timer and drop QMP connections; the VMs keep running."""
         await self.deadman.stop()
-        machines = [vm.machine for vm in self.vms.vms.values()]
+        vms = list(self.vms.vms.values())
         for op in self.ops.values():
             if isinstance(op, RestoreOperation):
-                machines += [vm.machine for vm in op.new.values()]
-        for machine in machines:
-            await machine.drop_qmp()
+                vms += [vm for vm in op.new.values() if vm not in vms]
+        for vm in vms:
+            await vm.driver.close(vm)
 
     # -- clock ----------------------------------------------------------------
 
@@ -187,18 +191,27 @@ class HostService:
 
     # -- VMs ------------------------------------------------------------------
 
-    def status(self) -> list[VmStatus]:
-        """The VMs of this host as they are now."""
+    async def status(self) -> list[VmStatus]:
+        """The VMs of this host as they are now (a libvirt domain's live XML too)."""
         out = []
         for name, vm in sorted(self.vms.vms.items()):
-            runstate = vm.machine.runstate.value if vm.machine.alive() else "crashed"
+            extra = vm.driver.status_extra(vm)
+            try:
+                xml = await vm.driver.describe(vm) if vm.machine.alive() else ""
+            except LockstepError as exc:
+                log.warning("VM %s: %s", name, exc)
+                xml = ""
             out.append(
                 VmStatus(
                     name=name,
-                    runstate=runstate,
+                    runstate=vm.driver.runstate(vm),
                     pid=vm.machine.pid,
-                    layer=vm.runtime.layer,
+                    layer=",".join(vm.runtime.active_layers) or None,
                     state=vm.runtime.state,
+                    driver=vm.driver.kind,
+                    domain=extra.get("domain"),
+                    uuid=extra.get("uuid"),
+                    xml=xml or None,
                 )
             )
         return out
@@ -219,19 +232,10 @@ class HostService:
                 old = self.vms.get(spec.name)
                 if old is not None:
                     await self.vms.discard(old)
-                runtime = VmRuntime(spec=spec, group=group, taps=self.vms.taps(group, spec))
-                if spec.disk is not None:
-                    plan = disk.plan_fresh_overlay(self.store.layers_dir, spec.name, spec.disk)
-                    await disk.create_overlay(plan)
-                    runtime.layer = plan.layer_id
-                    runtime.chain = [plan.layer_id]
-                vm = self.vms.new_vm(runtime, self.vms.home(spec.name))
-                await self.vms.start(vm, incoming=False)
-                self.vms.register(vm)
-                self.vms.persist(vm)
+                await self.host.driver(spec).up(group, spec)
 
             await gather_all([one(s) for s in todo])
-        return self.status()
+        return await self.status()
 
     async def down(self, vms: Sequence[str]) -> list[VmStatus]:
         """Stop the named VMs (all when empty), remove their taps and unused layers.
@@ -243,7 +247,7 @@ class HostService:
             names = list(vms) or list(self.vms.vms)
             await gather_all([self.vms.discard(vm) for n in names if (vm := self.vms.get(n))])
             self.host.collect_garbage()
-        return self.status()
+        return await self.status()
 
     def _chains_in_use(self) -> dict[str, list[str]]:
         chains = self.vms.active_chains()
@@ -411,6 +415,17 @@ class HostService:
             OperationError: no such operation.
         """
         self._op(op, Operation).extend(deadline)
+
+    async def switch(self, op: str, at: float) -> list[VmReport]:
+        """Pause restore ``op``'s old VMs at ``at``; put the new ones in their place, paused.
+
+        Raises:
+            OperationError: the restore is not prepared.
+            VmError, NetError: the switch failed (the caller aborts: it swaps back).
+        """
+        operation = self._op(op, RestoreOperation)
+        with operation.step():
+            return await operation.switch(at)
 
     async def prepare_restore(self, op: str, state: str, deadline: float) -> list[VmReport]:
         """Prepare the VMs of ``state`` beside the running ones, paused, ready to switch to.

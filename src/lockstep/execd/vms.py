@@ -1,16 +1,16 @@
-"""The VMs one execd runs: runtime records, QEMU machines, taps and freezes.
+"""The VMs one execd runs: runtime records, their disks, taps and freezes.
 
 A :class:`HostVm` is one VM as this execd drives it: its :class:`VmRuntime`
-(persisted as ``vm.json`` in its folder, so a restarted execd re-attaches),
-its :class:`~lockstep.vm.machine.Machine` and, while an operation holds its
-frames, its :class:`~lockstep.net.freeze.NicFreeze`. The :class:`VmRegistry`
-holds the VMs the host runs now, by name, and makes and discards them; the
-operations (:mod:`lockstep.execd.operation`) use it.
+(persisted as ``vm.json`` in its folder, so a restarted execd takes it back),
+its QEMU (a :class:`~lockstep.vm.control.VmControl`: a
+:class:`~lockstep.vm.machine.Machine` or a libvirt
+:class:`~lockstep.vm.domain.Domain`), the :class:`~lockstep.execd.driver.VmDriver`
+that runs it and, while an operation holds its frames, its
+:class:`~lockstep.net.freeze.NicFreeze`. The :class:`VmRegistry` holds the VMs
+the host runs now, by name; the operations (:mod:`lockstep.execd.ops`) use it.
 
-Every running VM lives in ``run/<vm>/``. A restore prepares the VM that will
-replace it in ``restoring/<op>/<vm>/``, on the other set of tap names
-(:func:`lockstep.net.links.tap_name`), so both exist until the switch-over; its
-console log is the VM's one log in ``run/<vm>/`` all along.
+Every running VM has its folder ``run/<vm>/``, and each of its disks a
+:class:`DiskRuntime`: the image it stands on and lockstep's layers over it.
 """
 
 from __future__ import annotations
@@ -18,27 +18,93 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lockstep import disk
 from lockstep.execd.model import ExecdConfig
 from lockstep.execd.ops import OperationError
 from lockstep.group import VmSpec
 from lockstep.net.freeze import FreezeLimits, NicFreeze
-from lockstep.net.links import create_tap, delete_link, set_master, tap_name
-from lockstep.store import StateStore
-from lockstep.vm import memory
+from lockstep.net.links import tap_name
+from lockstep.store import DiskRecord, StateStore
 from lockstep.vm.argv import RamFile
-from lockstep.vm.machine import Machine
+from lockstep.vm.control import VmControl
 
-__all__ = ["HostVm", "VmRegistry", "VmRuntime"]
+if TYPE_CHECKING:
+    from lockstep.execd.driver import VmDriver
+
+__all__ = [
+    "DiskRuntime",
+    "HostVm",
+    "VmRegistry",
+    "VmRuntime",
+    "disk_target",
+    "restored_disks",
+    "spec_disks",
+]
 
 log = logging.getLogger(__name__)
 
 VM_RECORD = "vm.json"
+
+
+def disk_target(index: int) -> str:
+    """The guest's name of the QEMU driver's disk ``index``: vda, vdb... (virtio-blk, in order)."""
+    return "vd" + chr(ord("a") + index)
+
+
+@dataclass
+class DiskRuntime:
+    """One disk of a VM as this execd tracks it.
+
+    ``chain`` are lockstep's layers over ``base``, oldest first; the VM
+    writes the last one (or ``base`` itself while the chain is empty: a
+    libvirt domain's disk before its first save). A disk states leave alone
+    says why in ``skipped``; its ``base`` is the image the VM uses as it is.
+    """
+
+    target: str
+    base: str
+    chain: list[str] = field(default_factory=list)
+    skipped: str = ""
+
+    @property
+    def layer(self) -> str | None:
+        """The layer the VM writes (None: ``base``, or a disk left alone)."""
+        return self.chain[-1] if self.chain else None
+
+    def record(self) -> DiskRecord:
+        """This disk as a state keeps it: frozen where it is now."""
+        return DiskRecord(target=self.target, base=self.base, chain=list(self.chain))
+
+
+def spec_disks(spec: VmSpec) -> list[DiskRuntime]:
+    """``spec``'s disks before any layer: each on its own image, those left alone saying why."""
+    return [
+        DiskRuntime(disk_target(i), str(d.path), skipped=d.left_alone)
+        for i, d in enumerate(spec.disks)
+    ]
+
+
+def restored_disks(spec: VmSpec, frozen: Sequence[DiskRecord]) -> list[DiskRuntime]:
+    """``spec``'s disks as a state froze them (those it left alone on their own images).
+
+    Raises:
+        OperationError: the state has no layer for a disk the spec layers.
+    """
+    by_target = {d.target: d for d in frozen}
+    out = []
+    for d in spec_disks(spec):
+        rec = by_target.get(d.target)
+        if not d.skipped and rec is None:
+            raise OperationError(f"VM {spec.name}: the state has no layer for disk {d.target}")
+        out.append(
+            d if d.skipped or rec is None else DiskRuntime(d.target, rec.base, list(rec.chain))
+        )
+    return out
 
 
 @dataclass
@@ -48,12 +114,21 @@ class VmRuntime:
     spec: VmSpec
     group: str
     taps: list[str]
-    layer: str | None = None  # active layer id (None: no disk)
-    chain: list[str] = field(default_factory=list)  # layer ids over the base, ending in layer
+    disks: list[DiskRuntime] = field(default_factory=list)
     state: str | None = None  # state it was restored from or last saved as
     ram: str | None = None  # the file guest RAM is in (None: anonymous memory)
     ram_shared: bool = False  # the VM's own RAM file (else a state's image, mapped privately)
     memory_note: str = ""  # why its next save cannot take the fast path ("" if it can)
+
+    @property
+    def layer_ids(self) -> list[str]:
+        """Every layer id the VM's disks stand on, disk after disk."""
+        return [layer for d in self.disks for layer in d.chain]
+
+    @property
+    def active_layers(self) -> list[str]:
+        """The layers the VM writes, one per layered disk (for status)."""
+        return [d.layer for d in self.disks if d.layer is not None]
 
     @property
     def ram_file(self) -> RamFile | None:
@@ -68,19 +143,28 @@ class VmRuntime:
 
     @classmethod
     def from_json(cls, text: str) -> VmRuntime:
-        """Read back what :meth:`to_json` wrote."""
+        """Read back what :meth:`to_json` wrote (or an execd of one disk per VM did).
+
+        Raises:
+            ValueError: the text is not such a record.
+        """
         data = json.loads(text)
-        data["spec"] = VmSpec.model_validate(data["spec"])
+        data["spec"] = spec = VmSpec.model_validate(data["spec"])
+        layer, chain = data.pop("layer", None), data.pop("chain", None)
+        if layer is not None and chain and spec.disks:
+            data["disks"] = [asdict(DiskRuntime(disk_target(0), str(spec.disks[0].path), chain))]
+        data["disks"] = [DiskRuntime(**d) for d in data.get("disks", []) if isinstance(d, dict)]
         return cls(**data)
 
 
 @dataclass
 class HostVm:
-    """One VM as this execd drives it: its record, its QEMU, its folder, its freeze."""
+    """One VM as this execd drives it: its record, its QEMU, its folder, driver and freeze."""
 
     runtime: VmRuntime
-    machine: Machine
+    machine: VmControl
     rundir: Path
+    driver: VmDriver
     freeze: NicFreeze | None = None
 
     @property
@@ -90,7 +174,7 @@ class HostVm:
 
 
 class VmRegistry:
-    """The VMs this host runs now, and how VMs are made, moved and discarded here."""
+    """The VMs this host runs now, by name, their records and what they share (layers, freezes)."""
 
     def __init__(self, config: ExecdConfig, store: StateStore) -> None:
         self.config = config
@@ -110,17 +194,6 @@ class VmRegistry:
         """The folder of VM ``name`` while it is the one this host runs."""
         return self.rundir / name
 
-    def machine(self, spec: VmSpec, rundir: Path) -> Machine:
-        """A Machine for ``spec`` with its files in ``rundir`` (its console log at home)."""
-        home = self.home(spec.name)
-        return Machine(
-            spec,
-            rundir,
-            netns=self.config.netns,
-            qemu_binary=self.config.qemu_binary,
-            logdir=None if rundir == home else home,
-        )
-
     def persist(self, vm: HostVm) -> None:
         """Write ``vm``'s record into its folder (atomically)."""
         path = vm.rundir / VM_RECORD
@@ -139,109 +212,62 @@ class VmRegistry:
         self.vms.pop(name, None)
 
     def taps(self, group: str, spec: VmSpec, *, avoid: Sequence[str] = ()) -> list[str]:
-        """Tap names for ``spec``'s NICs: the usual set, or the spare one if ``avoid`` uses it."""
+        """lockstep's tap names for ``spec``'s NICs (the spare set if ``avoid`` has the usual)."""
         usual = [tap_name(group, spec.name, i) for i in range(len(spec.nics))]
         if set(usual) & set(avoid):
             return [tap_name(group, spec.name, i, spare=True) for i in range(len(spec.nics))]
         return usual
 
-    async def make_taps(self, runtime: VmRuntime) -> None:
-        """Create ``runtime``'s taps on their networks' bridges.
-
-        Raises:
-            OperationError: a NIC names no bridge.
-            NetError: a tap could not be made.
-        """
-        for tap, nic in zip(runtime.taps, runtime.spec.nics, strict=True):
-            if nic.bridge is None:
-                raise OperationError(
-                    f"VM {runtime.spec.name}: NIC on {nic.network} names no bridge"
-                )
-            await create_tap(tap, nic.bridge, netns=self.config.netns)
-
-    async def bridge_taps(self, vm: HostVm, *, attached: bool) -> None:
-        """Put ``vm``'s taps into their bridges, or take them out.
-
-        Raises:
-            NetError: a tap could not be changed.
-        """
-        for tap, nic in zip(vm.runtime.taps, vm.runtime.spec.nics, strict=True):
-            await set_master(tap, nic.bridge if attached else None, netns=self.config.netns)
-
     def freeze_for(self, vm: HostVm) -> NicFreeze:
         """A freeze (not prepared yet) of ``vm``'s taps."""
-        spec = vm.runtime.spec
+        return self.freeze_of(vm.runtime, vm.rundir)
+
+    def freeze_of(self, runtime: VmRuntime, rundir: Path) -> NicFreeze:
+        """A freeze (not prepared yet) of ``runtime``'s taps, spilling into ``rundir``."""
+        spec = runtime.spec
         return NicFreeze(
             spec.name,
-            vm.runtime.taps,
+            runtime.taps,
             hold_from=[nic.hold_from for nic in spec.nics],
             netns=self.config.netns,
             limits=FreezeLimits(
                 in_memory=self.config.frames_in_memory, limit=self.config.frames_limit
             ),
-            spill_dir=vm.rundir,
+            spill_dir=rundir,
         )
 
-    def new_vm(self, runtime: VmRuntime, rundir: Path) -> HostVm:
-        """A VM record with its Machine (not started) and its files in ``rundir``."""
-        return HostVm(runtime, self.machine(runtime.spec, rundir), rundir)
+    async def new_layers(self, vm: str, disks: Sequence[DiskRuntime]) -> list[DiskRuntime]:
+        """``disks`` with a fresh layer on each layered one, over what it stands on now.
 
-    async def start(self, vm: HostVm, *, incoming: bool) -> None:
-        """Start ``vm``'s QEMU (its taps made first, if they are not there yet).
+        What a VM starts on, from its base images (``up``) or a state's frozen
+        layers (a restore): neither is ever written. On failure the layers
+        made so far are removed.
 
         Raises:
-            LockstepError: the taps or QEMU could not be started.
+            DiskError: a layer could not be made.
         """
-        runtime = vm.runtime
-        if not incoming:  # a restore has set up runtime.ram already
-            ram, runtime.memory_note = memory.boot_ram(runtime.spec, vm.machine.paths.ram)
-            runtime.ram = None if ram is None else str(ram.path)
-            runtime.ram_shared = ram is not None
-        await self.make_taps(runtime)
-        layer = disk.layer_path(self.store.layers_dir, runtime.layer) if runtime.layer else None
-        await vm.machine.start(
-            disk=layer, taps=runtime.taps, incoming=incoming, ram=runtime.ram_file
-        )
+        layers = self.store.layers_dir
+        out: list[DiskRuntime] = []
+        made: list[Path] = []
+        try:
+            for d in disks:
+                if d.skipped:
+                    out.append(d)
+                    continue
+                top = disk.layer_path(layers, d.layer) if d.layer else Path(d.base)
+                plan = disk.plan_fresh_overlay(layers, vm, top)
+                made.append(await disk.create_overlay(plan))
+                out.append(DiskRuntime(d.target, d.base, [*d.chain, plan.layer_id]))
+        except BaseException:
+            for path in made:
+                disk.remove_layer(path)
+            raise
+        return out
 
     async def discard(self, vm: HostVm, *, graceful: bool = True) -> None:
-        """Quit ``vm``'s QEMU, lift its freeze, remove its taps (and its folder if not home).
-
-        Not ``graceful``: QEMU is killed at once, for a VM whose memory and
-        disk no one will use again (a restore's replaced or unused VMs).
-        The VM is forgotten if it is the one this host runs under its name.
-        """
-        try:
-            if vm.freeze is not None:
-                await vm.freeze.lift()
-                vm.freeze = None
-        finally:
-            try:
-                await (vm.machine.quit() if graceful else vm.machine.kill())
-            finally:
-                if self.vms.get(vm.name) is vm:
-                    self.forget(vm.name)
-                for tap in vm.runtime.taps:
-                    await delete_link(tap, netns=self.config.netns)
-                if vm.rundir != self.home(vm.name):
-                    shutil.rmtree(vm.rundir, ignore_errors=True)
-
-    def move_home(self, vm: HostVm) -> None:
-        """Move a restored VM's files from its restore folder to its home (QEMU runs on).
-
-        The VM it replaced has quit: its files there are stale, except the
-        console log, which goes on.
-        """
-        home = self.home(vm.name)
-        home.mkdir(parents=True, exist_ok=True)
-        for item in vm.rundir.iterdir():
-            os.replace(item, home / item.name)
-        shutil.rmtree(vm.rundir, ignore_errors=True)
-        if vm.runtime.ram is not None and Path(vm.runtime.ram).parent == vm.rundir:
-            vm.runtime.ram = str(home / Path(vm.runtime.ram).name)
-        vm.rundir = home
-        vm.machine.relocate(home)
-        self.persist(vm)
+        """Stop ``vm`` through its driver; it is no longer run here (see VmDriver.discard)."""
+        await vm.driver.discard(vm, graceful=graceful)
 
     def active_chains(self) -> dict[str, list[str]]:
-        """Each running VM's chain of layer ids."""
-        return {name: vm.runtime.chain for name, vm in self.vms.items() if vm.runtime.chain}
+        """The layer ids each running VM's disks stand on."""
+        return {name: ids for name, vm in self.vms.items() if (ids := vm.runtime.layer_ids)}

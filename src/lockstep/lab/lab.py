@@ -32,6 +32,7 @@ from lockstep.lab.guestctl import GuestControl
 from lockstep.lab.image import GuestImage, build_image
 from lockstep.lab.ledger import Ledger, PathEntry, ProcessEntry, lab_ledger_path
 from lockstep.lab.topology import LabPlan, lab_down, lab_up, plan_lab, vm_ip
+from lockstep.proc import arun
 from lockstep.rpc import HostClient, issue, make_ca
 
 __all__ = [
@@ -87,6 +88,7 @@ class LabOptions:
     heartbeat: float = 1.0
     timeout: float = 3.0
     stream_rate: int = 20  # packets per second from every guest to every other guest
+    disks: int = 1  # per VM: the root disk, then empty data disks (/dev/vdb...)
     clock_offsets: Mapping[str, float] = field(default_factory=dict)
     extra_packages: Sequence[str] = ()
     start: Mapping[str, str] = field(default_factory=dict)  # VM name -> extra start command
@@ -184,6 +186,22 @@ def _start_execd(
     return proc.pid
 
 
+DATA_DISK_SIZE = "64M"
+
+
+def data_disks(data: Path, count: int) -> list[Path]:
+    """The empty base images of the lab VMs' data disks (never written: each VM has a layer)."""
+    return [data / "disks" / f"data{i}.qcow2" for i in range(1, count)]
+
+
+async def _make_data_disks(data: Path, count: int) -> list[Path]:
+    paths = data_disks(data, count)
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await arun(["qemu-img", "create", "-q", "-f", "qcow2", str(path), DATA_DISK_SIZE])
+    return paths
+
+
 def _group_document(
     opts: LabOptions, plan: LabPlan, image: GuestImage, vms: Sequence[LabVm], data: Path
 ) -> dict[str, Any]:
@@ -203,7 +221,7 @@ def _group_document(
                 "memory": opts.memory,
                 "kernel": str(image.kernel),
                 "initrd": str(image.initrd),
-                "disk": str(image.rootfs),
+                "disks": [str(image.rootfs), *map(str, data_disks(data, opts.disks))],
                 "cmdline": image.cmdline(
                     hostname=vm.name,
                     ip=f"{vm.ip}/{ipaddress.IPv4Network(plan.vm_subnet).prefixlen}",
@@ -242,6 +260,10 @@ def _check_options(opts: LabOptions) -> None:
         raise LabError(
             f"the heartbeat ({opts.heartbeat:g} s) must be positive and shorter than "
             f"the failure timeout ({opts.timeout:g} s)"
+        )
+    if not 1 <= opts.disks <= 8:
+        raise LabError(
+            f"a lab VM has 1 to 8 disks (the root disk and data disks), not {opts.disks}"
         )
     if opts.stream_rate < 0:
         raise LabError(
@@ -333,6 +355,7 @@ async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
             pid = _start_execd(h.netns, config, offset, config.parent / "execd.log")
             ledger.record(ProcessEntry.of(pid, f"lockstep-execd {h.name}"))
             say(f"execd on {h.name} (pid {pid}{f', clock offset {offset:+g} s' if offset else ''})")
+        await _make_data_disks(data, opts.disks)
         group_file.write_text(tomli_w.dumps(_group_document(opts, plan, image, vms, data)))
         group = load_group(group_file)
         clients = clients_for(group)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import socket
 import tempfile
 import threading
@@ -52,9 +53,16 @@ from pyroute2.netlink.exceptions import NetlinkError
 from lockstep.errors import NetError
 from lockstep.net import pcap
 from lockstep.net.frames import finish_frame
-from lockstep.net.links import OUR_LINK, delete_link, ensure_clsact, netlink
+from lockstep.net.links import LINK_PREFIX, OUR_LINK, delete_link, ensure_clsact, netlink
 
-__all__ = ["FreezeLimits", "FreezeState", "NicFreeze", "cleanup_freeze_links", "freeze_pair"]
+__all__ = [
+    "FreezeLimits",
+    "FreezeState",
+    "NicFreeze",
+    "cleanup_freeze_links",
+    "freeze_pair",
+    "prepare_tap",
+]
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -73,12 +81,41 @@ T = TypeVar("T")
 
 
 def freeze_pair(tap: str) -> tuple[str, str]:
-    """The veth pair made for ``tap``: (redirect end, capture end)."""
+    """The veth pair made for ``tap``: (redirect end, capture end).
+
+    A tap lockstep made gives its own stem and index; one made by someone
+    else (libvirt's ``vnet3``) a stem hashed from its name, index 0: either
+    way the pair is one of lockstep's links (:data:`OUR_LINK`).
+    """
     m = OUR_LINK.match(tap)
-    if not m or m.group(1) != "t":
-        raise NetError(f"{tap} is not a lockstep tap name")
-    stem = tap[: -len(m.group(1) + m.group(2))]
-    return f"{stem}f{m.group(2)}", f"{stem}g{m.group(2)}"
+    if m and m.group(1) == "t":
+        stem, index = tap[: -len(m.group(1) + m.group(2))], m.group(2)
+    elif m is None and tap:
+        stem, index = f"{LINK_PREFIX}{hashlib.sha256(f'tap {tap}'.encode()).hexdigest()[:8]}", "0"
+    else:
+        raise NetError(f"{tap!r} is no tap to freeze")
+    return f"{stem}f{index}", f"{stem}g{index}"
+
+
+async def prepare_tap(tap: str, *, netns: str | None = None) -> None:
+    """Make a tap lockstep did not make (libvirt's) ready for freezes, once, when first seen.
+
+    It gets a ``clsact`` qdisc unless it has one (adding a qdisc to a running
+    link drops the frames in flight for a moment, so never at a freeze), and a
+    freeze filter a crash left on it goes.
+
+    Raises:
+        NetError: the tap is missing or the qdisc could not be added.
+    """
+    async with netlink(netns) as ipr:
+        found = await ipr.link_lookup(ifname=tap)
+        if not found:
+            raise NetError(f"tap {tap}{' in namespace ' + netns if netns else ''} does not exist")
+        try:
+            await ensure_clsact(ipr, found[0])
+        except NetlinkError as exc:
+            raise NetError(f"cannot add a clsact qdisc to tap {tap}: {exc}") from exc
+        await _delete_filter(ipr, found[0])
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ __all__ = [
     "STATE_SHOW",
     "STATUS",
     "STOP",
+    "SWITCH",
     "UP",
     "VERIFY_STATE",
     "Call",
@@ -115,6 +116,8 @@ EXTEND: Final = Call("Extend", Timeout.FAST, pb.ExtendRequest, pb.Empty)
 PREPARE_RESTORE: Final = Call(
     "PrepareRestore", Timeout.SLOW, pb.PrepareRestoreRequest, pb.VmReportList
 )
+# SLOW: a libvirt domain is saved aside (its memory written) and the state's restored.
+SWITCH: Final = Call("Switch", Timeout.SLOW, pb.ResumeRequest, pb.VmReportList)
 STATES: Final = Call("States", Timeout.NORMAL, pb.Empty, pb.StateList)
 STATE_SHOW: Final = Call("StateShow", Timeout.NORMAL, pb.StateRequest, pb.StateDetail)
 # Slow: a deep check hashes the guests' RAM.
@@ -143,6 +146,7 @@ CALLS: Final[Mapping[str, Call[Any, Any]]] = MappingProxyType(
             ABORT,
             EXTEND,
             PREPARE_RESTORE,
+            SWITCH,
             STATES,
             STATE_SHOW,
             VERIFY_STATE,

@@ -51,6 +51,7 @@ from lockstep.rpc.calls import (
     STATES,
     STATUS,
     STOP,
+    SWITCH,
     UP,
     VERIFY_STATE,
     Call,
@@ -360,6 +361,15 @@ class HostClient:
         request = pb.PrepareRestoreRequest(op=op, state=state, deadline=deadline)
         reply = await self._call(PREPARE_RESTORE, request)
         return convert.vm_reports_from_pb(reply)
+
+    async def switch(self, op: str, at: float) -> list[VmReport]:
+        """Pause restore ``op``'s old VMs at ``at`` (execd clock) and put the new ones in place.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        request = pb.ResumeRequest(op=op, at=at)
+        return convert.vm_reports_from_pb(await self._call(SWITCH, request))
 
     async def states(self) -> list[StateInfo]:
         """The committed states on this host.

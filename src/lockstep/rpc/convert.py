@@ -4,7 +4,8 @@ The only place that knows both shapes, so the server and the client stay thin an
 the service stays free of protobuf. proto3 has no "unset" for scalars, so absent
 values travel as the zero value where zero is never a real value:
 
-- ``VmStatus.pid`` None <-> 0 (no process has pid 0), ``layer``/``state`` None <-> "";
+- ``VmStatus.pid`` None <-> 0 (no process has pid 0), ``layer``/``state``/``domain``/``uuid``/
+  ``xml`` None <-> "" and ``driver`` "" -> "qemu" (a message of an older execd);
 - ``StateInfo.parent`` None <-> "" (state names are never empty);
 - ``VmReport.paused_at``/``resumed_at`` and ``AbortRequest.resume_at`` are proto
   ``optional``, so None and 0.0 stay distinct;
@@ -74,6 +75,10 @@ def vm_status_to_pb(status: VmStatus) -> pb.VmStatus:
         pid=status.pid or 0,
         layer=status.layer or "",
         state=status.state or "",
+        driver=status.driver,
+        domain=status.domain or "",
+        uuid=status.uuid or "",
+        xml=status.xml or "",
     )
 
 
@@ -85,6 +90,10 @@ def vm_status_from_pb(msg: pb.VmStatus) -> VmStatus:
         pid=msg.pid or None,
         layer=msg.layer or None,
         state=msg.state or None,
+        driver=msg.driver or "qemu",
+        domain=msg.domain or None,
+        uuid=msg.uuid or None,
+        xml=msg.xml or None,
     )
 
 
@@ -255,8 +264,9 @@ def specs_from_json(texts: Sequence[str]) -> list[VmSpec]:
         for j, nic in enumerate(spec.nics):
             if nic.bridge is None:  # the caller fills it in from the group's [networks]
                 raise ValueError(f"VM spec #{i + 1} is invalid: nics.{j}.bridge: is missing")
-        for key in ("disk", "kernel", "initrd"):
-            path = getattr(spec, key)
+        files = [(key, getattr(spec, key)) for key in ("kernel", "initrd", "define")]
+        files += [(f"disks.{j}.path", d.path) for j, d in enumerate(spec.disks)]
+        for key, path in files:
             if path is not None and not path.is_absolute():
                 # It would be taken from the execd's working directory.
                 raise ValueError(

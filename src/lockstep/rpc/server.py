@@ -366,7 +366,7 @@ class ExecdServicer(pb_grpc.ExecdServicer):
     @_rpc
     async def Status(self, request: pb.Empty) -> pb.VmStatusList:
         """The VMs of this host."""
-        return convert.vm_statuses_to_pb(self._api.status())
+        return convert.vm_statuses_to_pb(await self._api.status())
 
     @_rpc
     async def Pause(self, request: pb.PauseRequest) -> pb.VmReportList:
@@ -452,6 +452,12 @@ class ExecdServicer(pb_grpc.ExecdServicer):
         op, state = _op(request.op), _state(request.state)
         deadline = _instant("deadline", request.deadline)
         return convert.vm_reports_to_pb(await self._api.prepare_restore(op, state, deadline))
+
+    @_rpc
+    async def Switch(self, request: pb.ResumeRequest) -> pb.VmReportList:
+        """Pause the restore's old VMs at ``at`` and put the new ones in place."""
+        op, at = _op(request.op), self._soon("at", request.at)
+        return convert.vm_reports_to_pb(await self._api.switch(op, at))
 
     @_rpc
     async def States(self, request: pb.Empty) -> pb.StateList:

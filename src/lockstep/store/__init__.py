@@ -5,6 +5,7 @@ Imports only ``errors`` and ``group``; the execd composes it with ``disk``.
 
 from lockstep.store.manifest import (
     MANIFEST_FILE,
+    DiskRecord,
     FileRecord,
     Manifest,
     VmRecord,
@@ -16,6 +17,7 @@ from lockstep.store.store import Staging, StagingState, StateStore, Verified
 
 __all__ = [
     "MANIFEST_FILE",
+    "DiskRecord",
     "FileRecord",
     "Manifest",
     "Staging",

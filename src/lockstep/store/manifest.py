@@ -1,7 +1,7 @@
 """The manifest: what one host holds of a state, written as ``manifest.json``.
 
 A state directory is only trusted through its manifest: the manifest says which
-VMs the state has, which qcow2 layer froze each VM's disk (and the chain under
+VMs the state has, which qcow2 layer froze each of their disks (and the chain under
 it), which files hold memory and held frames, and the size and sha256 of every
 file, so a state can be verified before it is restored. The model is strict
 (frozen, unknown keys refused) so a manifest from a newer or broken writer fails
@@ -25,6 +25,7 @@ from lockstep.group import validate_name
 
 __all__ = [
     "MANIFEST_FILE",
+    "DiskRecord",
     "FileRecord",
     "Manifest",
     "VmRecord",
@@ -90,28 +91,24 @@ class FileRecord(_Model):
         return v
 
 
-class VmRecord(_Model):
-    """One VM of a state on this host: its frozen disk layer, spec, memory and frames.
+class DiskRecord(_Model):
+    """One disk of a VM in a state: the image it froze at, as a base and lockstep's layers.
 
-    ``chain`` lists layer ids above ``base``, oldest first, ending with ``layer``
-    (the layer the state froze); ``spec`` is the VM's spec, opaque to the store.
-    A VM without a disk (booted from a kernel alone) has no layer, chain or base.
-    ``memory`` is the migration stream; ``ram`` the guest's RAM image when the
-    fast memory path saved it (the stream then holds only device state).
+    ``chain`` lists layer ids above ``base``, oldest first; the last is the
+    layer the state froze (:attr:`layer`). An empty chain froze ``base`` itself:
+    a libvirt domain's disk as its user made it, which the domain stopped
+    writing when its first state was saved. ``target`` names the disk to the
+    guest (``vda``, ``sdb``...).
     """
 
-    layer: str | None = None
+    target: str
+    base: str
     chain: list[str] = Field(default_factory=list)
-    base: str | None = None
-    spec: dict[str, Any] = Field(default_factory=dict)
-    memory: str | None = None
-    ram: str | None = None
-    frames: list[str] = Field(default_factory=list)
 
-    @field_validator("layer")
+    @field_validator("target")
     @classmethod
-    def _layer(cls, v: str | None) -> str | None:
-        return None if v is None else validate_name("layer", v)
+    def _target(cls, v: str) -> str:
+        return validate_name("disk", v)
 
     @field_validator("chain")
     @classmethod
@@ -124,10 +121,53 @@ class VmRecord(_Model):
 
     @field_validator("base")
     @classmethod
-    def _base(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).is_absolute():
+    def _base(cls, v: str) -> str:
+        if not Path(v).is_absolute():
             raise ValueError(f"base image {v!r} is not an absolute path")
         return v
+
+    @property
+    def layer(self) -> str | None:
+        """The layer the state froze (None: it froze ``base`` itself)."""
+        return self.chain[-1] if self.chain else None
+
+
+class VmRecord(_Model):
+    """One VM of a state on this host: its frozen disks, spec, memory and frames.
+
+    ``disks`` are the disks the state keeps, in the VM's order; ``skipped`` the
+    disks it left alone, by target, with why (read-only, shared storage...).
+    ``spec`` is the VM's spec, opaque to the store. A VM without a disk
+    (booted from a kernel alone) has none. ``memory`` is the migration stream
+    (a libvirt domain's: libvirt's save image); ``ram`` the guest's RAM image
+    when the fast memory path saved it (the stream then holds only device
+    state). A record written before VMs had several disks (``layer``,
+    ``chain``, ``base``) reads as one disk ``vda``.
+    """
+
+    disks: list[DiskRecord] = Field(default_factory=list)
+    skipped: dict[str, str] = Field(default_factory=dict)
+    spec: dict[str, Any] = Field(default_factory=dict)
+    memory: str | None = None
+    ram: str | None = None
+    frames: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_disk(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not {"layer", "chain", "base"} & set(data):
+            return data
+        rest = {k: v for k, v in data.items() if k not in ("layer", "chain", "base")}
+        layer, chain, base = data.get("layer"), data.get("chain") or [], data.get("base")
+        if layer is None:
+            if chain or base is not None:
+                raise ValueError("a VM without a layer has no chain and no base image")
+            return rest
+        if not isinstance(chain, list) or not chain or chain[-1] != layer:
+            raise ValueError(f"the chain must end with the state's layer {layer!r}")
+        if base is None:
+            raise ValueError(f"layer {layer!r} needs the base image its chain sits on")
+        return {**rest, "disks": [{"target": "vda", "base": base, "chain": chain}]}
 
     @field_validator("memory", "ram")
     @classmethod
@@ -140,16 +180,16 @@ class VmRecord(_Model):
         return [check_relpath(f) for f in v]
 
     @model_validator(mode="after")
-    def _disk(self) -> VmRecord:
-        if self.layer is None:
-            if self.chain or self.base is not None:
-                raise ValueError("a VM without a layer has no chain and no base image")
-            return self
-        if not self.chain or self.chain[-1] != self.layer:
-            raise ValueError(f"the chain must end with the state's layer {self.layer!r}")
-        if self.base is None:
-            raise ValueError(f"layer {self.layer!r} needs the base image its chain sits on")
+    def _disks(self) -> VmRecord:
+        targets = [d.target for d in self.disks] + list(self.skipped)
+        if len(set(targets)) != len(targets):
+            raise ValueError("a disk appears twice")
         return self
+
+    @property
+    def layers(self) -> list[str]:
+        """Every layer id this VM's disks stand on, disk after disk."""
+        return [layer for d in self.disks for layer in d.chain]
 
     def own_files(self) -> list[str]:
         """The state files this VM needs: its memory files and its frame files."""
@@ -210,12 +250,12 @@ class Manifest(_Model):
         return parse_utc(self.created_at)
 
     def layers(self) -> set[str]:
-        """The layers this state froze (one per VM); deleting it may free them."""
-        return {vm.layer for vm in self.vms.values() if vm.layer is not None}
+        """The layers this state froze (one per layered disk); deleting it may free them."""
+        return {d.layer for vm in self.vms.values() for d in vm.disks if d.layer is not None}
 
     def chains(self) -> dict[str, list[str]]:
-        """Each VM's chain of layer ids, by VM name (VMs without a disk left out)."""
-        return {name: list(vm.chain) for name, vm in self.vms.items() if vm.chain}
+        """The layer ids each VM's disks stand on, by VM name (VMs on no layer left out)."""
+        return {name: vm.layers for name, vm in self.vms.items() if vm.layers}
 
     def to_json(self) -> str:
         """The manifest as the JSON text of ``manifest.json``."""

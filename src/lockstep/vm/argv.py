@@ -20,10 +20,9 @@ from pathlib import Path
 from lockstep.group import VmSpec
 from lockstep.units import format_size
 
-__all__ = ["DRIVE_ID", "QEMU_BINARY", "RAM_BACKEND_ID", "RamFile", "VmPaths", "qemu_argv"]
+__all__ = ["QEMU_BINARY", "RAM_BACKEND_ID", "Drive", "RamFile", "VmPaths", "drive_id", "qemu_argv"]
 
 QEMU_BINARY = "qemu-system-x86_64"
-DRIVE_ID = "drive0"
 # The id of a pc machine's default RAM backend: the RAM block keeps its name.
 RAM_BACKEND_ID = "pc.ram"
 
@@ -41,6 +40,25 @@ class RamFile:
 
     path: Path
     shared: bool
+
+
+@dataclass(frozen=True)
+class Drive:
+    """One disk as QEMU opens it: the file (a layered disk's active layer) and how.
+
+    A ``readonly`` drive is opened read-only; a ``shareable`` one lets other
+    VMs write the same image at once (``share-rw``).
+    """
+
+    path: Path
+    format: str  # "qcow2" for every layer
+    readonly: bool = False
+    shareable: bool = False
+
+
+def drive_id(index: int) -> str:
+    """The QEMU id of disk ``index`` (``drive0`` is the first, as it always was)."""
+    return f"drive{index}"
 
 
 @dataclass(frozen=True)
@@ -95,7 +113,7 @@ def qemu_argv(
     spec: VmSpec,
     paths: VmPaths,
     *,
-    disk: Path | None,
+    drives: Sequence[Drive],
     taps: Sequence[str],
     incoming: bool = False,
     paused: bool = False,
@@ -104,15 +122,16 @@ def qemu_argv(
 ) -> list[str]:
     """The full argv of QEMU for ``spec``.
 
-    ``disk`` is the VM's active qcow2 layer (never the base image), ``taps`` the
-    tap device for each NIC in order. ``incoming`` waits for memory through
+    ``drives`` are the files of ``spec.disks`` in order (a layered disk's
+    active qcow2 layer, never its base image), ``taps`` the tap device for
+    each NIC in order. ``incoming`` waits for memory through
     ``migrate-incoming``; ``paused`` (or ``incoming``) keeps the vCPUs stopped
     until ``cont``. ``ram`` puts guest RAM in a file; None keeps it anonymous.
     """
     if len(taps) != len(spec.nics):
         raise ValueError(f"VM {spec.name}: {len(spec.nics)} NICs but {len(taps)} taps given")
-    if spec.disk is not None and disk is None:
-        raise ValueError(f"VM {spec.name}: a disk layer is needed")
+    if len(drives) != len(spec.disks):
+        raise ValueError(f"VM {spec.name}: {len(spec.disks)} disks but {len(drives)} files given")
     machine = f"pc,accel={spec.accel}"
     if ram is not None:
         machine += f",memory-backend={RAM_BACKEND_ID}"
@@ -147,10 +166,14 @@ def qemu_argv(
             argv += ["-initrd", str(spec.initrd)]
         if spec.cmdline:
             argv += ["-append", spec.cmdline]
-    if disk is not None:
+    for i, drive in enumerate(drives):
+        ro = ",readonly=on" if drive.readonly else ""
+        share = ",share-rw=on" if drive.shareable else ""
         argv += [
-            "-drive", f"file={_opt(disk)},if=none,id={DRIVE_ID},format=qcow2,cache=writeback",
-            "-device", f"virtio-blk-pci,drive={DRIVE_ID},id=vd0",
+            "-drive",
+            f"file={_opt(drive.path)},if=none,id={drive_id(i)},format={drive.format},"
+            f"cache=writeback{ro}",
+            "-device", f"virtio-blk-pci,drive={drive_id(i)},id=vd{i}{share}",
         ]  # fmt: skip
     for i, (nic, tap) in enumerate(zip(spec.nics, taps, strict=True)):
         argv += [

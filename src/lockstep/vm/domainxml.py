@@ -22,11 +22,13 @@ __all__ = [
     "DomainDisk",
     "DomainNic",
     "disks",
+    "identity",
     "layered",
     "nics",
     "skipped",
     "snapshot_xml",
     "with_disk_sources",
+    "with_taps",
 ]
 
 
@@ -57,6 +59,12 @@ def _root(xml: str) -> ET.Element:
         return ET.fromstring(xml)  # noqa: S314 (libvirt's own XML, not a stranger's)
     except ET.ParseError as exc:
         raise ValueError(f"the domain XML does not parse: {exc}") from exc
+
+
+def identity(xml: str) -> tuple[str, str]:
+    """The domain's name and UUID ("" where the XML has none)."""
+    root = _root(xml)
+    return (root.findtext("name") or "").strip(), (root.findtext("uuid") or "").strip().lower()
 
 
 def disks(xml: str) -> list[DomainDisk]:
@@ -153,6 +161,27 @@ def with_disk_sources(xml: str, sources: Mapping[str, Path]) -> str:
     missing = sorted(set(sources) - seen)
     if missing:
         raise ValueError(f"the domain has no disk {', '.join(missing)}")
+    return ET.tostring(root, encoding="unicode")
+
+
+def with_taps(xml: str, taps: Sequence[str]) -> str:
+    """``xml`` with its NICs, in order, on the tap devices ``taps`` (``<target dev=...>``).
+
+    libvirt then opens (or makes) those taps instead of naming new ones.
+
+    Raises:
+        ValueError: the domain has not as many NICs as ``taps``.
+    """
+    root = _root(xml)
+    found = root.findall("./devices/interface")
+    if len(found) != len(taps):
+        raise ValueError(f"the domain has {len(found)} NICs, not {len(taps)}")
+    for nic, tap in zip(found, taps, strict=True):
+        target = nic.find("target")
+        if target is None:
+            target = ET.SubElement(nic, "target")
+        target.attrib.clear()
+        target.set("dev", tap)
     return ET.tostring(root, encoding="unicode")
 
 

@@ -29,7 +29,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from qemu.qmp.message import Message
 from lockstep.errors import QemuStartError, QmpError, VmError, VmStateError
 from lockstep.group import VmSpec
 from lockstep.proc import in_netns
-from lockstep.vm.argv import DRIVE_ID, QEMU_BINARY, RamFile, VmPaths, qemu_argv
+from lockstep.vm.argv import QEMU_BINARY, Drive, RamFile, VmPaths, drive_id, qemu_argv
 from lockstep.vm.memory import discard_ram_file
 
 __all__ = ["Machine", "MigrationProgress", "VmRunstate", "qemu_threads"]
@@ -269,7 +269,7 @@ class Machine:
     async def start(
         self,
         *,
-        disk: Path | None,
+        drives: Sequence[Drive],
         taps: Sequence[str],
         incoming: bool = False,
         paused: bool = False,
@@ -291,7 +291,7 @@ class Machine:
         argv = qemu_argv(
             self.spec,
             self.paths,
-            disk=disk,
+            drives=drives,
             taps=taps,
             incoming=incoming,
             paused=paused,
@@ -531,21 +531,28 @@ class Machine:
         self._set(VmRunstate.RUNNING)
         return at
 
-    async def snapshot_disk(self, new_layer: Path) -> None:
-        """Make ``new_layer`` (created here by QEMU) the VM's active layer.
+    async def snapshot_disks(self, new_layers: Mapping[int, Path]) -> None:
+        """Make each ``new_layers[i]`` (created here by QEMU) the active layer of disk ``i``.
 
-        The layer written so far becomes read-only backing: it is what a state
-        keeps. Done while paused so the frozen layer matches the saved memory.
+        The layers written so far become read-only backing: they are what a
+        state keeps. Done while paused so the frozen layers match the saved
+        memory, and in one transaction: every disk moves, or none does.
 
         Raises:
             VmStateError: the VM is not paused.
-            QmpError: QEMU could not create or switch to the layer, or did not answer in time.
+            QmpError: QEMU could not create or switch to a layer, or did not answer in time.
         """
         self._require(VmRunstate.PAUSED)
-        await self.execute(
-            "blockdev-snapshot-sync",
-            {"device": DRIVE_ID, "snapshot-file": str(new_layer), "format": "qcow2"},
-        )
+        if not new_layers:
+            return
+        actions = [
+            {
+                "type": "blockdev-snapshot-sync",
+                "data": {"device": drive_id(i), "snapshot-file": str(path), "format": "qcow2"},
+            }
+            for i, path in sorted(new_layers.items())
+        ]
+        await self.execute("transaction", {"actions": actions})
 
     async def _migration_setup(self, *, ignore_shared: bool) -> None:
         # A capability stays as last set for the life of the process (an earlier

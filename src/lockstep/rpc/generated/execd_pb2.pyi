@@ -59,18 +59,26 @@ class DownRequest(_message.Message):
     def __init__(self, vms: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VmStatus(_message.Message):
-    __slots__ = ("name", "runstate", "pid", "layer", "state")
+    __slots__ = ("name", "runstate", "pid", "layer", "state", "driver", "domain", "uuid", "xml")
     NAME_FIELD_NUMBER: _ClassVar[int]
     RUNSTATE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    XML_FIELD_NUMBER: _ClassVar[int]
     name: str
     runstate: str
     pid: int
     layer: str
     state: str
-    def __init__(self, name: _Optional[str] = ..., runstate: _Optional[str] = ..., pid: _Optional[int] = ..., layer: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    driver: str
+    domain: str
+    uuid: str
+    xml: str
+    def __init__(self, name: _Optional[str] = ..., runstate: _Optional[str] = ..., pid: _Optional[int] = ..., layer: _Optional[str] = ..., state: _Optional[str] = ..., driver: _Optional[str] = ..., domain: _Optional[str] = ..., uuid: _Optional[str] = ..., xml: _Optional[str] = ...) -> None: ...
 
 class VmStatusList(_message.Message):
     __slots__ = ("vms",)

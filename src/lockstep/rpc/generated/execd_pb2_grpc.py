@@ -104,6 +104,11 @@ class ExecdStub:
                 request_serializer=lockstep_dot_v1_dot_execd__pb2.PrepareRestoreRequest.SerializeToString,
                 response_deserializer=lockstep_dot_v1_dot_execd__pb2.VmReportList.FromString,
                 _registered_method=True)
+        self.Switch = channel.unary_unary(
+                '/lockstep.v1.Execd/Switch',
+                request_serializer=lockstep_dot_v1_dot_execd__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=lockstep_dot_v1_dot_execd__pb2.VmReportList.FromString,
+                _registered_method=True)
         self.States = channel.unary_unary(
                 '/lockstep.v1.Execd/States',
                 request_serializer=lockstep_dot_v1_dot_execd__pb2.Empty.SerializeToString,
@@ -218,8 +223,17 @@ class ExecdServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PrepareRestore(self, request, context):
-        """Restore: PrepareRestore -> Resume (at T) -> Commit.
+        """Restore: PrepareRestore -> Resume (at T) -> Commit, or, where a new VM can only
+        take the old one's place once it is paused (a libvirt domain):
+        PrepareRestore -> Switch (pause the old VMs at T1, put the new ones in place) ->
+        Resume (at T2) -> Commit.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Switch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -327,6 +341,11 @@ def add_ExecdServicer_to_server(servicer, server):
             'PrepareRestore': grpc.unary_unary_rpc_method_handler(
                     servicer.PrepareRestore,
                     request_deserializer=lockstep_dot_v1_dot_execd__pb2.PrepareRestoreRequest.FromString,
+                    response_serializer=lockstep_dot_v1_dot_execd__pb2.VmReportList.SerializeToString,
+            ),
+            'Switch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Switch,
+                    request_deserializer=lockstep_dot_v1_dot_execd__pb2.ResumeRequest.FromString,
                     response_serializer=lockstep_dot_v1_dot_execd__pb2.VmReportList.SerializeToString,
             ),
             'States': grpc.unary_unary_rpc_method_handler(
@@ -732,6 +751,33 @@ class Execd:
             target,
             '/lockstep.v1.Execd/PrepareRestore',
             lockstep_dot_v1_dot_execd__pb2.PrepareRestoreRequest.SerializeToString,
+            lockstep_dot_v1_dot_execd__pb2.VmReportList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Switch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockstep.v1.Execd/Switch',
+            lockstep_dot_v1_dot_execd__pb2.ResumeRequest.SerializeToString,
             lockstep_dot_v1_dot_execd__pb2.VmReportList.FromString,
             options,
             channel_credentials,
