@@ -45,6 +45,14 @@ class RunOptions:
     verify: bool = False
 
 
+class _Interrupted(Exception):
+    """Ctrl-C while a case ran: the case, stopped, with what it printed until then."""
+
+    def __init__(self, case: CaseResult) -> None:
+        super().__init__(case.message)
+        self.case = case
+
+
 def _key(name: str) -> str:
     return re.sub(r"[^A-Z0-9]", "_", name.upper())
 
@@ -148,8 +156,25 @@ async def _one(
         )
     env = case_env(caller.group, group_file, state, case, lab)
     say(f"{case.name}: running (restore took {restored.duration_s:.2f} s)")
+    outcome = Outcome(started=time.time())
     try:
-        outcome = await execute(case, env, options.timeout)
+        await execute(case, env, options.timeout, outcome)
+    except asyncio.CancelledError:
+        outcome.ended = outcome.ended or time.time()
+        raise _Interrupted(
+            CaseResult(
+                case.name,
+                str(case.path),
+                "interrupted",
+                message=f"case {case.name} was stopped by Ctrl-C after {outcome.duration:.1f} s",
+                started=outcome.started,
+                duration_s=outcome.duration,
+                reset_s=restored.duration_s,
+                restore=restored.to_json(),
+                output=outcome.lines,
+                dropped=outcome.dropped,
+            )
+        ) from None
     except OSError as exc:
         return CaseResult(
             case.name,
@@ -207,7 +232,9 @@ async def run_cases(
     try:
         for case in cases:
             result.cases.append(await _one(caller, group_file, state, case, options, lab, say))
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, _Interrupted) as exc:
+        if isinstance(exc, _Interrupted):
+            result.cases.append(exc.case)
         result.interrupted = True
         task = asyncio.current_task()
         if task is not None:
