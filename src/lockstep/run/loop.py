@@ -157,33 +157,32 @@ async def _one(
     env = case_env(caller.group, group_file, state, case, lab)
     say(f"{case.name}: running (restore took {restored.duration_s:.2f} s)")
     outcome = Outcome(started=time.time())
+
+    def ran(status: str, message: str, **more: Any) -> CaseResult:
+        return CaseResult(
+            case.name,
+            str(case.path),
+            status,  # type: ignore[arg-type]
+            message=message,
+            exit_code=outcome.exit_code,
+            started=outcome.started,
+            duration_s=outcome.duration,
+            reset_s=restored.duration_s,
+            restore=restored.to_json(),
+            output=outcome.lines,
+            dropped=outcome.dropped,
+            **more,
+        )
+
     try:
         await execute(case, env, options.timeout, outcome)
     except asyncio.CancelledError:
         outcome.ended = outcome.ended or time.time()
-        raise _Interrupted(
-            CaseResult(
-                case.name,
-                str(case.path),
-                "interrupted",
-                message=f"case {case.name} was stopped by Ctrl-C after {outcome.duration:.1f} s",
-                started=outcome.started,
-                duration_s=outcome.duration,
-                reset_s=restored.duration_s,
-                restore=restored.to_json(),
-                output=outcome.lines,
-                dropped=outcome.dropped,
-            )
-        ) from None
+        stopped = f"case {case.name} was stopped by Ctrl-C after {outcome.duration:.1f} s"
+        raise _Interrupted(ran("interrupted", stopped)) from None
     except OSError as exc:
-        return CaseResult(
-            case.name,
-            str(case.path),
-            "error",
-            message=f"case {case.name} could not be started: {exc}",
-            reset_s=restored.duration_s,
-            restore=restored.to_json(),
-        )
+        outcome.ended = time.time()
+        return ran("error", f"case {case.name} could not be started: {exc}")
     status, message = _verdict(case, outcome, options.timeout)
     if lab is not None:
         noticed: dict[str, Any] | None = verify_lab(lab, marks=marks).to_json()
@@ -192,21 +191,7 @@ async def _one(
         noticed = await _check(options.check, env) if options.check else None
         console = {}
     say(f"{case.name}: {status} in {outcome.duration:.2f} s")
-    return CaseResult(
-        case.name,
-        str(case.path),
-        status,  # type: ignore[arg-type]
-        message=message,
-        exit_code=outcome.exit_code,
-        started=outcome.started,
-        duration_s=outcome.duration,
-        reset_s=restored.duration_s,
-        restore=restored.to_json(),
-        output=outcome.lines,
-        dropped=outcome.dropped,
-        noticed=noticed,
-        console=console,
-    )
+    return ran(status, message, noticed=noticed, console=console)
 
 
 def lab_of(group: GroupSpec) -> str | None:
