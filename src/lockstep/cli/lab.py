@@ -10,9 +10,10 @@ from typing import Any
 import click
 from rich.table import Table
 
-from lockstep.cli.output import console, emit, stderr
+from lockstep.cli.output import console, emit, error, stderr
 from lockstep.errors import LockstepError
 from lockstep.group import group_file_path
+from lockstep.lab.access import command_line, find_guest, follow, tail_start
 from lockstep.lab.image import build_image
 from lockstep.lab.lab import LabOptions, bring_up, take_down
 from lockstep.lab.verify import parse_since, verify_lab
@@ -260,3 +261,105 @@ def _render_verify(d: dict[str, Any]) -> None:
 
 def _flag(n: int) -> str:
     return f"[bold red]{n}[/]" if n else "0"
+
+
+# -- into the guests: exec and console --------------------------------------------
+
+EXEC_FAILED = 255  # lockstep could not run the command (as ssh says so)
+
+
+@lab.command(
+    "exec",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option("--name", default="lslab", show_default=True, help="Lab name.")
+@click.option(
+    "--timeout",
+    default="30s",
+    show_default=True,
+    help="Kill the command after this long (it then exits 124, as timeout(1)).",
+)
+@click.argument("vm")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def lab_exec(name: str, timeout: str, vm: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in guest VM; its output and exit status are passed through.
+
+    The command runs with /bin/sh as root in the guest, through the guest's
+    control channel (a serial port, not the network: the guest's NICs belong
+    to the experiment and may be frozen). Standard output and error come back
+    together, once the command has ended; nothing is read from standard input.
+
+    \b
+    One argument is a shell command line as it is (pipes, ';' and $VARS work);
+    several are run as they are, one word each (quoted for you):
+      lockstep lab exec p1 -- ip -br addr
+      lockstep lab exec p1 -- 'ip addr add 10.124.0.200/24 dev eth0 && ip -br addr'
+      lockstep lab exec s1 -- arping -U -c 2 -I eth0 10.124.0.200
+
+    Exit status: the command's own; 124 if it ran past --timeout; 255 if
+    lockstep could not run it (no such lab or VM, the guest did not answer).
+    """  # noqa: D301 (\b is click's mark for a paragraph kept as written)
+    try:
+        seconds = parse_duration(timeout)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--timeout") from exc
+    if command[:1] == ("--",):  # click keeps the "--" that follows VM
+        command = command[1:]
+    if not command:
+        raise click.UsageError("no command given after VM")
+    try:
+        guest = find_guest(name, vm)
+        rc, out = asyncio.run(guest.run(command_line(command), seconds))
+    except LockstepError as exc:
+        error(str(exc))
+        sys.exit(EXEC_FAILED)
+    sys.stdout.write(out)
+    sys.stdout.flush()
+    sys.exit(rc)
+
+
+@lab.command("console")
+@click.option("--name", default="lslab", show_default=True, help="Lab name.")
+@click.option(
+    "--from-start", is_flag=True, help="Show the whole log first (the guest's every boot)."
+)
+@click.option(
+    "-n",
+    "--lines",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Show the log's last N lines first (as tail -n); 0: only what comes next.",
+)
+@click.argument("vm")
+def lab_console(name: str, from_start: bool, lines: int, vm: str) -> None:
+    """Follow guest VM's serial console live, as tail -F does, until Ctrl-C.
+
+    The console is the guest's first serial port, which QEMU appends to a log
+    that lives on across restores and restarts: after a restore the guest
+    goes on from the saved point, so lines it wrote after the save are
+    followed by what the restored guest writes. The console only shows; to
+    type commands, use `lockstep lab exec`.
+
+    \b
+      lockstep lab console p1              # the last 10 lines, then live
+      lockstep lab console --from-start s1 # the whole log, then live
+    """  # noqa: D301 (\b is click's mark for a paragraph kept as written)
+    try:
+        guest = find_guest(name, vm)
+        path = guest.console
+        start = 0 if from_start or not path.exists() else tail_start(path, lines)
+    except (LockstepError, OSError) as exc:
+        error(str(exc))
+        sys.exit(1)
+    out = sys.stdout.buffer
+    try:
+        for chunk in follow(path, start=start, stop=lambda: not guest.lab_is_up()):
+            out.write(chunk)
+            out.flush()
+    except KeyboardInterrupt:
+        return
+    except OSError as exc:
+        error(f"cannot read {path}: {exc.strerror}")
+        sys.exit(1)
+    stderr.print(f"[dim]lab:[/] lab {name} is down; the console of {vm} ended", highlight=False)
