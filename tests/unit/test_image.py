@@ -196,6 +196,7 @@ def test_package_list() -> None:
     """Extra packages join the base ones, sorted and de-duplicated; bad names are refused."""
     assert image.package_list(["keepalived", "python3"]) == (
         "iproute2",
+        "iputils-arping",
         "iputils-ping",
         "keepalived",
         "python3",

@@ -57,7 +57,8 @@ IMAGE_FORMAT = 1
 """Bump when the recipe changes in a way the other inputs do not show (sizes, mke2fs options)."""
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
-BASE_PACKAGES = ("python3", "iproute2", "iputils-ping")
+# iputils-arping announces a moved address (arping -U), as cluster software does.
+BASE_PACKAGES = ("python3", "iproute2", "iputils-ping", "iputils-arping")
 INITRAMFS_MODULES = (
     "virtio_ring",
     "virtio",

@@ -42,7 +42,7 @@ from lockstep.proc import in_netns
 from lockstep.vm.argv import DRIVE_ID, QEMU_BINARY, RamFile, VmPaths, qemu_argv
 from lockstep.vm.memory import discard_ram_file
 
-__all__ = ["Machine", "MigrationProgress", "VmRunstate", "qemu_threads"]
+__all__ = ["ANNOUNCE_ROUNDS", "Machine", "MigrationProgress", "VmRunstate", "qemu_threads"]
 
 # Unlimited for all practical purposes (QEMU 7.2 caps migration at 128 MiB/s by default).
 _MAX_BANDWIDTH = 1 << 50
@@ -63,6 +63,9 @@ _STDERR_TAIL = 1500
 _COMMAND_TIMEOUT = 20.0
 # QEMU's sockets close as it exits: how long a broken connection waits to see it gone.
 _EXIT_GRACE = 1.0
+# announce-self's rounds (ms), as QEMU announces a migrated VM: now, then 50 ms
+# later, then each interval 100 ms longer (at most 550), 5 rounds in all.
+ANNOUNCE_ROUNDS = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 
 
 def qemu_threads(pid: int, *, vcpus: bool) -> list[int]:
@@ -530,6 +533,22 @@ class Machine:
         at = await self._execute_for_event("cont", "RESUME")
         self._set(VmRunstate.RUNNING)
         return at
+
+    async def announce(self) -> None:
+        """Announce the running VM's NICs to the network (QMP ``announce-self``).
+
+        QEMU sends a RARP from each NIC's MAC, so switches learn where it is;
+        a virtio-net guest driver is asked to announce itself too, and sends
+        gratuitous ARPs for every address it has (virtual addresses included),
+        so machines outside the group update their ARP caches. The first round
+        goes out at once, then as :data:`ANNOUNCE_ROUNDS` says.
+
+        Raises:
+            VmStateError: the VM is not running.
+            QmpError: QEMU refused (a QEMU before 4.0 has no announce-self) or did not answer.
+        """
+        self._require(VmRunstate.RUNNING)
+        await self.execute("announce-self", dict(ANNOUNCE_ROUNDS))
 
     async def snapshot_disk(self, new_layer: Path) -> None:
         """Make ``new_layer`` (created here by QEMU) the VM's active layer.
