@@ -3,6 +3,8 @@
 A group file is TOML::
 
     name = "lab"
+    guest_time = "true"         # after a restore, set the guests' wall clocks to true
+                                # time ("true"), or keep the time saved ("saved")
 
     [tls]                       # the caller's credentials (``lockstep certs``)
     ca = "certs/ca.pem"
@@ -21,6 +23,7 @@ A group file is TOML::
     host = "h1"
     memory = "256M"
     memory_path = "auto"        # "fast", "standard" or "auto" (docs/memory.md)
+    guest_time = "saved"        # this VM only (default: the group's)
     kernel = "/var/cache/lockstep/images/.../vmlinuz"
     initrd = ".../initrd.img"
     cmdline = "console=ttyS0 root=/dev/vda"
@@ -56,6 +59,7 @@ from lockstep.units import parse_size
 
 __all__ = [
     "DEFAULT_GROUP_FILE",
+    "GuestTimePolicy",
     "GroupSpec",
     "HostSpec",
     "NetworkSpec",
@@ -123,6 +127,20 @@ def _size(value: Any) -> Any:
 
 
 Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+
+
+def _guest_time(value: Any) -> Any:
+    if value not in ("true", "saved"):
+        shown = _shown(value) if isinstance(value, str) else repr(value).lower()
+        raise ValueError(
+            f'is {shown}; it must be "true" (a restore sets the guest\'s wall clock to true'
+            ' time) or "saved" (it keeps the time saved), in quotes'
+        )
+    return value
+
+
+GuestTimePolicy = Annotated[Literal["true", "saved"], BeforeValidator(_guest_time)]
+"""What a restore does to a guest's wall clock: set it to true time, or keep the saved time."""
 
 
 class _Model(BaseModel):
@@ -245,6 +263,10 @@ class VmSpec(_Model):
     # file and saves only device state, "standard" streams all of it through
     # migration, "auto" is fast where it works and says why when it is not.
     memory_path: Literal["fast", "standard", "auto"] = "auto"
+    # After a restore the guest's wall clock is as old as the state: "true" sets
+    # it to true time (through its QEMU guest agent), "saved" keeps it. Filled
+    # in from the group's guest_time when the VM does not say.
+    guest_time: GuestTimePolicy = "true"
 
     @field_validator("name")
     @classmethod
@@ -318,6 +340,8 @@ class GroupSpec(_Model):
     """A whole group: its hosts, networks and VMs."""
 
     name: str = "group"
+    # The default of every VM's guest_time (see VmSpec).
+    guest_time: GuestTimePolicy = "true"
     tls: TlsSpec | None = None
     hosts: dict[str, HostSpec]
     networks: dict[str, NetworkSpec] = Field(default_factory=dict)
@@ -327,7 +351,8 @@ class GroupSpec(_Model):
     @classmethod
     def _names(cls, data: Any) -> Any:
         # A VM's name is its key, a NIC's bridge is its network's, and so is
-        # what its freeze holds: copy them in so a VmSpec stands alone.
+        # what its freeze holds; its guest_time is the group's unless it says:
+        # copy them in so a VmSpec stands alone.
         if not isinstance(data, dict) or not isinstance(data.get("vms"), dict):
             return data
         raw_networks = data.get("networks")
@@ -337,6 +362,8 @@ class GroupSpec(_Model):
         for key, vm in data["vms"].items():
             if isinstance(vm, dict):
                 vm = {**vm, "name": key}
+                if "guest_time" in data and "guest_time" not in vm:
+                    vm["guest_time"] = data["guest_time"]
                 if isinstance(vm.get("nics"), list):
                     vm["nics"] = [_with_network(nic, networks, held) for nic in vm["nics"]]
             vms[key] = vm

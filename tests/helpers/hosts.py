@@ -15,6 +15,9 @@ Its clock is the shared :class:`FakeClock` plus the host's ``offset``: probe
 replies carry that clock (``probe_path`` gives None, so sync probes over
 ``probe``), and a ``delay`` makes each probe's round trip take that long.
 
+A restore's switch-over reports each guest whose wall clock it was asked to
+set as :data:`GUEST_BEHIND_MS` behind true time.
+
 It records every call with its arguments (:attr:`StubHost.calls`) and can be
 told to fail a call (:meth:`StubHost.fail`: raise an RpcError) or to hang in
 it until cancelled (:meth:`StubHost.hang`), after letting some calls through.
@@ -25,7 +28,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +36,31 @@ from lockstep.api import Group
 from lockstep.caller.clock import SyncPolicy
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.errors import RemoteError, RpcError
-from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
+from lockstep.execd.model import (
+    GuestTime,
+    ProbeReply,
+    SaveProgress,
+    StateInfo,
+    VmReport,
+    VmStatus,
+)
 from lockstep.execd.ops import Lifecycle, OperationError, OpKind, OpPhase
 from lockstep.execd.restore import SWITCH_LEAD
 from lockstep.group import GroupSpec, VmSpec, parse_group
 from lockstep.store import Verified
 
-__all__ = ["Call", "FakeClock", "StubHost", "stub_api", "stub_group", "stub_hosts"]
+__all__ = [
+    "GUEST_BEHIND_MS",
+    "Call",
+    "FakeClock",
+    "StubHost",
+    "stub_api",
+    "stub_group",
+    "stub_hosts",
+]
 
 MEMORY_BYTES = 1 << 20  # what each VM's memory takes, as a save reports it
+GUEST_BEHIND_MS = 61_000.25  # how far a restored guest's wall clock was behind
 RUNNING, PAUSED = "running", "paused"
 
 
@@ -293,13 +312,20 @@ class StubHost:
         self._advance(operation, OpPhase.DRAINED, OpPhase.SAVED)
         return [VmReport(vm, frames_held=self.frames) for vm in operation.vms]
 
-    async def resume(self, op: str, at: float) -> list[VmReport]:
+    async def resume(
+        self, op: str, at: float, guest_time: GuestTime | None = None
+    ) -> list[VmReport]:
         """A save: resume its paused VMs at ``at``. A restore: switch over to its new VMs."""
-        await self._enter("resume", op=op, at=at)
+        await self._enter("resume", op=op, at=at, guest_time=guest_time)
         operation = self._op(op)
         if operation.kind is OpKind.RESTORE:
             self._advance(operation, OpPhase.RESUMED, OpPhase.PREPARED)
-            return self._switch(operation, at, +1)
+            reports = self._switch(operation, at, +1)
+            named = guest_time.vms if guest_time is not None else ()
+            return [
+                replace(r, clock_correction_ms=GUEST_BEHIND_MS) if r.name in named else r
+                for r in reports
+            ]
         if not operation.keep_running:
             raise self._refuse(f"operation {op} saves with --stop; its VMs are not resumed")
         self._advance(operation, OpPhase.RESUMED, OpPhase.DRAINED)

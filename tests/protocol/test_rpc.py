@@ -35,7 +35,14 @@ from lockstep.errors import (
     VmError,
 )
 from lockstep.execd.api import ExecdApi
-from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
+from lockstep.execd.model import (
+    GuestTime,
+    ProbeReply,
+    SaveProgress,
+    StateInfo,
+    VmReport,
+    VmStatus,
+)
 from lockstep.group import VmSpec
 from lockstep.rpc import (
     CALLS,
@@ -131,9 +138,13 @@ class StubApi:
         await asyncio.sleep(self.delay)
         return [VmReport("p1", frames_held=7)]
 
-    async def resume(self, op: str, at: float) -> list[VmReport]:
-        self._record("resume", op, at)
-        return [VmReport("p1", resumed_at=at, frames_delivered=7)]
+    async def resume(
+        self, op: str, at: float, guest_time: GuestTime | None = None
+    ) -> list[VmReport]:
+        self._record("resume", op, at, guest_time)
+        if guest_time is not None:
+            return [VmReport("p1", resumed_at=at, clock_correction_ms=0.0, clock_note="")]
+        return [VmReport("p1", resumed_at=at, frames_delivered=7, clock_note="no guest agent")]
 
     async def stop(self, op: str) -> list[VmReport]:
         self._record("stop", op)
@@ -233,7 +244,11 @@ def test_every_unary_call_round_trips(pki: Pki) -> None:
             ]
             assert await c.drain("op-1", 0.2, 3.0) == [VmReport("p1", frames_held=7)]
             assert await c.resume("op-1", 200.0) == [
-                VmReport("p1", resumed_at=200.0, frames_delivered=7)
+                VmReport("p1", resumed_at=200.0, frames_delivered=7, clock_note="no guest agent")
+            ]
+            # A correction of 0.0 stays 0.0 (not "unset"); the guest time arrives whole.
+            assert await c.resume("op-5", 201.0, GuestTime(1.5e9, ("p1", "s1"))) == [
+                VmReport("p1", resumed_at=201.0, clock_correction_ms=0.0)
             ]
             assert await c.stop("op-1") == [VmReport("p1")]
             assert await c.commit("op-1") == StateInfo(
@@ -256,7 +271,7 @@ def test_every_unary_call_round_trips(pki: Pki) -> None:
     # The adapter reads the execd's clock (from_wall, not probe: a fault armed on
     # probes must not slow other calls) to refuse instants too far ahead.
     assert names == [
-        "probe", "up", "down", "status", "pause", "drain", "resume", "stop",
+        "probe", "up", "down", "status", "pause", "drain", "resume", "resume", "stop",
         "commit", "commit", "abort", "abort", "extend", "prepare_restore", "states",
         "state_show", "verify_state", "state_delete",
     ]  # fmt: skip
@@ -264,6 +279,11 @@ def test_every_unary_call_round_trips(pki: Pki) -> None:
     assert calls["up"] == ("lab", [_spec("p1"), _spec("s1")])
     assert calls["pause"] == ("op-1", "s1", 100.5, ["p1"], 130.0)
     assert calls["drain"] == ("op-1", 0.2, 3.0)
+    resumes = [call for call in api.calls if call[0] == "resume"]
+    assert resumes == [
+        ("resume", ("op-1", 200.0, None)),
+        ("resume", ("op-5", 201.0, GuestTime(1.5e9, ("p1", "s1")))),
+    ]
     aborts = [call for call in api.calls if call[0] == "abort"]
     assert aborts == [("abort", ("op-2", None)), ("abort", ("op-3", 0.0))]
     assert calls["extend"] == ("op-1", 160.0)
@@ -505,6 +525,8 @@ BAD_INPUTS: list[tuple[str, Any, str, str]] = [
     ("Pause", pb.PauseRequest(op="o", state="s", at=1e12, deadline=2e12), "s ahead of this execd's clock", "ValueError"),
     ("Resume", pb.ResumeRequest(op="op-1", at=math.inf), "at must be a finite", "ValueError"),
     ("Resume", pb.ResumeRequest(op="op-1", at=1e12), "at most 600 s ahead", "ValueError"),
+    ("Resume", pb.ResumeRequest(op="op-1", at=1, set_guest_time=["p1", "../x"]), "VM name '../x'", "InvalidName"),
+    ("Resume", pb.ResumeRequest(op="op-1", at=1, set_guest_time=["p1"], true_at=NAN), "true_at must be a finite", "ValueError"),
     ("Drain", pb.DrainRequest(op="op-1", quiet=-1, limit=2), "quiet must be", "ValueError"),
     ("Drain", pb.DrainRequest(op="op-1", quiet=1, limit=NAN), "limit must be", "ValueError"),
     ("Abort", pb.AbortRequest(op="op-1", resume_at=NAN), "resume_at must be a finite", "ValueError"),

@@ -200,6 +200,7 @@ def test_package_list() -> None:
         "iputils-ping",
         "keepalived",
         "python3",
+        "qemu-guest-agent",
     )
     with pytest.raises(ImageBuildError, match="not Debian package names"):
         image.package_list(["keepalived,evil"])

@@ -245,7 +245,9 @@ class GroupCaller:
         Every file of the state is checked first on every host (``verify``:
         the guests' RAM hashed too). The new VMs are prepared beside the
         running ones; only when every host is ready do the old VMs pause and
-        the new ones resume, at a common instant.
+        the new ones resume, at a common instant. Then each guest's wall clock
+        is set to true time, unless the group file says ``guest_time = "saved"``
+        for it.
 
         Raises:
             OperationFailed: the state is missing or damaged somewhere (nothing
@@ -262,7 +264,9 @@ class GroupCaller:
                 f"state {name!r} is missing on host {', '.join(missing)}; nothing was changed"
                 " (see `lockstep states`)"
             )
-        op = self._operation("restore", name, Options(force=force, verify=verify), progress)
+        set_time = frozenset(n for n, vm in self.group.vms.items() if vm.guest_time == "true")
+        options = Options(force=force, verify=verify, set_guest_time=set_time)
+        op = self._operation("restore", name, options, progress)
         await run(op, restore_plan())
         op.report.duration_s = self.clock() - started
         return op.report

@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ExecdConfig", "ProbeReply", "SaveProgress", "StateInfo", "VmReport", "VmStatus"]
+__all__ = [
+    "ExecdConfig",
+    "GuestTime",
+    "ProbeReply",
+    "SaveProgress",
+    "StateInfo",
+    "VmReport",
+    "VmStatus",
+]
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,9 @@ class VmReport:
     ``memory_path`` is the path a memory step took ("fast" or "standard"; ""
     for steps that touch no memory) and ``memory_note`` why it fell back to
     the standard path, or how the fast path kept or mapped the RAM image.
+    ``clock_correction_ms`` is how far a restore moved the guest's wall clock
+    forward to true time (None: not set) and ``clock_note`` why it was not
+    ("no guest agent", or what the agent said).
     """
 
     name: str
@@ -74,6 +85,21 @@ class VmReport:
     frames_ignored: int = 0
     memory_path: str = ""
     memory_note: str = ""
+    clock_correction_ms: float | None = None
+    clock_note: str = ""
+
+
+@dataclass(frozen=True)
+class GuestTime:
+    """The guests whose wall clocks a restore sets once they resumed, and true time for them.
+
+    ``true_at`` is the caller's clock at the resume instant: the group's one
+    timebase, so every guest gets the same time whatever its host's clock says.
+    The VMs not in ``vms`` keep the time they had when saved.
+    """
+
+    true_at: float
+    vms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,10 @@ from typing import Any
 
 from lockstep import disk
 from lockstep.errors import LockstepError, VmError
+from lockstep.execd.guest_clock import set_guest_clocks
 from lockstep.execd.host import Host, gather_all
 from lockstep.execd.instants import pause_at, resume_at
-from lockstep.execd.model import VmReport
+from lockstep.execd.model import GuestTime, VmReport
 from lockstep.execd.ops import Operation, OperationError, OpKind, OpPhase
 from lockstep.execd.vms import VM_RECORD, HostVm, VmRuntime
 from lockstep.group import VmSpec
@@ -197,11 +198,13 @@ class RestoreOperation(Operation):
 
     # -- the switch-over ------------------------------------------------------------
 
-    async def resume(self, at: float) -> list[VmReport]:
+    async def resume(self, at: float, guest_time: GuestTime | None = None) -> list[VmReport]:
         """Switch over: the old VMs pause at ``at - SWITCH_LEAD``, the new ones resume at ``at``.
 
         Each report has the new VM's resume instant and frames, and the old
-        VM's pause instant (none if the VM did not run here before).
+        VM's pause instant (none if the VM did not run here before). Then the
+        wall clocks of the guests ``guest_time`` names are set to true time
+        (:mod:`lockstep.execd.guest_clock`; each report says by how much, or why not).
 
         Raises:
             OperationError: the restore is not prepared.
@@ -224,7 +227,20 @@ class RestoreOperation(Operation):
             self.host.vms.register(vm)
         self.advance(OpPhase.RESUMED)
         await self.host.fault.at("resume:after")
-        return [dataclasses.replace(r, paused_at=paused.get(r.name)) for r in reports]
+        clocks = {}
+        if guest_time is not None:
+            shift = guest_time.true_at - at
+            chosen = [vm for vm in news if vm.name in guest_time.vms]
+            clocks = await set_guest_clocks(chosen, self.host.clock.now, shift)
+        out = []
+        for r in reports:
+            clock = clocks.get(r.name)
+            if clock is not None:
+                r = dataclasses.replace(
+                    r, clock_correction_ms=clock.correction_ms, clock_note=clock.note
+                )
+            out.append(dataclasses.replace(r, paused_at=paused.get(r.name)))
+        return out
 
     async def commit(self) -> None:
         """Quit the old VMs and move the new VMs' files home; the restore is done.

@@ -33,6 +33,7 @@ from lockstep.execd.host import Host, gather_all
 from lockstep.execd.journal import Journal
 from lockstep.execd.model import (
     ExecdConfig,
+    GuestTime,
     ProbeReply,
     SaveProgress,
     StateInfo,
@@ -340,8 +341,13 @@ class HostService:
         with operation.step():
             return await operation.drain(quiet, limit)
 
-    async def resume(self, op: str, at: float) -> list[VmReport]:
+    async def resume(
+        self, op: str, at: float, guest_time: GuestTime | None = None
+    ) -> list[VmReport]:
         """A save: queue held frames, resume its VMs at ``at``. A restore: switch over at ``at``.
+
+        After a restore's switch-over the wall clocks of the guests ``guest_time``
+        names are set to true time (a save has no use for it).
 
         Raises:
             OperationError: the operation is not ready to resume.
@@ -351,6 +357,8 @@ class HostService:
         if not isinstance(operation, SaveOperation | RestoreOperation):
             raise OperationError(f"operation {op} cannot resume")
         with operation.step():
+            if isinstance(operation, RestoreOperation):
+                return await operation.resume(at, guest_time)
             return await operation.resume(at)
 
     async def stop(self, op: str) -> list[VmReport]:

@@ -29,7 +29,14 @@ import grpc
 from google.protobuf.message import Message
 
 from lockstep.errors import HostTimeout, HostUnreachable, RemoteError, RpcError
-from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
+from lockstep.execd.model import (
+    GuestTime,
+    ProbeReply,
+    SaveProgress,
+    StateInfo,
+    VmReport,
+    VmStatus,
+)
 from lockstep.group import VmSpec
 from lockstep.rpc import convert
 from lockstep.rpc.calls import (
@@ -305,13 +312,18 @@ class HostClient:
         request = pb.DrainRequest(op=op, quiet=quiet, limit=limit)
         return convert.vm_reports_from_pb(await self._call(DRAIN, request))
 
-    async def resume(self, op: str, at: float) -> list[VmReport]:
+    async def resume(
+        self, op: str, at: float, guest_time: GuestTime | None = None
+    ) -> list[VmReport]:
         """Resume ``op``'s VMs at ``at`` (execd clock) and deliver their frames.
+
+        A restore then sets the wall clocks of the guests ``guest_time`` names.
 
         Raises:
             RpcError: HostUnreachable, HostTimeout or RemoteError.
         """
         request = pb.ResumeRequest(op=op, at=at)
+        convert.guest_time_to_pb(request, guest_time)
         return convert.vm_reports_from_pb(await self._call(RESUME, request))
 
     async def stop(self, op: str) -> list[VmReport]:

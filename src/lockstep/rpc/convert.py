@@ -6,8 +6,9 @@ values travel as the zero value where zero is never a real value:
 
 - ``VmStatus.pid`` None <-> 0 (no process has pid 0), ``layer``/``state`` None <-> "";
 - ``StateInfo.parent`` None <-> "" (state names are never empty);
-- ``VmReport.paused_at``/``resumed_at`` and ``AbortRequest.resume_at`` are proto
-  ``optional``, so None and 0.0 stay distinct;
+- ``VmReport.paused_at``/``resumed_at``/``clock_correction_ms`` and
+  ``AbortRequest.resume_at`` are proto ``optional``, so None and 0.0 stay distinct;
+- ``ResumeRequest``'s guest time: no VM listed <-> None (no guest clock is set);
 - ``CommitReply.state`` unset <-> None.
 
 VM specs travel as their pydantic JSON; :func:`specs_from_json` validates them and
@@ -22,7 +23,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
+from lockstep.execd.model import (
+    GuestTime,
+    ProbeReply,
+    SaveProgress,
+    StateInfo,
+    VmReport,
+    VmStatus,
+)
 from lockstep.group import VmSpec, validate_name
 from lockstep.rpc.generated import execd_pb2 as pb
 
@@ -32,6 +40,8 @@ ERROR_KIND_KEY = "lockstep-error"
 
 __all__ = [
     "ERROR_KIND_KEY",
+    "guest_time_from_pb",
+    "guest_time_to_pb",
     "manifest_from_pb",
     "manifest_to_pb",
     "probe_reply_from_pb",
@@ -109,11 +119,14 @@ def vm_report_to_pb(report: VmReport) -> pb.VmReport:
         frames_ignored=report.frames_ignored,
         memory_path=report.memory_path,
         memory_note=report.memory_note,
+        clock_note=report.clock_note,
     )
     if report.paused_at is not None:
         msg.paused_at = report.paused_at
     if report.resumed_at is not None:
         msg.resumed_at = report.resumed_at
+    if report.clock_correction_ms is not None:
+        msg.clock_correction_ms = report.clock_correction_ms
     return msg
 
 
@@ -130,7 +143,25 @@ def vm_report_from_pb(msg: pb.VmReport) -> VmReport:
         frames_ignored=msg.frames_ignored,
         memory_path=msg.memory_path,
         memory_note=msg.memory_note,
+        clock_correction_ms=(
+            msg.clock_correction_ms if msg.HasField("clock_correction_ms") else None
+        ),
+        clock_note=msg.clock_note,
     )
+
+
+def guest_time_to_pb(request: pb.ResumeRequest, guest_time: GuestTime | None) -> None:
+    """Put the guests whose wall clock to set, and true time at the resume, in ``request``."""
+    if guest_time is not None and guest_time.vms:
+        request.set_guest_time.extend(guest_time.vms)
+        request.true_at = guest_time.true_at
+
+
+def guest_time_from_pb(request: pb.ResumeRequest) -> GuestTime | None:
+    """The guest time a ResumeRequest asks for (None: no guest's clock is set)."""
+    if not request.set_guest_time:
+        return None
+    return GuestTime(true_at=request.true_at, vms=tuple(request.set_guest_time))
 
 
 def vm_reports_to_pb(reports: Iterable[VmReport]) -> pb.VmReportList:

@@ -414,9 +414,13 @@ class ExecdServicer(pb_grpc.ExecdServicer):
 
     @_rpc
     async def Resume(self, request: pb.ResumeRequest) -> pb.VmReportList:
-        """Resume the operation's VMs at ``at``."""
+        """Resume the operation's VMs at ``at`` (a restore: then set the guests' clocks)."""
         op, at = _op(request.op), self._soon("at", request.at)
-        return convert.vm_reports_to_pb(await self._api.resume(op, at))
+        guest_time = convert.guest_time_from_pb(request)
+        if guest_time is not None:
+            _vms(guest_time.vms)
+            _instant("true_at", guest_time.true_at)
+        return convert.vm_reports_to_pb(await self._api.resume(op, at, guest_time))
 
     @_rpc
     async def Stop(self, request: pb.OpRequest) -> pb.VmReportList:

@@ -39,7 +39,7 @@ from qemu.qmp.message import Message
 from lockstep.errors import QemuStartError, QmpError, VmError, VmStateError
 from lockstep.group import VmSpec
 from lockstep.proc import in_netns
-from lockstep.vm.argv import DRIVE_ID, QEMU_BINARY, RamFile, VmPaths, qemu_argv
+from lockstep.vm.argv import AGENT_CHARDEV, DRIVE_ID, QEMU_BINARY, RamFile, VmPaths, qemu_argv
 from lockstep.vm.memory import discard_ram_file
 
 __all__ = ["ANNOUNCE_ROUNDS", "Machine", "MigrationProgress", "VmRunstate", "qemu_threads"]
@@ -289,7 +289,7 @@ class Machine:
         """
         self._require(VmRunstate.NEW)
         self.paths.rundir.mkdir(parents=True, exist_ok=True)
-        for stale in (self.paths.qmp, self.paths.channel, self.paths.pidfile):
+        for stale in (self.paths.qmp, self.paths.channel, self.paths.agent, self.paths.pidfile):
             stale.unlink(missing_ok=True)
         argv = qemu_argv(
             self.spec,
@@ -549,6 +549,21 @@ class Machine:
         """
         self._require(VmRunstate.RUNNING)
         await self.execute("announce-self", dict(ANNOUNCE_ROUNDS))
+
+    async def guest_agent_open(self) -> bool:
+        """Whether a guest agent in the VM has its port open (qemu-ga runs and listens).
+
+        QEMU says so as the agent chardev's ``frontend-open``: the guest opened
+        its end of the virtio-serial port. A restored VM has it as the guest
+        had it when saved.
+
+        Raises:
+            QmpError: QEMU did not answer.
+        """
+        for chardev in await self.execute("query-chardev"):
+            if chardev.get("label") == AGENT_CHARDEV:
+                return bool(chardev.get("frontend-open"))
+        return False
 
     async def snapshot_disk(self, new_layer: Path) -> None:
         """Make ``new_layer`` (created here by QEMU) the VM's active layer.

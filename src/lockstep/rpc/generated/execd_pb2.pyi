@@ -79,7 +79,7 @@ class VmStatusList(_message.Message):
     def __init__(self, vms: _Optional[_Iterable[_Union[VmStatus, _Mapping]]] = ...) -> None: ...
 
 class VmReport(_message.Message):
-    __slots__ = ("name", "paused_at", "resumed_at", "memory_bytes", "frames_held", "frames_delivered", "frames_dropped", "memory_path", "memory_note", "frames_ignored")
+    __slots__ = ("name", "paused_at", "resumed_at", "memory_bytes", "frames_held", "frames_delivered", "frames_dropped", "memory_path", "memory_note", "frames_ignored", "clock_correction_ms", "clock_note")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAUSED_AT_FIELD_NUMBER: _ClassVar[int]
     RESUMED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,8 @@ class VmReport(_message.Message):
     MEMORY_PATH_FIELD_NUMBER: _ClassVar[int]
     MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
     FRAMES_IGNORED_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_CORRECTION_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     paused_at: float
     resumed_at: float
@@ -100,7 +102,9 @@ class VmReport(_message.Message):
     memory_path: str
     memory_note: str
     frames_ignored: int
-    def __init__(self, name: _Optional[str] = ..., paused_at: _Optional[float] = ..., resumed_at: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., frames_held: _Optional[int] = ..., frames_delivered: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., memory_path: _Optional[str] = ..., memory_note: _Optional[str] = ..., frames_ignored: _Optional[int] = ...) -> None: ...
+    clock_correction_ms: float
+    clock_note: str
+    def __init__(self, name: _Optional[str] = ..., paused_at: _Optional[float] = ..., resumed_at: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., frames_held: _Optional[int] = ..., frames_delivered: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., memory_path: _Optional[str] = ..., memory_note: _Optional[str] = ..., frames_ignored: _Optional[int] = ..., clock_correction_ms: _Optional[float] = ..., clock_note: _Optional[str] = ...) -> None: ...
 
 class VmReportList(_message.Message):
     __slots__ = ("vms",)
@@ -159,12 +163,16 @@ class DrainRequest(_message.Message):
     def __init__(self, op: _Optional[str] = ..., quiet: _Optional[float] = ..., limit: _Optional[float] = ...) -> None: ...
 
 class ResumeRequest(_message.Message):
-    __slots__ = ("op", "at")
+    __slots__ = ("op", "at", "set_guest_time", "true_at")
     OP_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
+    SET_GUEST_TIME_FIELD_NUMBER: _ClassVar[int]
+    TRUE_AT_FIELD_NUMBER: _ClassVar[int]
     op: str
     at: float
-    def __init__(self, op: _Optional[str] = ..., at: _Optional[float] = ...) -> None: ...
+    set_guest_time: _containers.RepeatedScalarFieldContainer[str]
+    true_at: float
+    def __init__(self, op: _Optional[str] = ..., at: _Optional[float] = ..., set_guest_time: _Optional[_Iterable[str]] = ..., true_at: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("op", "resume_at")
