@@ -35,7 +35,15 @@ from lockstep.errors import LabError, LockstepError, OperationFailed
 from lockstep.execd.model import StateInfo, VmStatus
 from lockstep.group import GroupSpec, group_file_path, load_group
 from lockstep.lab.lab import lab_data_dir
-from lockstep.lab.verify import Since, console_since, log_marks, parse_since, verify_lab
+from lockstep.lab.verify import (
+    EVERYTHING,
+    LAST_RESTORE,
+    Since,
+    console_since,
+    log_marks,
+    parse_since,
+    verify_lab,
+)
 
 __all__ = ["Group"]
 
@@ -143,14 +151,20 @@ class Group:
         return log_marks(self._lab_name())
 
     def verify(
-        self, since: str | Since = "last-restore", marks: Mapping[str, int] | None = None
+        self, since: str | Since | None = None, marks: Mapping[str, int] | None = None
     ) -> dict[str, Any]:
-        """What the lab's guests noticed (``lockstep lab verify --json``), since a restore or mark.
+        """What the lab's guests noticed (``lockstep lab verify --json``).
+
+        Over what they logged since ``marks`` (from :meth:`marks`), or since
+        ``since`` (``last-restore``, the default without marks, or a time).
 
         Raises:
             LabError: this group is not the embedded lab, or its logs cannot be read.
         """
-        window = parse_since(since) if isinstance(since, str) else since
+        if since is None:
+            window = EVERYTHING if marks is not None else parse_since(LAST_RESTORE)
+        else:
+            window = parse_since(since) if isinstance(since, str) else since
         return verify_lab(self._lab_name(), window, marks).to_json()
 
     def console(self, marks: Mapping[str, int], keep: int = 200) -> dict[str, list[str]]:

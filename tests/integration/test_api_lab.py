@@ -7,6 +7,8 @@ noticed, their console lines.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from lockstep import Group
@@ -26,6 +28,7 @@ def test_a_script_saves_restores_and_reads_what_the_guests_noticed(fresh: Lab) -
     saved = group.save("api-origin")
     assert {v.name for v in saved.vms} == set(fresh.group.vms)
     assert "api-origin" in {s.name for s in group.states()}
+    time.sleep(1.5)  # a restore shows in a guest's log once it logged a line after the save
     marks = group.marks()
     restored = group.restore("api-origin")
     assert restored.resume_skew_ms is not None

@@ -33,6 +33,7 @@ def _case(folder: Path, name: str, body: str) -> Path:
 def _saved(lab: Lab, state: str) -> None:
     proc = lab.cli("save", state, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    time.sleep(1.5)  # a restore shows in a guest's log once it logged a line after the save
 
 
 def test_a_pass_a_failure_and_a_hang_each_from_the_state(fresh: Lab, tmp_path: Path) -> None:
