@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,11 @@ from lockstep.cli.output import console, emit, error, stderr
 from lockstep.errors import LockstepError
 from lockstep.group import group_file_path
 from lockstep.lab.access import command_line, find_guest, follow, tail_start
+from lockstep.lab.clusterconf import ClusterKind, ClusterSpec
 from lockstep.lab.image import build_image
 from lockstep.lab.lab import LabOptions, bring_up, take_down
-from lockstep.lab.verify import parse_since, verify_lab
+from lockstep.lab.observe import verify_with_view
+from lockstep.lab.verify import parse_since
 from lockstep.units import parse_duration
 
 __all__ = ["lab"]
@@ -57,6 +60,48 @@ def _starts(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+_TIMINGS = {
+    "token_ms": ("--token", ClusterKind.PACEMAKER),
+    "consensus_ms": ("--consensus", ClusterKind.PACEMAKER),
+    "knet_ping_interval_ms": ("--knet-ping-interval", ClusterKind.PACEMAKER),
+    "knet_ping_timeout_ms": ("--knet-ping-timeout", ClusterKind.PACEMAKER),
+    "advert_ms": ("--advert", ClusterKind.KEEPALIVED),
+}
+
+
+def _cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``lab up``'s middleware options (the kind, then its timings in ms)."""
+    helps = {
+        "token_ms": "Corosync token timeout in ms [default: 3000, Corosync's own].",
+        "consensus_ms": "Corosync consensus timeout in ms [default: 1.2 x token].",
+        "knet_ping_interval_ms": "knet ping interval in ms [default: token / 4].",
+        "knet_ping_timeout_ms": "knet ping timeout in ms [default: token / 2].",
+        "advert_ms": "VRRP advert interval in ms, a multiple of 10 [default: 1000].",
+    }
+    for dest, (flag, _) in reversed(_TIMINGS.items()):
+        option = click.option(
+            flag, dest, type=click.IntRange(min=1), metavar="MS", help=helps[dest]
+        )
+        command = option(command)
+    return click.option(
+        "--cluster",
+        "kind",
+        type=click.Choice([k.value for k in ClusterKind]),
+        default=ClusterKind.AGENT.value,
+        show_default=True,
+        help="What the guests run as their cluster (see above).",
+    )(command)
+
+
+def _cluster_spec(kind: str, **timings: int | None) -> ClusterSpec:
+    """The ClusterSpec of ``lab up``'s options; a timing of another kind is refused."""
+    for dest, value in timings.items():
+        flag, owner = _TIMINGS[dest]
+        if value is not None and kind != owner:
+            raise click.BadParameter(f"{flag} is for --cluster {owner.value}", param_hint=flag)
+    return ClusterSpec(kind=kind, **timings)
+
+
 @click.group()
 def lab() -> None:
     """The embedded lab: hosts as network namespaces, VMs in primary/standby pairs.
@@ -73,7 +118,11 @@ def lab() -> None:
 @click.option(
     "--vms", default=4, show_default=True, help="Number of VMs (pairs of primary/standby)."
 )
-@click.option("--memory", default="256M", show_default=True, help="Memory per VM.")
+@click.option(
+    "--memory",
+    default=None,
+    help="Memory per VM [default: 256M; 512M with --cluster pacemaker, its least].",
+)
 @click.option("--heartbeat", default="1s", show_default=True, help="Cluster heartbeat interval.")
 @click.option("--timeout", "fail_timeout", default="3s", show_default=True, help="Failure timeout.")
 @click.option(
@@ -105,22 +154,39 @@ def lab() -> None:
     metavar="VM=COMMAND",
     help="A shell command VM runs at boot, beside the lab's agent (e.g. your cluster software).",
 )
+@_cluster_options
 @click.pass_context
 def lab_up(
-    ctx: click.Context, name: str, hosts: int, vms: int, memory: str, heartbeat: str,
+    ctx: click.Context, /, name: str, hosts: int, vms: int, memory: str | None, heartbeat: str,
     fail_timeout: str, stream_rate: int, offsets: tuple[str, ...], packages: tuple[str, ...],
-    starts: tuple[str, ...],
+    starts: tuple[str, ...], **cluster: Any,
 ) -> None:  # fmt: skip
-    """Bring the lab up and write its group file (./lockstep.toml unless -g)."""
+    """Bring the lab up and write its group file (./lockstep.toml unless -g).
+
+    \b
+    --cluster agent       lockstep's cluster agent only (heartbeats and streams)
+    --cluster pacemaker   also Corosync 3 (knet) + Pacemaker: one cluster of all
+                          the VMs (two_node with 2), a resource group of a virtual
+                          address (IPaddr2, .100 of the VM subnet) and an HTTP
+                          service on it; no fencing in the lab
+    --cluster keepalived  also keepalived: one VRRPv3 pair per primary/standby
+                          pair, each with a virtual address (.100, .101, ...)
+
+    lockstep writes the middleware's configuration and waits until it has
+    formed (Pacemaker's group started, or every pair's primary MASTER).
+    """  # noqa: D301 (\b is click's mark for a paragraph kept as written)
     parent = ctx.parent.parent if ctx.parent else None
     group_opt = parent.params.get("group_file") if parent else None
+    spec = _cluster_spec(**cluster)
+    if memory is None:
+        memory = "512M" if spec.kind == ClusterKind.PACEMAKER else "256M"
     try:
         opts = LabOptions(
             name=name, hosts=hosts, vms=vms, memory=memory,
             heartbeat=parse_duration(heartbeat), timeout=parse_duration(fail_timeout),
             stream_rate=stream_rate,
             clock_offsets=_offsets(offsets), extra_packages=packages,
-            start=_starts(starts), group_file=group_file_path(group_opt),
+            start=_starts(starts), group_file=group_file_path(group_opt), cluster=spec,
         )  # fmt: skip
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
@@ -201,22 +267,30 @@ def lab_verify(name: str, since: str | None, as_json: bool, check: bool) -> None
     "vms": [{"name", "host", "role", "role_now", "lines", "replayed", "boots",
     "restores", "missing_lines", "transitions": [{"t", "from", "to", "why",
     "silent_s"}], "split_brain", "heartbeat_misses", "heartbeat_gap_max_s",
-    "first_t", "last_t"}], "warnings": [...]}
+    "first_t", "last_t"}], "warnings": [...],
+    "cluster", "token_warnings", "token_losses", "membership_changes",
+    "knet_link_downs", "pacemaker_transitions", "resource_moves",
+    "vrrp_changes", "middleware": {KIND: [{"vm", "line", ...}]}, "view"}
 
     "transitions" counts takeovers; "split_brain" the split-brain episodes each
     guest saw begin; "lost", "duplicated" and "reordered" the stream packets the
-    receiving guests counted so. "ok" is true when all five are 0 and every
-    guest's agent logged in the window.
+    receiving guests counted so.
+
+    With --cluster pacemaker or keepalived, the middleware's own view too: from
+    its logs (counted from when it had formed, or in the window above), token
+    warnings and losses, new memberships (once per ring id), knet links down,
+    Pacemaker transitions, resources placed anew (Start, Move, Migrate) and VRRP
+    state changes, each with its lines in "middleware"; and, asked now in
+    every guest, "view": crm_mon's nodes, DC and resources, or who holds each
+    virtual address. "ok" is true when the agents' five counts and the
+    middleware's losses, memberships, transitions, moves and VRRP changes are
+    all 0 and every guest's agent logged in the window.
     """  # noqa: D301 (\b is click's mark for a paragraph kept as written)
     try:
         window = parse_since(since)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from exc
-    try:
-        report = verify_lab(name, window)
-    except LockstepError as exc:
-        stderr.print(f"[bold red]lockstep:[/] {exc}", highlight=False)
-        sys.exit(1)
+    report = _run(verify_with_view(name, window))
     emit(report.to_json(), as_json, _render_verify)
     if check and not report.ok:
         sys.exit(1)
@@ -249,14 +323,50 @@ def _render_verify(d: dict[str, Any]) -> None:
             _flag(s["reordered"]),
         )
     console.print(streams)
+    if d["cluster"] != ClusterKind.AGENT.value:
+        _render_middleware(d)
     for warning in d["warnings"]:
         stderr.print(f"[yellow]warning:[/] {warning}", highlight=False)
     verdict = "[bold green]nothing noticed[/]" if d["ok"] else "[bold red]noticed[/]"
+    middleware = ""
+    if d["cluster"] != ClusterKind.AGENT.value:
+        middleware = (
+            f"; {d['cluster']}: {d['token_losses']} token losses, {d['membership_changes']}"
+            f" memberships, {d['pacemaker_transitions']} transitions, {d['resource_moves']}"
+            f" resources placed anew, {d['vrrp_changes']} VRRP state changes"
+        )
     console.print(
         f"{verdict}: {d['transitions']} takeovers, {d['split_brain']} split brain, "
         f"{d['lost']} lost, {d['duplicated']} duplicated, {d['reordered']} reordered "
-        f"of {d['received']} packets received (since: {d['since']['kind']})"
+        f"of {d['received']} packets received{middleware} (since: {d['since']['kind']})"
     )
+
+
+def _render_middleware(d: dict[str, Any]) -> None:
+    """The middleware's events (with their lines) and its view now."""
+    events = Table(title=f"{d['cluster']}: what it logged", title_justify="left")
+    events.add_column("event")
+    events.add_column("count", justify="right")
+    events.add_column("lines (vm: line)", overflow="fold")
+    for kind, lines in d["middleware"].items():
+        shown = "\n".join(f"{e['vm']}: {e['line']}" for e in lines[-5:])
+        more = f"\n(and {len(lines) - 5} more)" if len(lines) > 5 else ""
+        events.add_row(kind.replace("_", " "), _flag(d[kind]), shown + more)
+    console.print(events)
+    view = d.get("view") or {}
+    for vm, node in view.get("nodes", {}).items():
+        if "error" in node:
+            console.print(f"crm_mon on {vm}: [yellow]{node['error']}[/]")
+            continue
+        online = ", ".join(n for n, up in node["nodes"].items() if up) or "none"
+        where = ", ".join(
+            f"{r} {v['role']}{' on ' + ', '.join(v['on']) if v['on'] else ''}"
+            for r, v in node["resources"].items()
+        )
+        console.print(f"crm_mon on {vm}: online {online}; DC {node['dc'] or 'none'}; {where}")
+    for instance, v in view.get("vips", {}).items():
+        holders = ", ".join(v["holders"]) or "nobody"
+        console.print(f"{instance} {v['vip']}: held by {holders} (MASTER by config: {v['master']})")
 
 
 def _flag(n: int) -> str:

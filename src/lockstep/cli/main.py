@@ -411,3 +411,7 @@ async def state_frames(
             console.print(f"wrote {p}")
 
     emit(data, as_json, render)
+
+
+if __name__ == "__main__":
+    main()

@@ -216,7 +216,9 @@ class RestoreOperation(Operation):
         self.old = {n: vm for n in self.new if (vm := self.host.vms.get(n)) is not None}
         olds, news = list(self.old.values()), list(self.new.values())
         stop_at = at - SWITCH_LEAD
-        paused = {r.name: r.paused_at for r in await pause_at(self.host, olds, stop_at)}
+        # An old VM whose QEMU died (the crash a test made: why it restores) has nothing to pause.
+        alive = [vm for vm in olds if vm.machine.alive()]
+        paused = {r.name: r.paused_at for r in await pause_at(self.host, alive, stop_at)}
         await gather_all([self.host.vms.bridge_taps(vm, attached=False) for vm in olds])
         # The old timeline's last frames (sent just before its VMs paused, on
         # any host) arrive at the new taps' freezes, and are dropped with the rest.
