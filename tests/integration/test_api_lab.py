@@ -55,8 +55,11 @@ def test_a_failing_test_shows_the_restore_the_guests_view_and_consoles(
     group.save("plugin-origin")
     pytester.makepyfile(
         """
+        import time
+
         def test_breaks(lockstep_restored):
             assert lockstep_restored.group.lab is not None
+            time.sleep(2)  # the guests log a line a second
             assert False, "on purpose"
         """
     )
