@@ -72,7 +72,8 @@ def _render_did(data: dict[str, Any]) -> None:
         console.print(f"[red]{host}: {why}[/]", highlight=False)
     if data["fault"] and data["kind"] != "kill":
         console.print(
-            f"fault {data['fault']}: undone by `lockstep fault heal` or the next restore",
+            f"fault {data['fault']}: `lockstep fault heal {data['fault']}` or the next restore"
+            " undoes it",
             markup=False,
             highlight=False,
         )
