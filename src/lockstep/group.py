@@ -70,6 +70,7 @@ __all__ = [
     "is_dns_name",
     "load_group",
     "parse_group",
+    "validate_mac",
     "validate_name",
 ]
 
@@ -105,6 +106,20 @@ def validate_name(kind: str, value: str) -> str:
             " start with a letter or digit; at most 63 characters; no '..')"
         )
     return value
+
+
+def validate_mac(value: str) -> str:
+    """``value`` in lower case, if it is a NIC's MAC address (unicast, ``52:54:00:12:34:56``).
+
+    Raises:
+        ValueError: it is not a MAC address, or it is a multicast one.
+    """
+    mac = value.lower()
+    if not _MAC.fullmatch(mac):
+        raise ValueError(f"{_shown(mac)} is not a MAC address (like 52:54:00:12:34:56)")
+    if int(mac[:2], 16) & 1:
+        raise ValueError(f"{mac!r} is a multicast MAC; a NIC needs a unicast one")
+    return mac
 
 
 def is_dns_name(value: str) -> bool:
@@ -236,13 +251,7 @@ class NicSpec(_Model):
     @field_validator("mac", mode="before")
     @classmethod
     def _mac(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = v.lower()
-            if not _MAC.fullmatch(v):
-                raise ValueError(f"{_shown(v)} is not a MAC address (like 52:54:00:12:34:56)")
-            if int(v[:2], 16) & 1:
-                raise ValueError(f"{v!r} is a multicast MAC; a NIC needs a unicast one")
-        return v
+        return validate_mac(v) if isinstance(v, str) else v
 
 
 class VmSpec(_Model):
@@ -400,6 +409,18 @@ class GroupSpec(_Model):
     def vms_on(self, host: str) -> list[VmSpec]:
         """The VMs placed on ``host``, in file order."""
         return [vm for vm in self.vms.values() if vm.host == host]
+
+    def vm(self, name: str) -> VmSpec:
+        """The group's VM ``name``.
+
+        Raises:
+            ConfigError: the group has no such VM (the message lists its VMs).
+        """
+        spec = self.vms.get(name)
+        if spec is None:
+            known = ", ".join(sorted(self.vms))
+            raise ConfigError(f"group {self.name} has no VM {_shown(name)} (its VMs: {known})")
+        return spec
 
 
 def _printable(text: str) -> str:

@@ -18,6 +18,8 @@ replies carry that clock (``probe_path`` gives None, so sync probes over
 A restore's switch-over reports each guest whose wall clock it was asked to
 set as :data:`GUEST_BEHIND_MS` behind true time.
 
+Faults injected through it are held by id (``held_faults``) until healed.
+
 It records every call with its arguments (:attr:`StubHost.calls`) and can be
 told to fail a call (:meth:`StubHost.fail`: raise an RpcError) or to hang in
 it until cancelled (:meth:`StubHost.hang`), after letting some calls through.
@@ -37,7 +39,12 @@ from lockstep.caller.clock import SyncPolicy
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.errors import RemoteError, RpcError
 from lockstep.execd.model import (
+    FaultAction,
+    FaultReply,
     GuestTime,
+    Heal,
+    HeldFault,
+    ListFaults,
     ProbeReply,
     SaveProgress,
     StateInfo,
@@ -139,6 +146,7 @@ class StubHost:
         self.committed: dict[str, str] = {}  # save op -> its state, once committed here
         self.calls: list[Call] = []
         self._faults: dict[str, _Fault] = {}
+        self.held_faults: dict[str, FaultAction] = {}  # injected by ``inject_fault``, by id
         self._new_call: asyncio.Event | None = None  # made in the loop, by reached()
 
     def __repr__(self) -> str:
@@ -445,6 +453,20 @@ class StubHost:
         """No frames: the stubs hold none in files."""
         await self._enter("state_frames", name=name, vm=vm)
         return []
+
+    async def inject_fault(self, group: str, fault_id: str, action: FaultAction) -> FaultReply:
+        """Hold a new fault by id; a heal drops the faults it names (all if none); list lists."""
+        await self._enter("inject_fault", group=group, fault_id=fault_id, action=action)
+        did: list[str] = []
+        if isinstance(action, Heal):
+            for fid in [f for f in self.held_faults if not action.ids or f in action.ids]:
+                del self.held_faults[fid]
+                did.append(f"{fid}: healed")
+        elif not isinstance(action, ListFaults):
+            self.held_faults[fault_id] = action
+            did.append(f"{fault_id}: injected")
+        held = [HeldFault(fid, type(f).__name__.lower()) for fid, f in self.held_faults.items()]
+        return FaultReply(did=did, held=held)
 
 
 def stub_hosts(

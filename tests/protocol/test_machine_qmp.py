@@ -25,6 +25,7 @@ from lockstep.errors import QemuStartError, QmpError, VmError, VmStateError
 from lockstep.execd.clock import ExecdClock
 from lockstep.execd.fault import Fault
 from lockstep.execd.host import Host
+from lockstep.execd.inject import FaultBook
 from lockstep.execd.instants import resume_at
 from lockstep.execd.journal import Journal
 from lockstep.execd.model import ExecdConfig
@@ -338,7 +339,8 @@ def _stub_vm(machine: Machine, tmp_path: Path) -> tuple[Host, HostVm]:
     config = ExecdConfig(host="h1", root=tmp_path / "root")
     store = StateStore(config.root)
     vms = VmRegistry(config, store)
-    host = Host(config, ExecdClock(), store, vms, Journal(config.root / "ops"), Fault(), dict)
+    journal = Journal(config.root / "ops")
+    host = Host(config, ExecdClock(), store, vms, journal, Fault(), FaultBook("h1", vms), dict)
     spec = SPEC.model_copy(
         update={"nics": [NicSpec(network="lan", mac="52:54:00:00:00:01", bridge="lsvm")]}
     )

@@ -36,7 +36,17 @@ from lockstep.errors import (
 )
 from lockstep.execd.api import ExecdApi
 from lockstep.execd.model import (
+    FaultAction,
+    FaultReply,
+    FaultVm,
+    Freeze,
     GuestTime,
+    Heal,
+    HeldFault,
+    Kill,
+    ListFaults,
+    Loss,
+    Partition,
     ProbeReply,
     SaveProgress,
     StateInfo,
@@ -66,6 +76,10 @@ from tests.helpers.rpc import LOOPBACK, Pki, free_port, run, serving
 STATUS = [VmStatus("p1", "running", pid=11, layer="l-1", state="s0"), VmStatus("s1", "paused")]
 STATES = [StateInfo("s0", "h1", "2026-11-26T05:00:00Z", vms=["p1", "s1"])]
 MANIFEST = {"name": "s1", "vms": {"p1": {"layer": "l-1"}}, "complete": True}
+HELD = [
+    HeldFault("freeze-1", "freeze", ["p1"], "p1 paused", seconds_left=2.5),
+    HeldFault("loss-2", "loss", [], "30 % of the frames to and from s1 dropped at random"),
+]
 # Two NICs' pcap files, the first in three chunks (the middle one 3 MiB).
 FRAME_CHUNKS = [
     ("p1.nic0.pcap", b"A" * 1000),
@@ -186,6 +200,10 @@ class StubApi:
     def state_frames(self, name: str, vm: str) -> Iterator[tuple[str, bytes]]:
         self._record("state_frames", name, vm)
         return iter(FRAME_CHUNKS)
+
+    async def inject_fault(self, group: str, fault_id: str, action: FaultAction) -> FaultReply:
+        self._record("inject_fault", group, fault_id, action)
+        return FaultReply(did=[f"{type(action).__name__} {fault_id}"], held=list(HELD))
 
 
 def _is_execd_api(api: ExecdApi) -> ExecdApi:
@@ -371,6 +389,35 @@ def test_state_frames_of_a_missing_state_is_not_found(pki: Pki) -> None:
     assert (info.value.code, info.value.kind) == ("NOT_FOUND", "StateNotFound")
 
 
+def test_inject_fault_carries_every_action_and_the_reply(pki: Pki) -> None:
+    """Each fault action reaches the service as sent (MACs and sides in order); replies come back.
+
+    A freeze's ``seconds_left`` stays optional: a held fault without one (a
+    loss) comes back with None, not 0.
+    """
+    api = StubApi()
+    side_a = (FaultVm("p1", ("52:54:00:00:00:01", "52:54:00:00:01:01")), FaultVm("p2", ()))
+    side_b = (FaultVm("s1", ("52:54:00:00:00:03",)),)
+    actions: list[tuple[str, FaultAction]] = [
+        ("kill-1", Kill("p1")),
+        ("freeze-1", Freeze("p1", 2.5)),
+        ("partition-1", Partition(side_a, side_b)),
+        ("loss-1", Loss("s1", 30)),
+        ("", Heal(("loss-1", "freeze-1"))),
+        ("", Heal()),
+        ("", ListFaults()),
+    ]
+
+    async def body() -> list[FaultReply]:
+        async with connected(api, pki) as c:
+            return [await c.inject_fault("lab", fid, action) for fid, action in actions]
+
+    replies = run(body())
+    assert api.calls == [("inject_fault", ("lab", fid, action)) for fid, action in actions]
+    assert [r.held for r in replies] == [HELD] * len(actions)
+    assert replies[1].did == ["Freeze freeze-1"]
+
+
 def test_proto_table_client_adapter_and_service_agree() -> None:
     """The proto, the call table, HostClient, ExecdServicer and ExecdApi declare the same calls.
 
@@ -548,6 +595,22 @@ BAD_INPUTS: list[tuple[str, Any, str, str]] = [
     ("SaveMemory", pb.SaveMemoryRequest(op="../op"), "operation name", "InvalidName"),
     ("StateFrames", pb.StateFramesRequest(name="s/1", vm="p1"), "state name 's/1'", "InvalidName"),
     ("StateFrames", pb.StateFramesRequest(name="s1", vm="p1 p2"), "VM name 'p1 p2'", "InvalidName"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="kill-1"), "names no action", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="../g", list=pb.Empty()), "group name '../g'", "InvalidName"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="a/b", kill=pb.KillFault(vm="p1")), "fault name 'a/b'", "InvalidName"),
+    ("InjectFault", pb.FaultRequest(group="lab", kill=pb.KillFault(vm="p1")), "fault name ''", "InvalidName"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="k", kill=pb.KillFault(vm="p1;x")), "VM name 'p1;x'", "InvalidName"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="f", freeze=pb.FreezeFault(vm="p1", seconds=NAN)), "seconds must be a finite", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="f", freeze=pb.FreezeFault(vm="p1")), "lasts more than 0", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="f", freeze=pb.FreezeFault(vm="p1", seconds=1e6)), "at most 3600 s", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="l", loss=pb.LossFault(vm="p1")), "of the frames, not 0 %", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="l", loss=pb.LossFault(vm="p1", percent=101)), "not 101 %", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="p", partition=pb.PartitionFault(b=[pb.FaultVm(name="s1")])), "side a of the partition names no VM", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="p", partition=pb.PartitionFault(a=[pb.FaultVm(name="p1")], b=[pb.FaultVm(name="p1")])), "listed twice", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="p", partition=pb.PartitionFault(a=[pb.FaultVm(name="p1", macs=["52:54:00:00:00:1"])], b=[pb.FaultVm(name="s1")])), "is not a MAC address", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="p", partition=pb.PartitionFault(a=[pb.FaultVm(name="p1")], b=[pb.FaultVm(name="s1", macs=["01:00:5e:00:00:01"])])), "multicast MAC", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="heal-1", heal=pb.HealFaults()), "names its faults in ids", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", heal=pb.HealFaults(ids=["x\n"])), "fault name 'x\\n'", "InvalidName"),
 ]  # fmt: skip
 
 

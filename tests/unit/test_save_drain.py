@@ -10,6 +10,7 @@ from typing import cast
 from lockstep.execd.clock import ExecdClock
 from lockstep.execd.fault import Fault
 from lockstep.execd.host import Host
+from lockstep.execd.inject import FaultBook
 from lockstep.execd.journal import Journal
 from lockstep.execd.model import ExecdConfig
 from lockstep.execd.ops import OpPhase
@@ -47,7 +48,8 @@ def test_drain_writes_the_held_frames_without_stalling_the_event_loop(tmp_path: 
     config = ExecdConfig(host="h1", root=tmp_path)
     store = StateStore(tmp_path)
     vms = VmRegistry(config, store)
-    host = Host(config, ExecdClock(), store, vms, Journal(tmp_path / "ops"), Fault(), dict)
+    journal = Journal(tmp_path / "ops")
+    host = Host(config, ExecdClock(), store, vms, journal, Fault(), FaultBook("h1", vms), dict)
     spec = VmSpec(name="p1", host="h1", kernel=Path("/boot/vmlinuz"), memory=256 << 20)
     vm = HostVm(VmRuntime(spec, "lab", []), vms.machine(spec, vms.home("p1")), vms.home("p1"))
     vm.freeze = cast(NicFreeze, SlowFreeze())

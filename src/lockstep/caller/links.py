@@ -16,6 +16,8 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 from lockstep.caller.sync import ProbePath
 from lockstep.errors import LockstepError
 from lockstep.execd.model import (
+    FaultAction,
+    FaultReply,
     GuestTime,
     ProbeReply,
     SaveProgress,
@@ -59,6 +61,7 @@ class HostLink(Protocol):
     async def verify_state(self, name: str, deep: bool) -> Verified: ...
     async def state_delete(self, name: str) -> list[str]: ...
     async def state_frames(self, name: str, vm: str) -> list[tuple[str, bytes]]: ...
+    async def inject_fault(self, group: str, fault_id: str, action: FaultAction) -> FaultReply: ...
 
 
 @dataclass(frozen=True)

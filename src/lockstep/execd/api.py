@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from lockstep.execd.model import (
+    FaultAction,
+    FaultReply,
     GuestTime,
     ProbeReply,
     SaveProgress,
@@ -90,3 +92,6 @@ class ExecdApi(Protocol):
 
     def state_frames(self, name: str, vm: str) -> Iterator[tuple[str, bytes]]:
         """The pcap files of the frames held for ``vm`` in state ``name``: (file, chunk)s."""
+
+    async def inject_fault(self, group: str, fault_id: str, action: FaultAction) -> FaultReply:
+        """Inject a fault on this host's VMs of ``group``, heal its faults, or list them."""

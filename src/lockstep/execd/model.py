@@ -12,6 +12,17 @@ from pathlib import Path
 __all__ = [
     "ExecdConfig",
     "GuestTime",
+    "FaultAction",
+    "FaultReply",
+    "FaultVm",
+    "Freeze",
+    "Heal",
+    "HeldFault",
+    "Kill",
+    "ListFaults",
+    "Loss",
+    "MAX_FREEZE_S",
+    "Partition",
     "ProbeReply",
     "SaveProgress",
     "StateInfo",
@@ -121,3 +132,87 @@ class StateInfo:
     parent: str | None = None
     vms: list[str] = field(default_factory=list)
     size_bytes: int = 0
+
+
+# Faults injected on purpose (``lockstep fault``; :mod:`lockstep.execd.inject`).
+
+
+@dataclass(frozen=True)
+class Kill:
+    """Kill the VM's QEMU (SIGKILL), as a crashed node."""
+
+    vm: str
+
+
+# The longest freeze: longer is a caller's mistake, and would hold a VM paused for good.
+MAX_FREEZE_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """Pause the VM alone for ``seconds`` (at most :data:`MAX_FREEZE_S`), then resume it."""
+
+    vm: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FaultVm:
+    """A VM of one side of a partition, with its NICs' MACs (from the group file)."""
+
+    name: str
+    macs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Drop every frame between a VM of side ``a`` and a VM of side ``b``, both ways."""
+
+    a: tuple[FaultVm, ...]
+    b: tuple[FaultVm, ...]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Drop ``percent`` of the frames to and from the VM, at random."""
+
+    vm: str
+    percent: int
+
+
+@dataclass(frozen=True)
+class Heal:
+    """Undo the faults ``ids`` of the group (none: every one)."""
+
+    ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ListFaults:
+    """Change nothing; say which faults of the group this host holds."""
+
+
+FaultAction = Kill | Freeze | Partition | Loss | Heal | ListFaults
+
+
+@dataclass(frozen=True)
+class HeldFault:
+    """A fault one host holds until it is healed or a restore of its group switches over.
+
+    ``vms`` are the host's VMs it acts on now; ``what`` says what it does
+    there; ``seconds_left`` is a freeze's time until its VM resumes by itself.
+    """
+
+    id: str
+    kind: str  # "freeze", "partition" or "loss"
+    vms: list[str] = field(default_factory=list)
+    what: str = ""
+    seconds_left: float | None = None
+
+
+@dataclass(frozen=True)
+class FaultReply:
+    """What one host did about a fault (one sentence each), and the faults it holds after."""
+
+    did: list[str] = field(default_factory=list)
+    held: list[HeldFault] = field(default_factory=list)

@@ -15,6 +15,10 @@ drops them, lifts the new VMs' freezes and resumes the new VMs at ``at``. The
 old VMs stay paused until the commit quits them and moves the new VMs' files
 home; an abort after the switch-over switches back, and so does the dead-man's
 timer at the deadline (on every host at once) if the caller went quiet.
+
+Faults injected into the group (:mod:`lockstep.execd.inject`) end with the
+switch-over: its freezes as it begins (the frozen VM is replaced), its network
+faults once the new VMs run (they run on other taps, which no rule names).
 """
 
 from __future__ import annotations
@@ -202,8 +206,10 @@ class RestoreOperation(Operation):
         """Switch over: the old VMs pause at ``at - SWITCH_LEAD``, the new ones resume at ``at``.
 
         Each report has the new VM's resume instant and frames, and the old
-        VM's pause instant (none if the VM did not run here before). Then the
-        wall clocks of the guests ``guest_time`` names are set to true time
+        VM's pause instant (none if the VM did not run here before, or was
+        not running: crashed, or frozen by a fault). The group's injected
+        faults end here (see the module's docstring). Then the wall clocks of
+        the guests ``guest_time`` names are set to true time
         (:mod:`lockstep.execd.guest_clock`; each report says by how much, or why not).
 
         Raises:
@@ -213,6 +219,8 @@ class RestoreOperation(Operation):
         """
         self.life.require(OpPhase.PREPARED)
         await self.host.fault.at("resume:before")
+        assert self.manifest is not None  # a prepared restore has its manifest
+        self.host.faults.end_freezes(self.manifest.group)
         self.old = {n: vm for n in self.new if (vm := self.host.vms.get(n)) is not None}
         olds, news = list(self.old.values()), list(self.new.values())
         stop_at = at - SWITCH_LEAD
@@ -228,6 +236,7 @@ class RestoreOperation(Operation):
         for vm in news:
             self.host.vms.register(vm)
         self.advance(OpPhase.RESUMED)
+        await self.host.faults.switched_over(self.manifest.group)
         await self.host.fault.at("resume:after")
         clocks = {}
         if guest_time is not None:

@@ -30,6 +30,8 @@ from google.protobuf.message import Message
 
 from lockstep.errors import HostTimeout, HostUnreachable, RemoteError, RpcError
 from lockstep.execd.model import (
+    FaultAction,
+    FaultReply,
     GuestTime,
     ProbeReply,
     SaveProgress,
@@ -46,6 +48,7 @@ from lockstep.rpc.calls import (
     DOWN,
     DRAIN,
     EXTEND,
+    INJECT_FAULT,
     PAUSE,
     PREPARE_RESTORE,
     PROBE,
@@ -427,3 +430,12 @@ class HostClient:
         """
         reply = await self._call(STATE_DELETE, pb.StateRequest(name=name))
         return list(reply.removed_layers)
+
+    async def inject_fault(self, group: str, fault_id: str, action: FaultAction) -> FaultReply:
+        """Inject fault ``fault_id`` on this host's VMs of ``group``, heal, or list its faults.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        request = convert.fault_request_to_pb(group, fault_id, action)
+        return convert.fault_reply_from_pb(await self._call(INJECT_FAULT, request))

@@ -9,7 +9,9 @@ values travel as the zero value where zero is never a real value:
 - ``VmReport.paused_at``/``resumed_at``/``clock_correction_ms`` and
   ``AbortRequest.resume_at`` are proto ``optional``, so None and 0.0 stay distinct;
 - ``ResumeRequest``'s guest time: no VM listed <-> None (no guest clock is set);
-- ``CommitReply.state`` unset <-> None.
+- ``CommitReply.state`` unset <-> None;
+- a fault's action is the request's ``oneof``; ``HeldFault.seconds_left`` is
+  proto ``optional`` (only a freeze has one).
 
 VM specs travel as their pydantic JSON; :func:`specs_from_json` validates them and
 raises ``ValueError`` with a one-line message naming the bad spec.
@@ -24,7 +26,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from lockstep.execd.model import (
+    FaultAction,
+    FaultReply,
+    FaultVm,
+    Freeze,
     GuestTime,
+    Heal,
+    HeldFault,
+    Kill,
+    ListFaults,
+    Loss,
+    Partition,
     ProbeReply,
     SaveProgress,
     StateInfo,
@@ -42,6 +54,10 @@ __all__ = [
     "ERROR_KIND_KEY",
     "guest_time_from_pb",
     "guest_time_to_pb",
+    "fault_action_from_pb",
+    "fault_reply_from_pb",
+    "fault_reply_to_pb",
+    "fault_request_to_pb",
     "manifest_from_pb",
     "manifest_to_pb",
     "probe_reply_from_pb",
@@ -298,3 +314,79 @@ def specs_from_json(texts: Sequence[str]) -> list[VmSpec]:
         seen.add(spec.name)
         specs.append(spec)
     return specs
+
+
+def _side_to_pb(side: Sequence[FaultVm]) -> list[pb.FaultVm]:
+    return [pb.FaultVm(name=v.name, macs=list(v.macs)) for v in side]
+
+
+def _side_from_pb(side: Iterable[pb.FaultVm]) -> tuple[FaultVm, ...]:
+    return tuple(FaultVm(v.name, tuple(v.macs)) for v in side)
+
+
+def fault_request_to_pb(group: str, fault_id: str, action: FaultAction) -> pb.FaultRequest:
+    """A fault to inject (or heal, or list) as a request; the action is its ``oneof``."""
+    msg = pb.FaultRequest(group=group, id=fault_id)
+    if isinstance(action, Kill):
+        msg.kill.vm = action.vm
+    elif isinstance(action, Freeze):
+        msg.freeze.CopyFrom(pb.FreezeFault(vm=action.vm, seconds=action.seconds))
+    elif isinstance(action, Partition):
+        msg.partition.CopyFrom(pb.PartitionFault(a=_side_to_pb(action.a), b=_side_to_pb(action.b)))
+    elif isinstance(action, Loss):
+        msg.loss.CopyFrom(pb.LossFault(vm=action.vm, percent=action.percent))
+    elif isinstance(action, Heal):
+        msg.heal.CopyFrom(pb.HealFaults(ids=list(action.ids)))
+    else:
+        msg.list.CopyFrom(pb.Empty())
+    return msg
+
+
+def fault_action_from_pb(msg: pb.FaultRequest) -> FaultAction:
+    """The action of a fault request, as it came (the server validates its values).
+
+    Raises:
+        ValueError: the request names no action.
+    """
+    which = msg.WhichOneof("action")
+    if which == "kill":
+        return Kill(msg.kill.vm)
+    if which == "freeze":
+        return Freeze(msg.freeze.vm, msg.freeze.seconds)
+    if which == "partition":
+        return Partition(_side_from_pb(msg.partition.a), _side_from_pb(msg.partition.b))
+    if which == "loss":
+        return Loss(msg.loss.vm, msg.loss.percent)
+    if which == "heal":
+        return Heal(tuple(msg.heal.ids))
+    if which == "list":
+        return ListFaults()
+    raise ValueError(
+        "the fault request names no action (kill, freeze, partition, loss, heal, list)"
+    )
+
+
+def fault_reply_to_pb(reply: FaultReply) -> pb.FaultReply:
+    """What a host did about a fault, and the faults it holds, as a message."""
+    held = []
+    for h in reply.held:
+        m = pb.HeldFault(id=h.id, kind=h.kind, vms=h.vms, what=h.what)
+        if h.seconds_left is not None:
+            m.seconds_left = h.seconds_left
+        held.append(m)
+    return pb.FaultReply(did=reply.did, held=held)
+
+
+def fault_reply_from_pb(msg: pb.FaultReply) -> FaultReply:
+    """What a host did about a fault, and the faults it holds, from a message."""
+    held = [
+        HeldFault(
+            id=h.id,
+            kind=h.kind,
+            vms=list(h.vms),
+            what=h.what,
+            seconds_left=h.seconds_left if h.HasField("seconds_left") else None,
+        )
+        for h in msg.held
+    ]
+    return FaultReply(did=list(msg.did), held=held)

@@ -279,3 +279,89 @@ class FileChunk(_message.Message):
     file: str
     data: bytes
     def __init__(self, file: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class FaultRequest(_message.Message):
+    __slots__ = ("group", "id", "kill", "freeze", "partition", "loss", "heal", "list")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KILL_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    HEAL_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    id: str
+    kill: KillFault
+    freeze: FreezeFault
+    partition: PartitionFault
+    loss: LossFault
+    heal: HealFaults
+    list: Empty
+    def __init__(self, group: _Optional[str] = ..., id: _Optional[str] = ..., kill: _Optional[_Union[KillFault, _Mapping]] = ..., freeze: _Optional[_Union[FreezeFault, _Mapping]] = ..., partition: _Optional[_Union[PartitionFault, _Mapping]] = ..., loss: _Optional[_Union[LossFault, _Mapping]] = ..., heal: _Optional[_Union[HealFaults, _Mapping]] = ..., list: _Optional[_Union[Empty, _Mapping]] = ...) -> None: ...
+
+class KillFault(_message.Message):
+    __slots__ = ("vm",)
+    VM_FIELD_NUMBER: _ClassVar[int]
+    vm: str
+    def __init__(self, vm: _Optional[str] = ...) -> None: ...
+
+class FreezeFault(_message.Message):
+    __slots__ = ("vm", "seconds")
+    VM_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    vm: str
+    seconds: float
+    def __init__(self, vm: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class FaultVm(_message.Message):
+    __slots__ = ("name", "macs")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MACS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    macs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., macs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PartitionFault(_message.Message):
+    __slots__ = ("a", "b")
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    a: _containers.RepeatedCompositeFieldContainer[FaultVm]
+    b: _containers.RepeatedCompositeFieldContainer[FaultVm]
+    def __init__(self, a: _Optional[_Iterable[_Union[FaultVm, _Mapping]]] = ..., b: _Optional[_Iterable[_Union[FaultVm, _Mapping]]] = ...) -> None: ...
+
+class LossFault(_message.Message):
+    __slots__ = ("vm", "percent")
+    VM_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    vm: str
+    percent: int
+    def __init__(self, vm: _Optional[str] = ..., percent: _Optional[int] = ...) -> None: ...
+
+class HealFaults(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HeldFault(_message.Message):
+    __slots__ = ("id", "kind", "vms", "what", "seconds_left")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    WHAT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: str
+    vms: _containers.RepeatedScalarFieldContainer[str]
+    what: str
+    seconds_left: float
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., vms: _Optional[_Iterable[str]] = ..., what: _Optional[str] = ..., seconds_left: _Optional[float] = ...) -> None: ...
+
+class FaultReply(_message.Message):
+    __slots__ = ("did", "held")
+    DID_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    did: _containers.RepeatedScalarFieldContainer[str]
+    held: _containers.RepeatedCompositeFieldContainer[HeldFault]
+    def __init__(self, did: _Optional[_Iterable[str]] = ..., held: _Optional[_Iterable[_Union[HeldFault, _Mapping]]] = ...) -> None: ...
