@@ -74,6 +74,6 @@ def test_a_failing_test_shows_the_restore_the_guests_view_and_consoles(
             "*- lockstep verify -*",
             '*"transitions": 0,*',
             "*- lockstep console -*",
-            'p1: {"t": *"vm": "p1"*',
+            'p1: {"t":*"vm":"p1"*',
         ]
     )

@@ -163,12 +163,11 @@ def test_a_prepared_vm_says_nothing_on_the_network_before_the_switch_over(
     """No frame from a VM's new QEMU reaches the bridge before that VM's resume instant.
 
     QEMU announces a VM whose memory it has just loaded (RARP, several rounds)
-    even while it stays paused; were those frames sent then, from a restore's
-    VM prepared beside the running one, the bridge would learn the running
-    VM's MAC on the new, frozen tap. QEMU holds a stopped VM's frames until it
-    runs, and lockstep announces each VM after its resume: a capture on h1's
-    VM bridge over a restore sees every RARP of h1's VMs after their resume,
-    and at least one each.
+    even while it stays paused; from a restore's prepared VM, beside the
+    running one, that would teach the bridge the running VM's MAC on the new,
+    frozen tap. So lockstep turns that announcement off and announces each VM
+    after its resume instead: a capture on h1's VM bridge over a restore sees
+    every RARP of h1's VMs after their resume, and at least one each.
     """
     state = f"ann-{secrets.token_hex(3)}"
     _save(fresh, state)

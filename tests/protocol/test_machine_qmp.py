@@ -519,9 +519,11 @@ def test_failed_save_carries_qemus_reason(qemu: StubQemu, tmp_path: Path) -> Non
 def test_load_memory_feeds_qemu_the_file(qemu: StubQemu, tmp_path: Path) -> None:
     """load_memory() hands an incoming QEMU the saved file and waits for the load to complete.
 
-    In order: getfd naming the passed descriptor, migration set up, then
-    migrate-incoming from fd:memfile and query-migrate until completed. QEMU
-    read exactly the file through the descriptor, and the VM is paused.
+    In order: getfd naming the passed descriptor, migration set up, QEMU's
+    own announcement of the loaded VM turned off (a prepared VM must not
+    speak on the network before its resume), then migrate-incoming from
+    fd:memfile and query-migrate until completed. QEMU read exactly the file
+    through the descriptor, and the VM is paused.
     """
     source = tmp_path / "p1.mem"
     source.write_text(STREAM)
@@ -538,11 +540,14 @@ def test_load_memory_feeds_qemu_the_file(qemu: StubQemu, tmp_path: Path) -> None
         "getfd",
         "query-migrate-capabilities",
         "migrate-set-parameters",
+        "migrate-set-parameters",
         "migrate-incoming",
         "query-migrate",
         "query-migrate",
     ]
     sent = {c["execute"]: c for c in stub.commands()}
+    params = [c["arguments"] for c in stub.commands() if c["execute"] == "migrate-set-parameters"]
+    assert {"announce-rounds": 0} in params
     assert sent["migrate-incoming"]["arguments"] == {"uri": "fd:memfile"}
     assert sent["migrate-incoming"]["read"] == STREAM
 

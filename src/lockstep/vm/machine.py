@@ -717,6 +717,11 @@ class Machine:
             self._send_fd(fd, "memfile")
             await self.execute("getfd", {"fdname": "memfile"})
             await self._migration_setup(ignore_shared=ignore_shared)
+            # QEMU announces a VM whose memory it loaded (RARP from its NICs),
+            # even one that stays paused: from a restore's VM prepared beside
+            # the running one, that teaches the bridge the running VM's MAC on
+            # the new, frozen tap. The VM is announced after its resume instead.
+            await self.execute("migrate-set-parameters", {"announce-rounds": 0})
             await self.execute("migrate-incoming", {"uri": "fd:memfile"})
             await self._wait_migration(f"loading memory from {path}", None, timeout)
         finally:
