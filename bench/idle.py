@@ -9,7 +9,14 @@ every other) is a lab of its own; the default compares the lab's default with
 the 200 pkt/s the lab used to default to. Goal: the default lab at <= 35 % of
 the machine.
 
-    python -m bench.idle [--rates default,200] [--seconds 30] [--json out.json]
+``--cluster`` runs each rate once per middleware (``lab up --cluster``): agent
+(the lab's own), pacemaker (Corosync + Pacemaker, 512 MiB per VM, its least)
+or keepalived, each at the middleware's default timings unless
+``--token``/``--advert`` say otherwise; the time the middleware took to form
+is shown too.
+
+    python -m bench.idle [--rates default,200] [--cluster agent,pacemaker,keepalived]
+                         [--vms 4] [--token MS] [--advert MS] [--seconds 30] [--json out.json]
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.common import lab_caller, lab_options, machine, machine_line, say
-from lockstep.lab.lab import LabOptions
+from lockstep.lab.clusterconf import PACEMAKER_MIN_MEMORY, ClusterKind, ClusterSpec
+from lockstep.lab.lab import LabOptions, lab_data_dir
+from lockstep.units import format_size
 
 GOAL = 35.0  # % of the machine, for the default lab
 
@@ -82,18 +92,47 @@ async def measure(seconds: float) -> dict[str, float]:
     }
 
 
-async def run(rates: list[int | None], seconds: float, settle: float) -> dict[str, Any]:
-    """One lab per rate (None: the lab's default), measured at rest."""
+async def run(
+    rates: list[int | None],
+    seconds: float,
+    settle: float,
+    clusters: Sequence[ClusterSpec] = (ClusterSpec(),),
+    vms: int = LabOptions.vms,
+) -> dict[str, Any]:
+    """One lab per rate (None: the lab's default) and cluster, measured at rest."""
     rows = []
-    for rate in rates:
-        options: dict[str, Any] = {} if rate is None else {"stream_rate": rate}
-        opts = lab_options("lsidle", (140, 160), **options)
-        async with lab_caller(opts):
-            say(f"stream rate {opts.stream_rate}: settling {settle:g} s, measuring {seconds:g} s")
-            await asyncio.sleep(settle)
-            figures = await measure(seconds)
-        rows.append({"stream_rate": opts.stream_rate, "default": rate is None, **figures})
-    return {"machine": machine(), "seconds": seconds, "vms": LabOptions().vms, "rows": rows}
+    for spec in clusters:
+        for rate in rates:
+            options: dict[str, Any] = {} if rate is None else {"stream_rate": rate}
+            if spec.kind == ClusterKind.PACEMAKER:
+                options["memory"] = format_size(PACEMAKER_MIN_MEMORY)
+            opts = lab_options("lsidle", (140, 160), vms=vms, cluster=spec, **options)
+            async with lab_caller(opts):
+                say(
+                    f"{spec.kind}, stream rate {opts.stream_rate}: settling {settle:g} s,"
+                    f" measuring {seconds:g} s"
+                )
+                formed = _formed_s(opts.name)
+                await asyncio.sleep(settle)
+                figures = await measure(seconds)
+            rows.append(
+                {
+                    "cluster": spec.kind,
+                    "formed_s": formed,
+                    "memory": opts.memory,
+                    "stream_rate": opts.stream_rate,
+                    "default": rate is None,
+                    **figures,
+                }
+            )
+    return {"machine": machine(), "seconds": seconds, "vms": vms, "rows": rows}
+
+
+def _formed_s(lab: str) -> float | None:
+    """How long the lab's middleware took to form (lab.json), None for the agent."""
+    info = json.loads((lab_data_dir(lab) / "lab.json").read_text())
+    formed = info.get("cluster_formed_s")
+    return None if formed is None else float(formed)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -101,15 +140,18 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"lab at rest, {result['vms']} VMs on 2 hosts, {result['seconds']:g} s each:"
         f" {machine_line()}",
-        f"{'stream rate':>20} {'machine busy':>13} {'QEMUs':>7} {'execds':>7} {'CPU pressure':>13}",
+        f"{'cluster':>11} {'formed':>7} {'stream rate':>20} {'machine busy':>13} {'QEMUs':>7}"
+        f" {'execds':>7} {'CPU pressure':>13}",
     ]
     for r in result["rows"]:
         rate = f"{r['stream_rate']} pkt/s" + (" (default)" if r["default"] else "")
+        formed = "-" if r.get("formed_s") is None else f"{r['formed_s']:.0f} s"
         lines.append(
-            f"{rate:>20} {r['machine_busy_pct']:12.1f}% {r['qemu_pct']:6.1f}%"
+            f"{r.get('cluster', 'agent'):>11} {formed:>7} {rate:>20}"
+            f" {r['machine_busy_pct']:12.1f}% {r['qemu_pct']:6.1f}%"
             f" {r['execd_pct']:6.1f}% {r['cpu_pressure_pct']:12.1f}%"
         )
-    default = [r for r in result["rows"] if r["default"]]
+    default = [r for r in result["rows"] if r["default"] and r.get("cluster", "agent") == "agent"]
     if default:
         busy = default[0]["machine_busy_pct"]
         verdict = "met" if busy <= GOAL else "NOT met"
@@ -131,8 +173,25 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--settle", type=float, default=10.0, help="seconds after the lab is up")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument(
+        "--cluster",
+        type=lambda t: [k.strip() for k in t.split(",") if k.strip()],
+        default=[ClusterKind.AGENT.value],
+        help="e.g. agent,pacemaker,keepalived",
+    )
+    ap.add_argument("--vms", type=int, default=LabOptions.vms)
+    ap.add_argument("--token", type=int, help="Corosync token (ms) for pacemaker")
+    ap.add_argument("--advert", type=int, help="VRRP advert interval (ms) for keepalived")
     args = ap.parse_args()
-    result = asyncio.run(run(args.rates, args.seconds, args.settle))
+    clusters = [
+        ClusterSpec(
+            kind,
+            token_ms=args.token if kind == ClusterKind.PACEMAKER else None,
+            advert_ms=args.advert if kind == ClusterKind.KEEPALIVED else None,
+        )
+        for kind in args.cluster
+    ]
+    result = asyncio.run(run(args.rates, args.seconds, args.settle, clusters, args.vms))
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

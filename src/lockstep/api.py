@@ -9,6 +9,8 @@
     ...                                      # break the cluster
     report = group.restore("origin")         # back, in step
     print(report.resume_skew_ms, group.verify()["transitions"])
+    group.partition("p1", "s1")              # faults, as `lockstep fault`; the next restore
+    group.freeze("p2", 5)                    # undoes them (also: kill, loss, heal, faults)
 
 Each call connects to every host's execd (mutual TLS, from the group file),
 does what the same ``lockstep`` command does, and returns its result; errors
@@ -27,15 +29,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lockstep.caller import faults
 from lockstep.caller.connect import connected
-from lockstep.caller.links import HostsFailed, failures
+from lockstep.caller.links import HostsFailed, Results, failures
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.caller.report import OperationReport
 from lockstep.errors import LabError, LockstepError, OperationFailed
-from lockstep.execd.model import StateInfo, VmStatus
+from lockstep.execd.model import (
+    FaultAction,
+    Freeze,
+    Heal,
+    HeldFault,
+    Kill,
+    ListFaults,
+    Loss,
+    StateInfo,
+    VmStatus,
+)
 from lockstep.group import GroupSpec, group_file_path, load_group
 from lockstep.lab.lab import lab_data_dir
-from lockstep.lab.verify import Since, console_since, log_marks, parse_since, verify_lab
+from lockstep.lab.verify import (
+    EVERYTHING,
+    LAST_RESTORE,
+    Since,
+    console_since,
+    log_marks,
+    parse_since,
+    verify_lab,
+)
 
 __all__ = ["Group"]
 
@@ -103,9 +124,7 @@ class Group:
 
         async def body(caller: GroupCaller) -> dict[str, list[VmStatus]]:
             results = await caller.status()
-            failed = failures(results)
-            if failed:
-                raise OperationFailed(HostsFailed(results).say("status"))
+            _raise_failed(results, "status")
             return {h: r.value or [] for h, r in results.items()}
 
         return self._call(body)
@@ -134,6 +153,56 @@ class Group:
         """Delete state ``name`` on every host that has it."""
         self._call(lambda c: c.state_delete(name))
 
+    # -- faults (lockstep fault ...): each undone by the next restore ------------
+
+    def kill(self, vm: str) -> str:
+        """Kill ``vm``'s QEMU (SIGKILL), as a crashed node; the fault's id."""
+        return self._fault(Kill(vm))
+
+    def freeze(self, vm: str, seconds: float) -> str:
+        """Pause ``vm`` alone for ``seconds``, then let it run on; the fault's id."""
+        return self._fault(Freeze(vm, seconds))
+
+    def partition(self, a: str, b: str) -> str:
+        """Cut the network between the VMs ``a`` and ``b`` name (VMs or hosts, comma-separated)."""
+        return self._fault(faults.partition(self.spec, a, b))
+
+    def loss(self, vm: str, percent: int) -> str:
+        """Drop ``percent`` of the frames to and from ``vm``, at random; the fault's id."""
+        return self._fault(Loss(vm, percent))
+
+    def heal(self, *ids: str) -> None:
+        """Undo the faults ``ids`` (none: every fault of the group).
+
+        Raises:
+            OperationFailed: some host could not heal (the sentence says which and why).
+        """
+        self._fault(Heal(ids))
+
+    def faults(self) -> dict[str, list[HeldFault]]:
+        """The faults each host holds now.
+
+        Raises:
+            OperationFailed: some host could not say.
+        """
+        held: dict[str, list[HeldFault]] = {}
+
+        async def body(caller: GroupCaller) -> None:
+            _fid, results = await caller.fault(ListFaults())
+            _raise_failed(results, "list faults")
+            held.update({h: r.value.held for h, r in results.items() if r.value is not None})
+
+        self._call(body)
+        return held
+
+    def _fault(self, action: FaultAction) -> str:
+        async def body(caller: GroupCaller) -> str:
+            fid, results = await caller.fault(action)
+            _raise_failed(results, f"{faults.kind_of(action)} fault")
+            return fid
+
+        return self._call(body)
+
     def marks(self) -> Mapping[str, int]:
         """A mark in the lab guests' logs now, for :meth:`verify` (the embedded lab only).
 
@@ -143,14 +212,20 @@ class Group:
         return log_marks(self._lab_name())
 
     def verify(
-        self, since: str | Since = "last-restore", marks: Mapping[str, int] | None = None
+        self, since: str | Since | None = None, marks: Mapping[str, int] | None = None
     ) -> dict[str, Any]:
-        """What the lab's guests noticed (``lockstep lab verify --json``), since a restore or mark.
+        """What the lab's guests noticed (``lockstep lab verify --json``).
+
+        Over what they logged since ``marks`` (from :meth:`marks`), or since
+        ``since`` (``last-restore``, the default without marks, or a time).
 
         Raises:
             LabError: this group is not the embedded lab, or its logs cannot be read.
         """
-        window = parse_since(since) if isinstance(since, str) else since
+        if since is None:
+            window = EVERYTHING if marks is not None else parse_since(LAST_RESTORE)
+        else:
+            window = parse_since(since) if isinstance(since, str) else since
         return verify_lab(self._lab_name(), window, marks).to_json()
 
     def console(self, marks: Mapping[str, int], keep: int = 200) -> dict[str, list[str]]:
@@ -169,3 +244,9 @@ class Group:
                 " yours to check (lockstep run takes a check command)"
             )
         return lab
+
+
+def _raise_failed(results: Results, what: str) -> None:
+    """Raise OperationFailed naming the hosts among ``results`` that failed ``what``."""
+    if failures(results):
+        raise OperationFailed(HostsFailed(results).say(what))

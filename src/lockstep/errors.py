@@ -16,7 +16,8 @@ Cancellation (``asyncio.CancelledError``) is never caught or translated.
      │    ├── QemuStartError    QEMU exited or failed to open QMP while starting
      │    ├── QmpError          a QMP command failed or the connection broke
      │    ├── LibvirtError      libvirt refused or failed a call (or is not there)
-     │    └── VmStateError      a VM method was called in the wrong lifecycle state
+     │    ├── VmStateError      a VM method was called in the wrong lifecycle state
+     │    └── GuestAgentError   the QEMU guest agent in a VM refused or did not answer
      ├── NetError               taps, bridges, namespaces, the freeze
      ├── DiskError              qcow2 layers
      ├── StoreError             the state store on one host
@@ -83,6 +84,10 @@ class LibvirtError(VmError):
 
 class VmStateError(VmError):
     """A VM method was called while the VM was in a state that does not allow it."""
+
+
+class GuestAgentError(VmError):
+    """The QEMU guest agent (qemu-ga) in a VM refused a command, or did not answer in time."""
 
 
 class NetError(LockstepError):

@@ -3,6 +3,8 @@
 A group file is TOML::
 
     name = "lab"
+    guest_time = "true"         # after a restore, set the guests' wall clocks to true
+                                # time ("true"), or keep the time saved ("saved")
 
     [tls]                       # the caller's credentials (``lockstep certs``)
     ca = "certs/ca.pem"
@@ -21,6 +23,7 @@ A group file is TOML::
     host = "h1"
     memory = "256M"
     memory_path = "auto"        # "fast", "standard" or "auto" (docs/memory.md)
+    guest_time = "saved"        # this VM only (default: the group's)
     kernel = "/var/cache/lockstep/images/.../vmlinuz"
     initrd = ".../initrd.img"
     cmdline = "console=ttyS0 root=/dev/vda"
@@ -73,6 +76,7 @@ __all__ = [
     "DEFAULT_GROUP_FILE",
     "DEFAULT_LIBVIRT_URI",
     "DiskSpec",
+    "GuestTimePolicy",
     "GroupSpec",
     "HostSpec",
     "NetworkSpec",
@@ -83,6 +87,7 @@ __all__ = [
     "is_dns_name",
     "load_group",
     "parse_group",
+    "validate_mac",
     "validate_name",
 ]
 
@@ -121,6 +126,20 @@ def validate_name(kind: str, value: str) -> str:
     return value
 
 
+def validate_mac(value: str) -> str:
+    """``value`` in lower case, if it is a NIC's MAC address (unicast, ``52:54:00:12:34:56``).
+
+    Raises:
+        ValueError: it is not a MAC address, or it is a multicast one.
+    """
+    mac = value.lower()
+    if not _MAC.fullmatch(mac):
+        raise ValueError(f"{_shown(mac)} is not a MAC address (like 52:54:00:12:34:56)")
+    if int(mac[:2], 16) & 1:
+        raise ValueError(f"{mac!r} is a multicast MAC; a NIC needs a unicast one")
+    return mac
+
+
 def is_dns_name(value: str) -> bool:
     """Whether ``value`` is a DNS name (letters, digits, '-' labels joined by '.')."""
     return _DNS_NAME.fullmatch(value) is not None
@@ -141,6 +160,20 @@ def _size(value: Any) -> Any:
 
 
 Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+
+
+def _guest_time(value: Any) -> Any:
+    if value not in ("true", "saved"):
+        shown = _shown(value) if isinstance(value, str) else repr(value).lower()
+        raise ValueError(
+            f'is {shown}; it must be "true" (a restore sets the guest\'s wall clock to true'
+            ' time) or "saved" (it keeps the time saved), in quotes'
+        )
+    return value
+
+
+GuestTimePolicy = Annotated[Literal["true", "saved"], BeforeValidator(_guest_time)]
+"""What a restore does to a guest's wall clock: set it to true time, or keep the saved time."""
 
 
 class _Model(BaseModel):
@@ -245,13 +278,7 @@ class NicSpec(_Model):
     @field_validator("mac", mode="before")
     @classmethod
     def _mac(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = v.lower()
-            if not _MAC.fullmatch(v):
-                raise ValueError(f"{_shown(v)} is not a MAC address (like 52:54:00:12:34:56)")
-            if int(v[:2], 16) & 1:
-                raise ValueError(f"{v!r} is a multicast MAC; a NIC needs a unicast one")
-        return v
+        return validate_mac(v) if isinstance(v, str) else v
 
 
 def _disk_path(value: Any) -> Any:
@@ -330,6 +357,10 @@ class VmSpec(_Model):
     # A libvirt domain lockstep up defines from this XML file (on the VM's host)
     # when the host has no domain of that name yet.
     define: Path | None = None
+    # After a restore the guest's wall clock is as old as the state: "true" sets
+    # it to true time (through its QEMU guest agent), "saved" keeps it. Filled
+    # in from the group's guest_time when the VM does not say.
+    guest_time: GuestTimePolicy = "true"
 
     @model_validator(mode="before")
     @classmethod
@@ -434,6 +465,8 @@ class GroupSpec(_Model):
     """A whole group: its hosts, networks and VMs."""
 
     name: str = "group"
+    # The default of every VM's guest_time (see VmSpec).
+    guest_time: GuestTimePolicy = "true"
     tls: TlsSpec | None = None
     hosts: dict[str, HostSpec]
     networks: dict[str, NetworkSpec] = Field(default_factory=dict)
@@ -443,7 +476,8 @@ class GroupSpec(_Model):
     @classmethod
     def _names(cls, data: Any) -> Any:
         # A VM's name is its key, a NIC's bridge is its network's, and so is
-        # what its freeze holds: copy them in so a VmSpec stands alone.
+        # what its freeze holds; its guest_time is the group's unless it says:
+        # copy them in so a VmSpec stands alone.
         if not isinstance(data, dict) or not isinstance(data.get("vms"), dict):
             return data
         raw_networks = data.get("networks")
@@ -465,6 +499,8 @@ class GroupSpec(_Model):
                 uri = host.get("libvirt") if isinstance(host, dict) else None
                 if "libvirt" not in vm and isinstance(uri, str):
                     vm["libvirt"] = uri
+                if "guest_time" in data and "guest_time" not in vm:
+                    vm["guest_time"] = data["guest_time"]
                 if isinstance(vm.get("nics"), list):
                     vm["nics"] = [_with_network(nic, networks, held) for nic in vm["nics"]]
             vms[key] = vm
@@ -509,6 +545,18 @@ class GroupSpec(_Model):
     def vms_on(self, host: str) -> list[VmSpec]:
         """The VMs placed on ``host``, in file order."""
         return [vm for vm in self.vms.values() if vm.host == host]
+
+    def vm(self, name: str) -> VmSpec:
+        """The group's VM ``name``.
+
+        Raises:
+            ConfigError: the group has no such VM (the message lists its VMs).
+        """
+        spec = self.vms.get(name)
+        if spec is None:
+            known = ", ".join(sorted(self.vms))
+            raise ConfigError(f"group {self.name} has no VM {_shown(name)} (its VMs: {known})")
+        return spec
 
 
 def _printable(text: str) -> str:

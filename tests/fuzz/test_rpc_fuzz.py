@@ -46,7 +46,16 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lockstep.errors import RemoteError
-from lockstep.execd.model import ExecdConfig
+from lockstep.execd.model import (
+    ExecdConfig,
+    FaultVm,
+    Freeze,
+    Heal,
+    Kill,
+    ListFaults,
+    Loss,
+    Partition,
+)
 from lockstep.execd.service import HostService
 from lockstep.group import VmSpec
 from lockstep.net.links import OUR_LINK
@@ -186,6 +195,23 @@ spec_texts = st.one_of(
     st.sampled_from(["{", "[]", "null", '{"name": "p1"}', '{"name": "p1", "host": "h1"}']),
 )
 
+fault_vms = st.builds(
+    FaultVm,
+    vms,
+    st.lists(
+        st.sampled_from(["52:54:00:00:00:01", "01:00:5e:00:00:01"]) | st.text(max_size=20)
+    ).map(tuple),
+)
+fault_sides = st.lists(fault_vms, max_size=3).map(tuple)
+fault_actions = st.one_of(
+    st.builds(Kill, vms),
+    st.builds(Freeze, vms, anything),
+    st.builds(Partition, fault_sides, fault_sides),
+    st.builds(Loss, vms, st.integers(0, 2**32 - 1)),
+    st.builds(Heal, st.lists(names(["kill-1", "partition-1"]), max_size=3).map(tuple)),
+    st.just(ListFaults()),
+)
+
 # Arguments of each HostClient method (Up: the raw JSON it cannot send itself).
 ARGS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
     "Probe": st.tuples(anything),
@@ -207,11 +233,13 @@ ARGS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
     "Abort": st.tuples(ops, st.none() | instants),
     "Extend": st.tuples(ops, anything),
     "PrepareRestore": st.tuples(ops, states, anything),
+    "Switch": st.tuples(ops, instants),
     "States": st.tuples(),
     "StateShow": st.tuples(states),
     "VerifyState": st.tuples(states, st.booleans()),
     "StateDelete": st.tuples(states),
     "StateFrames": st.tuples(states, vms),
+    "InjectFault": st.tuples(names(["lab"]), names(["", "partition-1"]), fault_actions),
 }
 
 
@@ -463,6 +491,7 @@ sequence_calls = st.one_of(
     st.tuples(_seq_ops, st.none() | _past).map(lambda a: Call("Abort", a)),
     st.tuples(_seq_ops, anything).map(lambda a: Call("Extend", a)),
     st.tuples(_seq_ops, _seq_states, anything).map(lambda a: Call("PrepareRestore", a)),
+    st.tuples(_seq_ops, _past).map(lambda a: Call("Switch", a)),
     _seq_states.map(lambda s: Call("StateDelete", (s,))),
     calls,
 )

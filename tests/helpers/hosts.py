@@ -15,6 +15,11 @@ Its clock is the shared :class:`FakeClock` plus the host's ``offset``: probe
 replies carry that clock (``probe_path`` gives None, so sync probes over
 ``probe``), and a ``delay`` makes each probe's round trip take that long.
 
+A restore's switch-over reports each guest whose wall clock it was asked to
+set as :data:`GUEST_BEHIND_MS` behind true time.
+
+Faults injected through it are held by id (``held_faults``) until healed.
+
 It records every call with its arguments (:attr:`StubHost.calls`) and can be
 told to fail a call (:meth:`StubHost.fail`: raise an RpcError) or to hang in
 it until cancelled (:meth:`StubHost.hang`), after letting some calls through.
@@ -25,7 +30,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +38,36 @@ from lockstep.api import Group
 from lockstep.caller.clock import SyncPolicy
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.errors import RemoteError, RpcError
-from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
+from lockstep.execd.model import (
+    FaultAction,
+    FaultReply,
+    GuestTime,
+    Heal,
+    HeldFault,
+    ListFaults,
+    ProbeReply,
+    SaveProgress,
+    StateInfo,
+    VmReport,
+    VmStatus,
+)
 from lockstep.execd.ops import Lifecycle, OperationError, OpKind, OpPhase
 from lockstep.execd.restore import SWITCH_LEAD
 from lockstep.group import GroupSpec, VmSpec, parse_group
 from lockstep.store import Verified
 
-__all__ = ["Call", "FakeClock", "StubHost", "stub_api", "stub_group", "stub_hosts"]
+__all__ = [
+    "GUEST_BEHIND_MS",
+    "Call",
+    "FakeClock",
+    "StubHost",
+    "stub_api",
+    "stub_group",
+    "stub_hosts",
+]
 
 MEMORY_BYTES = 1 << 20  # what each VM's memory takes, as a save reports it
+GUEST_BEHIND_MS = 61_000.25  # how far a restored guest's wall clock was behind
 RUNNING, PAUSED = "running", "paused"
 
 
@@ -120,6 +146,7 @@ class StubHost:
         self.committed: dict[str, str] = {}  # save op -> its state, once committed here
         self.calls: list[Call] = []
         self._faults: dict[str, _Fault] = {}
+        self.held_faults: dict[str, FaultAction] = {}  # injected by ``inject_fault``, by id
         self._new_call: asyncio.Event | None = None  # made in the loop, by reached()
 
     def __repr__(self) -> str:
@@ -293,17 +320,38 @@ class StubHost:
         self._advance(operation, OpPhase.DRAINED, OpPhase.SAVED)
         return [VmReport(vm, frames_held=self.frames) for vm in operation.vms]
 
-    async def resume(self, op: str, at: float) -> list[VmReport]:
+    async def resume(
+        self, op: str, at: float, guest_time: GuestTime | None = None
+    ) -> list[VmReport]:
         """A save: resume its paused VMs at ``at``. A restore: switch over to its new VMs."""
-        await self._enter("resume", op=op, at=at)
+        await self._enter("resume", op=op, at=at, guest_time=guest_time)
         operation = self._op(op)
         if operation.kind is OpKind.RESTORE:
-            self._advance(operation, OpPhase.RESUMED, OpPhase.PREPARED)
-            return self._switch(operation, at, +1)
+            in_one_call = operation.life.phase is OpPhase.PREPARED
+            if in_one_call:  # the old VMs pause in this call, SWITCH_LEAD before
+                self._advance(operation, OpPhase.SWITCHED, OpPhase.PREPARED)
+            self._advance(operation, OpPhase.RESUMED, OpPhase.SWITCHED)
+            reports = self._switch(operation, at, +1)
+            if not in_one_call:  # they paused in the switch
+                reports = [replace(r, paused_at=None) for r in reports]
+            named = guest_time.vms if guest_time is not None else ()
+            return [
+                replace(r, clock_correction_ms=GUEST_BEHIND_MS) if r.name in named else r
+                for r in reports
+            ]
         if not operation.keep_running:
             raise self._refuse(f"operation {op} saves with --stop; its VMs are not resumed")
         self._advance(operation, OpPhase.RESUMED, OpPhase.DRAINED)
         return self._resume(operation, at)
+
+    async def switch(self, op: str, at: float) -> list[VmReport]:
+        """A restore's old VMs pause at ``at``; the new ones take their place, paused."""
+        await self._enter("switch", op=op, at=at)
+        operation = self._op(op)
+        self._advance(operation, OpPhase.SWITCHED, OpPhase.PREPARED)
+        for vm in operation.vms:
+            self.vms[vm] = PAUSED
+        return [VmReport(vm, paused_at=at) for vm in operation.vms]
 
     def _switch(self, operation: StubOp, at: float | None, step: int) -> list[VmReport]:
         """Swap each VM of a restore for the next (or back to the previous) generation."""
@@ -357,7 +405,7 @@ class StubHost:
             return []
         operation = self.operations[op]
         if operation.kind is OpKind.RESTORE:
-            switched = operation.life.phase is OpPhase.RESUMED
+            switched = operation.life.phase in (OpPhase.SWITCHED, OpPhase.RESUMED)
             reports = self._switch(operation, resume_at, -1) if switched else []
         else:
             reports = self._resume(operation, resume_at)
@@ -419,6 +467,20 @@ class StubHost:
         """No frames: the stubs hold none in files."""
         await self._enter("state_frames", name=name, vm=vm)
         return []
+
+    async def inject_fault(self, group: str, fault_id: str, action: FaultAction) -> FaultReply:
+        """Hold a new fault by id; a heal drops the faults it names (all if none); list lists."""
+        await self._enter("inject_fault", group=group, fault_id=fault_id, action=action)
+        did: list[str] = []
+        if isinstance(action, Heal):
+            for fid in [f for f in self.held_faults if not action.ids or f in action.ids]:
+                del self.held_faults[fid]
+                did.append(f"{fid}: healed")
+        elif not isinstance(action, ListFaults):
+            self.held_faults[fault_id] = action
+            did.append(f"{fault_id}: injected")
+        held = [HeldFault(fid, type(f).__name__.lower()) for fid, f in self.held_faults.items()]
+        return FaultReply(did=did, held=held)
 
 
 def stub_hosts(

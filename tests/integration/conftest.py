@@ -78,6 +78,12 @@ class Lab:
             for c in clients.values():
                 await c.close()
 
+    def ip(self, vm: str) -> str:
+        """Guest ``vm``'s address on the VM network (its kernel command line's ``ls.ip``)."""
+        cmdline = self.group.vms[vm].cmdline
+        ips = [p.split("=", 1)[1].split("/")[0] for p in cmdline.split() if p.startswith("ls.ip=")]
+        return ips[0]
+
     def guest(self, vm: str) -> GuestControl:
         """The control channel of guest ``vm``."""
         return guest(self.group, vm, self.data)

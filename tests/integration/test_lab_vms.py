@@ -8,15 +8,10 @@ import time
 from tests.integration.conftest import Lab
 
 
-def _ip(lab: Lab, vm: str) -> str:
-    cmdline = lab.group.vms[vm].cmdline
-    return next(p.split("=", 1)[1].split("/")[0] for p in cmdline.split() if p.startswith("ls.ip="))
-
-
 def test_guests_on_two_hosts_ping_each_other_across_vxlan(fresh: Lab) -> None:
     """p1 (host h1) and s1 (host h2) ping each other over the VXLAN-joined VM bridges."""
-    out_p1 = asyncio.run(fresh.sh("p1", f"ping -c 3 -W 3 {_ip(fresh, 's1')}", timeout=20))
-    out_s1 = asyncio.run(fresh.sh("s1", f"ping -c 3 -W 3 {_ip(fresh, 'p1')}", timeout=20))
+    out_p1 = asyncio.run(fresh.sh("p1", f"ping -c 3 -W 3 {fresh.ip('s1')}", timeout=20))
+    out_s1 = asyncio.run(fresh.sh("s1", f"ping -c 3 -W 3 {fresh.ip('p1')}", timeout=20))
     for out in (out_p1, out_s1):
         assert " 0% packet loss" in out, out
 

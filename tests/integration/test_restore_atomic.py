@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -153,3 +155,65 @@ def test_a_restore_switches_every_vm_over_at_one_instant(fresh: Lab) -> None:
     assert list(fresh.data.glob("hosts/*/root/restoring/*/*")) == []
     for vm in after:
         asyncio.run(fresh.sh(vm, "true"))
+
+
+def test_a_prepared_vm_says_nothing_on_the_network_before_the_switch_over(
+    fresh: Lab, tmp_path: Path
+) -> None:
+    """No frame from a VM's new QEMU reaches the bridge before that VM's resume instant.
+
+    QEMU announces a VM whose memory it has just loaded (RARP, several rounds)
+    even while it stays paused; from a restore's prepared VM, beside the
+    running one, that would teach the bridge the running VM's MAC on the new,
+    frozen tap. So lockstep turns that announcement off and announces each VM
+    after its resume instead: a capture on h1's VM bridge over a restore sees
+    every RARP of h1's VMs after their resume, and at least one each.
+    """
+    state = f"ann-{secrets.token_hex(3)}"
+    _save(fresh, state)
+    bridge = fresh.group.networks["lan"].bridge
+    assert bridge is not None
+    macs = {spec.nics[0].mac: vm for vm, spec in fresh.group.vms.items() if spec.host == "h1"}
+    pcap = tmp_path / "h1.pcap"
+    capture = ["tcpdump", "-i", bridge, "-nn", "-U", "--time-stamp-precision=micro"]
+    dump = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            f"{fresh.name}-h1",
+            *capture,
+            "-w",
+            str(pcap),
+            "ether proto 0x8035",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(2)  # tcpdump is listening
+
+        async def restore() -> dict[str, float | None]:
+            async with fresh.caller() as caller:
+                report = await caller.restore(state)
+            return {v.name: v.resumed_at for v in report.vms}
+
+        resumed = asyncio.run(restore())
+        time.sleep(3)  # announce-self's rounds: 50 ms, then 150, 250, 350, 450 ms apart
+    finally:
+        dump.terminate()
+        dump.wait(timeout=30)
+    out = subprocess.run(
+        ["tcpdump", "-r", str(pcap), "-nn", "-e", "-tt"], capture_output=True, text=True, check=True
+    ).stdout
+    seen: dict[str, list[float]] = {vm: [] for vm in macs.values()}
+    for line in out.splitlines():
+        t, src = line.split()[:2]
+        if src in macs:
+            seen[macs[src]].append(float(t))
+    for vm, times in seen.items():
+        at = resumed[vm]
+        assert at is not None
+        assert times, f"{vm}: no announcement after its resume"
+        early = [round(at - t, 3) for t in times if t < at - 0.002]
+        assert not early, f"{vm}: RARPs {early} s before its resume at {at}"

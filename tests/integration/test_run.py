@@ -33,6 +33,7 @@ def _case(folder: Path, name: str, body: str) -> Path:
 def _saved(lab: Lab, state: str) -> None:
     proc = lab.cli("save", state, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    time.sleep(1.5)  # a restore shows in a guest's log once it logged a line after the save
 
 
 def test_a_pass_a_failure_and_a_hang_each_from_the_state(fresh: Lab, tmp_path: Path) -> None:
@@ -93,11 +94,22 @@ def test_ctrl_c_stops_the_case_and_puts_the_group_back(fresh: Lab, tmp_path: Pat
     case = _case(tmp_path / "cases", "10-down", f"echo $$ > {pidfile}; lockstep down; sleep 600")
     env = {**os.environ, "PATH": f"{LOCKSTEP.parent}:{os.environ['PATH']}"}
     proc = subprocess.Popen(
-        [str(LOCKSTEP), "-g", str(fresh.group_file), "run", "--from", "run-ctrlc", str(case)],
+        [
+            str(LOCKSTEP),
+            "-g",
+            str(fresh.group_file),
+            "run",
+            "--from",
+            "run-ctrlc",
+            str(case),
+            "--json",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # A Ctrl-C reaches it even where this test runs with SIGINT ignored (a background job).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while not _all_down(fresh):
@@ -107,6 +119,8 @@ def test_ctrl_c_stops_the_case_and_puts_the_group_back(fresh: Lab, tmp_path: Pat
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, (out, err)
+    assert "interrupted: putting the group back to state 'run-ctrlc'" in err
+    assert [c["status"] for c in json.loads(out)["cases"]] == ["interrupted"]
     case_pid = int(pidfile.read_text())
     assert not Path(f"/proc/{case_pid}").exists(), "the case was stopped"
     status = fresh.cli("status", "--json")

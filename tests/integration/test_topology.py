@@ -36,6 +36,7 @@ from lockstep.lab.topology import (
     vm_ip,
 )
 from lockstep.proc import run, which
+from tests.helpers.net import ping_argv
 
 pytestmark = [
     pytest.mark.integration,
@@ -45,15 +46,6 @@ pytestmark = [
 
 
 # ── helpers ──────────────────────────────────────────────────────────────────
-
-
-def ping_argv(address: str, *extra: str) -> list[str]:
-    """A one-echo ping of ``address`` with iputils ping, or busybox's when that is missing."""
-    if which("ping") is not None:
-        return ["ping", "-c1", "-W2", *extra, address]
-    if which("busybox") is not None:
-        return ["busybox", "ping", "-c1", "-W2", *extra, address]
-    pytest.skip("needs ping (iputils-ping or busybox)")
 
 
 def ping(address: str, netns: str | None, *extra: str) -> None:
@@ -106,9 +98,9 @@ def scrub(plan: LabPlan) -> None:
         if name in present:
             run(["ip", "link", "del", name], check=False)
     existing = namespaces()
-    for h in plan.hosts:
-        if h.netns in existing:
-            run(["ip", "netns", "del", h.netns], check=False)
+    for netns in [plan.client.netns, *(h.netns for h in plan.hosts)]:
+        if netns in existing:
+            run(["ip", "netns", "del", netns], check=False)
 
 
 def free_subnets() -> tuple[str, str]:
@@ -173,7 +165,7 @@ def test_up_then_down_leaves_nothing(plan: LabPlan, ledger: Ledger) -> None:
     t0 = time.monotonic()
     lab_up(plan, ledger)
     up_s = time.monotonic() - t0
-    expected = {f"netns {h.netns}" for h in plan.hosts} | {
+    expected = {f"netns {n}" for n in [plan.client.netns, *(h.netns for h in plan.hosts)]} | {
         f"link {n}" for n in [plan.lan_bridge, *(h.root_veth for h in plan.hosts)]
     }
     assert lab_objects(plan.name) == expected
@@ -232,6 +224,18 @@ def test_kernel_objects_match_the_plan(lab: LabPlan) -> None:
         assert forwarding == "0"
         vm_side = json.loads(run(["ip", "-j", "addr", "show", h.vm_bridge], netns=h.netns).text)
         assert vm_side[0]["addr_info"] == []  # the host puts nothing on the guests' segment
+    c = lab.client
+    cable = link_json(c.host_link, c.host_netns, "-d")
+    assert (cable["mtu"], cable.get("master")) == (1500, c.bridge)
+    nic = json.loads(run(["ip", "-j", "addr", "show", c.nic], netns=c.netns).text)[0]
+    # Its address on the VM segment, and no IPv6 link-local: it sends only what it is told to.
+    assert [(a["family"], a["local"], a["prefixlen"]) for a in nic["addr_info"]] == [
+        ("inet", c.ip, 24)
+    ]
+    cable_addrs = json.loads(
+        run(["ip", "-j", "addr", "show", c.host_link], netns=c.host_netns).text
+    )
+    assert cable_addrs[0]["addr_info"] == []
 
 
 def test_hosts_reach_each_other_and_the_caller(lab: LabPlan) -> None:
@@ -245,7 +249,10 @@ def test_hosts_reach_each_other_and_the_caller(lab: LabPlan) -> None:
 
 
 def test_vm_bridges_form_one_segment_over_vxlan(lab: LabPlan) -> None:
-    """A stand-in guest on each host's VM bridge reaches the other across vx0, 1500-byte frames too."""
+    """A stand-in guest on each host's VM bridge reaches the other across vx0, 1500-byte frames too.
+
+    The client outside the group reaches them too.
+    """
     for i, h in enumerate(lab.hosts):
         ns = h.netns
         run(["ip", "link", "add", "tguest", "type", "veth", "peer", "name", "tport"], netns=ns)
@@ -259,6 +266,7 @@ def test_vm_bridges_form_one_segment_over_vxlan(lab: LabPlan) -> None:
         ping(vm_ip(lab, 1), h1.netns)
     ping(vm_ip(lab, 0), h2.netns)
     ping(vm_ip(lab, 1), h1.netns, "-s", "1472")  # a 1500-byte IP packet
+    ping(vm_ip(lab, 1), lab.client.netns)  # the client, cabled to h1, reaches h2's stand-in
     # ARP + 4 echo requests at least went h1 -> vx0 -> LAN -> h2's vx0.
     assert packets(h1.vxlan, h1.netns, "tx") - sent >= 5
     assert packets(h2.vxlan, h2.netns, "rx") - got >= 5

@@ -64,6 +64,30 @@ def test_status_names_the_host_that_cannot_say() -> None:
         group.status()
 
 
+def test_faults_reach_the_hosts_concerned_and_are_listed_and_healed() -> None:
+    """kill/freeze go to the VM's host only, partition to both sides' hosts; faults() lists them.
+
+    heal() with no id drops every held fault on every host; a host that fails
+    to list raises OperationFailed naming it.
+    """
+    group, hosts = stub_api()
+    frozen = group.freeze("s1", 2.5)
+    cut = group.partition("p1", "s1")
+    assert frozen.startswith("freeze-") and cut.startswith("partition-")
+    assert sorted(hosts["h1"].held_faults) == [cut]
+    assert sorted(hosts["h2"].held_faults) == sorted([frozen, cut])
+    listed = group.faults()
+    assert {h: sorted(f.id for f in held) for h, held in listed.items()} == {
+        "h1": [cut],
+        "h2": sorted([frozen, cut]),
+    }
+    group.heal()
+    assert hosts["h1"].held_faults == {} and hosts["h2"].held_faults == {}
+    hosts["h2"].fail("inject_fault")
+    with pytest.raises(OperationFailed, match="on host h2"):
+        group.faults()
+
+
 def test_delete_state_removes_it_everywhere() -> None:
     """delete_state removes the state from every host; a state no host has is an error."""
     group, hosts = stub_api(("origin", "old"))

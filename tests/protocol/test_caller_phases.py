@@ -23,7 +23,15 @@ from lockstep.caller.report import OperationReport
 from lockstep.errors import ClockError, HostUnreachable, OperationFailed, RpcError
 from lockstep.execd.ops import OpPhase
 from lockstep.group import GroupSpec
-from tests.helpers.hosts import PAUSED, RUNNING, FakeClock, StubHost, stub_group, stub_hosts
+from tests.helpers.hosts import (
+    GUEST_BEHIND_MS,
+    PAUSED,
+    RUNNING,
+    FakeClock,
+    StubHost,
+    stub_group,
+    stub_hosts,
+)
 from tests.helpers.rpc import run
 
 PLACEMENT = {"h1": ["p1", "p2"], "h2": ["s1"], "h3": ["w1"]}
@@ -94,7 +102,12 @@ class Rig:
         return first
 
 
-def _rig(states: Sequence[str] = (), deadman: float = 30.0, **per_host: Any) -> Rig:
+def _rig(
+    states: Sequence[str] = (),
+    deadman: float = 30.0,
+    group: GroupSpec | None = None,
+    **per_host: Any,
+) -> Rig:
     """Stub hosts (with ``states`` committed, and StubHost options ``per_host``) and a caller.
 
     Clock sync stops after 0.1 s of probing (probes with a ``delay`` never
@@ -106,7 +119,7 @@ def _rig(states: Sequence[str] = (), deadman: float = 30.0, **per_host: Any) -> 
     }
     hosts = stub_hosts(PLACEMENT, clock, **options)
     policy = SyncPolicy(limit=0.1)
-    caller = GroupCaller(_group(), hosts, clock=clock, sync_policy=policy, deadman=deadman)
+    caller = GroupCaller(group or _group(), hosts, clock=clock, sync_policy=policy, deadman=deadman)
     return Rig(clock, hosts, caller)
 
 
@@ -322,6 +335,35 @@ def test_restore_verifies_deep_only_when_asked() -> None:
         assert {vm: n for vm, n in stub.generation.items()} == {vm: 2 for vm in stub.generation}
 
 
+def test_restore_sets_guest_clocks_from_the_callers_clock_unless_kept() -> None:
+    """The switch-over asks every host to set its guests' wall clocks, from the caller's clock.
+
+    Each host gets the resume instant on its own clock, but true time as the
+    caller's clock at that instant: the same on every host (h2's clock is
+    2.5 s ahead, h3's 1.25 s behind). A VM the group file keeps on its saved
+    time (``guest_time = "saved"``) is not asked for; the report says so, and
+    gives the others' corrections. A save asks for none.
+    """
+    group = _group()
+    w1 = group.vms["w1"].model_copy(update={"guest_time": "saved"})
+    rig = _rig(states=["base"], group=group.model_copy(update={"vms": {**group.vms, "w1": w1}}))
+    report = run(rig.caller.restore("base"))
+    resume = rig.common("resume", "at")
+    asked = {h: stub.args("resume")[-1]["guest_time"] for h, stub in rig.hosts.items()}
+    assert {h: g.vms for h, g in asked.items()} == {"h1": ("p1", "p2"), "h2": ("s1",), "h3": ()}
+    assert {h: g.true_at for h, g in asked.items()} == pytest.approx(dict.fromkeys(asked, resume))
+    clocks = {v.name: (v.clock_correction_ms, v.clock_note) for v in report.vms}
+    assert clocks == {
+        "p1": (GUEST_BEHIND_MS, ""),
+        "p2": (GUEST_BEHIND_MS, ""),
+        "s1": (GUEST_BEHIND_MS, ""),
+        "w1": (None, 'the saved time kept (guest_time = "saved")'),
+    }
+    assert report.to_json()["vms"][0]["clock_correction_ms"] == GUEST_BEHIND_MS
+    run(rig.caller.save("snap"))
+    assert [a.get("guest_time") for a in rig.hosts["h1"].args("resume")[1:]] == [None]
+
+
 def test_budget_refusal_touches_nothing() -> None:
     """Clock error that could break the skew budget refuses the save with the figures.
 
@@ -415,7 +457,7 @@ def test_restore_commit_failure_names_the_state_and_what_it_means() -> None:
     for stub in rig.hosts.values():
         assert stub.called() == ["states", "verify_state", "prepare_restore", "resume", "commit"]
     (op,) = rig.hosts["h1"].operations
-    resumed = [OpPhase.OPEN, OpPhase.PREPARED, OpPhase.RESUMED]
+    resumed = [OpPhase.OPEN, OpPhase.PREPARED, OpPhase.SWITCHED, OpPhase.RESUMED]
     assert rig.hosts["h1"].history(op) == [*resumed, OpPhase.COMMITTED]
     assert rig.hosts["h2"].history(op) == resumed
     assert rig.hosts["h2"].open and not rig.hosts["h1"].open

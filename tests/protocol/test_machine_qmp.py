@@ -11,33 +11,41 @@ history, and what reached the stub where that is the point.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import pytest
 from qemu.qmp import ExecInterruptedError, ExecuteError
 
-from lockstep.errors import QemuStartError, QmpError, VmError
-from lockstep.group import VmSpec
+from lockstep.errors import QemuStartError, QmpError, VmError, VmStateError
+from lockstep.execd.clock import ExecdClock
+from lockstep.execd.fault import Fault
+from lockstep.execd.host import Host
+from lockstep.execd.inject import FaultBook
+from lockstep.execd.instants import resume_at
+from lockstep.execd.journal import Journal
+from lockstep.execd.model import ExecdConfig
+from lockstep.execd.qemu_driver import QemuDriver
+from lockstep.execd.vms import HostVm, VmRegistry, VmRuntime
+from lockstep.group import NicSpec
+from lockstep.store import StateStore
 from lockstep.vm.machine import Machine, VmRunstate
 from tests.helpers.loop import longest_stall
-from tests.helpers.qmp_stub import Script, Split, Step, StubProcess, event, stub_process
+from tests.helpers.qmp_stub import Script, Split, Step, event
 from tests.helpers.rpc import run
+from tests.helpers.stub_qemu import LIMIT, SPEC, StubQemu, attached, status
 
 T = TypeVar("T")
 V = VmRunstate
 
-SPEC = VmSpec(name="p1", host="h1", kernel=Path("/boot/vmlinuz"))
 # QEMU's own instants: years before the test runs, so never a reply's arrival time.
 STOP = event("STOP", 1_700_000_000, 123_456)
 RESUME = event("RESUME", 1_700_000_001, 654_321)
 QUICK = 0.5  # s: the command timeout where a test waits for it to pass
-LIMIT = 30.0  # s: no scenario may take longer (a hang fails the test, not the run)
 CRASH = "qemu-system-x86_64: ../system/cpus.c:504: qemu_mutex_lock_iothread_impl: Assertion failed."
 STREAM = "QEVM\x00\x00\x00\x03 device state and RAM, as QEMU writes it"
 SPLITS: list[Split] = ["whole", "coalesce", "bytes", "random"]
@@ -49,55 +57,6 @@ def migration_caps(ignore_shared: bool | None) -> tuple[Step, ...]:
     if ignore_shared is not None:
         caps.append({"capability": "x-ignore-shared", "state": ignore_shared})
     return (Step(returns=caps),)
-
-
-class StubQemu(Protocol):
-    """Starts a stub QEMU for VM p1 and returns a Machine (not yet attached) for it."""
-
-    def __call__(
-        self, script: Script, *, command_timeout: float = ...
-    ) -> tuple[Machine, StubProcess]: ...
-
-
-@pytest.fixture
-def qemu(tmp_path: Path) -> Iterator[StubQemu]:
-    """Factory of stub QEMU processes, each with its Machine; every stub is killed at the end."""
-    with contextlib.ExitStack() as stubs:
-
-        def start(script: Script, *, command_timeout: float = 5.0) -> tuple[Machine, StubProcess]:
-            machine = Machine(SPEC, tmp_path / SPEC.name, command_timeout=command_timeout)
-            paths = machine.paths
-            paths.rundir.mkdir(parents=True, exist_ok=True)
-            stub = stubs.enter_context(
-                stub_process(
-                    script,
-                    qmp=paths.qmp,
-                    pidfile=paths.pidfile,
-                    stderr=paths.stderr,
-                    log=paths.rundir / "stub.jsonl",
-                )
-            )
-            return machine, stub
-
-        yield start
-
-
-def attached(machine: Machine, body: Callable[[], Awaitable[T]]) -> T:
-    """Attach ``machine``, run ``body`` and always kill the VM, in one bounded event loop."""
-
-    async def scenario() -> T:
-        await machine.attach()
-        try:
-            return await body()
-        finally:
-            await machine.kill()
-
-    return run(scenario(), LIMIT)
-
-
-def status(name: str) -> tuple[Step, ...]:
-    """query-status answered as QEMU answers it, with ``name`` as its status."""
-    return (Step(returns={"status": name, "singlestep": False, "running": name == "running"}),)
 
 
 def plain(machine: Machine) -> Callable[[], Awaitable[VmRunstate]]:
@@ -352,6 +311,72 @@ def test_quit_of_a_qemu_that_never_answers_kills_it_in_time(qemu: StubQemu) -> N
     assert machine.history == [V.NEW, V.STARTING, V.RUNNING, V.GONE]
 
 
+# --- announce, right after a resume -------------------------------------------------
+
+
+def test_announce_asks_qemu_for_a_migrations_announcement(qemu: StubQemu) -> None:
+    """announce() sends announce-self with the rounds QEMU uses after a migration.
+
+    A paused VM is refused before anything reaches QEMU: its guest could not
+    answer QEMU's request to announce itself.
+    """
+    script = {"query-status": status("paused"), "cont": (Step(after=(RESUME,)),)}
+    machine, stub = qemu(Script({**script, "announce-self": (Step(),)}))
+
+    async def scenario() -> None:
+        with pytest.raises(VmStateError, match="VM p1 is paused; this needs it running"):
+            await machine.announce()
+        await machine.resume()
+        await machine.announce()
+
+    attached(machine, scenario)
+    sent = [c for c in stub.commands() if c["execute"] == "announce-self"]
+    assert stub.names()[-2:] == ["cont", "announce-self"]
+    assert sent[0]["arguments"] == {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+
+
+def _stub_vm(machine: Machine, tmp_path: Path) -> tuple[Host, HostVm]:
+    """An execd host with one VM, driven by ``machine`` (a stub QEMU), with one NIC."""
+    config = ExecdConfig(host="h1", root=tmp_path / "root")
+    store = StateStore(config.root)
+    vms = VmRegistry(config, store)
+    journal = Journal(config.root / "ops")
+    host = Host(config, ExecdClock(), store, vms, journal, Fault(), FaultBook("h1", vms), dict)
+    spec = SPEC.model_copy(
+        update={"nics": [NicSpec(network="lan", mac="52:54:00:00:00:01", bridge="lsvm")]}
+    )
+    vm = HostVm(VmRuntime(spec, "lab", ["tap0"]), machine, machine.paths.rundir, QemuDriver(host))
+    vms.register(vm)
+    return host, vm
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["announced", "qemu-refuses"])
+def test_resume_announces_the_vms_after_they_resumed(
+    qemu: StubQemu, tmp_path: Path, caplog: pytest.LogCaptureFixture, refused: bool
+) -> None:
+    """The execd's resume sends announce-self once the VM runs, never before its cont.
+
+    A QEMU that refuses it (one without announce-self) costs a warning, not
+    the resume: the VM runs and its report has its resume instant.
+    """
+    answer = Step(error=("CommandNotFound", "The command announce-self has not been found"))
+    script = Script(
+        {
+            "query-status": status("paused"),
+            "cont": (Step(after=(RESUME,)),),
+            "announce-self": (answer if refused else Step(),),
+        }
+    )
+    machine, stub = qemu(script)
+    host, vm = _stub_vm(machine, tmp_path)
+
+    reports = attached(machine, lambda: resume_at(host, [vm], None))
+    assert stub.names() == ["qmp_capabilities", "query-status", "cont", "announce-self"]
+    assert reports[0].resumed_at == pytest.approx(1_700_000_001.654321, abs=1e-6)
+    warned = [r.message for r in caplog.records if "not announced" in r.message]
+    assert len(warned) == (1 if refused else 0)
+
+
 # --- memory ------------------------------------------------------------------------
 
 
@@ -495,9 +520,11 @@ def test_failed_save_carries_qemus_reason(qemu: StubQemu, tmp_path: Path) -> Non
 def test_load_memory_feeds_qemu_the_file(qemu: StubQemu, tmp_path: Path) -> None:
     """load_memory() hands an incoming QEMU the saved file and waits for the load to complete.
 
-    In order: getfd naming the passed descriptor, migration set up, then
-    migrate-incoming from fd:memfile and query-migrate until completed. QEMU
-    read exactly the file through the descriptor, and the VM is paused.
+    In order: getfd naming the passed descriptor, migration set up, QEMU's
+    own announcement of the loaded VM turned off (a prepared VM must not
+    speak on the network before its resume), then migrate-incoming from
+    fd:memfile and query-migrate until completed. QEMU read exactly the file
+    through the descriptor, and the VM is paused.
     """
     source = tmp_path / "p1.mem"
     source.write_text(STREAM)
@@ -514,11 +541,14 @@ def test_load_memory_feeds_qemu_the_file(qemu: StubQemu, tmp_path: Path) -> None
         "getfd",
         "query-migrate-capabilities",
         "migrate-set-parameters",
+        "migrate-set-parameters",
         "migrate-incoming",
         "query-migrate",
         "query-migrate",
     ]
     sent = {c["execute"]: c for c in stub.commands()}
+    params = [c["arguments"] for c in stub.commands() if c["execute"] == "migrate-set-parameters"]
+    assert {"announce-rounds": 0} in params
     assert sent["migrate-incoming"]["arguments"] == {"uri": "fd:memfile"}
     assert sent["migrate-incoming"]["read"] == STREAM
 

@@ -96,6 +96,30 @@ def test_cli_refuses_bad_state_names(
 
 
 @pytest.mark.parametrize(
+    ("command", "sentence"),
+    [
+        (["kill", "../x"], "lockstep: group g has no VM '../x' (its VMs: p1)"),
+        (["loss", "p1;rm", "5"], "lockstep: group g has no VM 'p1;rm' (its VMs: p1)"),
+        (["partition", "p1", "$(x)"], "lockstep: '$(x)' is no VM or host of group g (VMs: p1;"),
+        (["heal", "../x"], "lockstep: fault name '../x' is not allowed"),
+    ],
+)
+def test_cli_fault_commands_refuse_unknown_and_bad_names(
+    tmp_path: Path, pki: Pki, command: list[str], sentence: str
+) -> None:
+    """`lockstep fault` refuses a name the group lacks, or a bad fault id, in one sentence, before any RPC.
+
+    The group's one host listens nowhere: had a call been made, the sentence
+    would say it is unreachable.
+    """
+    group = _cli_group(tmp_path, pki)
+    result = CliRunner().invoke(main, ["-g", str(group), "fault", *command])
+    assert result.exit_code == 1, result.output
+    assert result.output.count("lockstep:") == 1, result.output
+    assert " ".join(result.output.split()).startswith(sentence), result.output
+
+
+@pytest.mark.parametrize(
     ("section", "key"),
     [("vms", "../p1"), ("vms", "p1;reboot"), ("hosts", "h1\n"), ("networks", "$(x)")],
 )

@@ -35,7 +35,24 @@ from lockstep.errors import (
     VmError,
 )
 from lockstep.execd.api import ExecdApi
-from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
+from lockstep.execd.model import (
+    FaultAction,
+    FaultReply,
+    FaultVm,
+    Freeze,
+    GuestTime,
+    Heal,
+    HeldFault,
+    Kill,
+    ListFaults,
+    Loss,
+    Partition,
+    ProbeReply,
+    SaveProgress,
+    StateInfo,
+    VmReport,
+    VmStatus,
+)
 from lockstep.group import VmSpec
 from lockstep.rpc import (
     CALLS,
@@ -59,6 +76,10 @@ from tests.helpers.rpc import LOOPBACK, Pki, free_port, run, serving
 STATUS = [VmStatus("p1", "running", pid=11, layer="l-1", state="s0"), VmStatus("s1", "paused")]
 STATES = [StateInfo("s0", "h1", "2026-11-26T05:00:00Z", vms=["p1", "s1"])]
 MANIFEST = {"name": "s1", "vms": {"p1": {"layer": "l-1"}}, "complete": True}
+HELD = [
+    HeldFault("freeze-1", "freeze", ["p1"], "p1 paused", seconds_left=2.5),
+    HeldFault("loss-2", "loss", [], "30 % of the frames to and from s1 dropped at random"),
+]
 # Two NICs' pcap files, the first in three chunks (the middle one 3 MiB).
 FRAME_CHUNKS = [
     ("p1.nic0.pcap", b"A" * 1000),
@@ -98,7 +119,7 @@ class StubApi:
         self._record("down", list(vms))
         return [VmStatus(name, "shutdown") for name in vms]
 
-    def status(self) -> list[VmStatus]:
+    async def status(self) -> list[VmStatus]:
         self._record("status")
         return list(STATUS)
 
@@ -131,9 +152,13 @@ class StubApi:
         await asyncio.sleep(self.delay)
         return [VmReport("p1", frames_held=7)]
 
-    async def resume(self, op: str, at: float) -> list[VmReport]:
-        self._record("resume", op, at)
-        return [VmReport("p1", resumed_at=at, frames_delivered=7)]
+    async def resume(
+        self, op: str, at: float, guest_time: GuestTime | None = None
+    ) -> list[VmReport]:
+        self._record("resume", op, at, guest_time)
+        if guest_time is not None:
+            return [VmReport("p1", resumed_at=at, clock_correction_ms=0.0, clock_note="")]
+        return [VmReport("p1", resumed_at=at, frames_delivered=7, clock_note="no guest agent")]
 
     async def stop(self, op: str) -> list[VmReport]:
         self._record("stop", op)
@@ -156,6 +181,10 @@ class StubApi:
         self._record("prepare_restore", op, state, deadline)
         return [VmReport("p1", memory_bytes=1024)]
 
+    async def switch(self, op: str, at: float) -> list[VmReport]:
+        self._record("switch", op, at)
+        return [VmReport("p1", paused_at=at)]
+
     def states(self) -> list[StateInfo]:
         self._record("states")
         return list(STATES)
@@ -175,6 +204,10 @@ class StubApi:
     def state_frames(self, name: str, vm: str) -> Iterator[tuple[str, bytes]]:
         self._record("state_frames", name, vm)
         return iter(FRAME_CHUNKS)
+
+    async def inject_fault(self, group: str, fault_id: str, action: FaultAction) -> FaultReply:
+        self._record("inject_fault", group, fault_id, action)
+        return FaultReply(did=[f"{type(action).__name__} {fault_id}"], held=list(HELD))
 
 
 def _is_execd_api(api: ExecdApi) -> ExecdApi:
@@ -233,7 +266,11 @@ def test_every_unary_call_round_trips(pki: Pki) -> None:
             ]
             assert await c.drain("op-1", 0.2, 3.0) == [VmReport("p1", frames_held=7)]
             assert await c.resume("op-1", 200.0) == [
-                VmReport("p1", resumed_at=200.0, frames_delivered=7)
+                VmReport("p1", resumed_at=200.0, frames_delivered=7, clock_note="no guest agent")
+            ]
+            # A correction of 0.0 stays 0.0 (not "unset"); the guest time arrives whole.
+            assert await c.resume("op-5", 201.0, GuestTime(1.5e9, ("p1", "s1"))) == [
+                VmReport("p1", resumed_at=201.0, clock_correction_ms=0.0)
             ]
             assert await c.stop("op-1") == [VmReport("p1")]
             assert await c.commit("op-1") == StateInfo(
@@ -256,7 +293,7 @@ def test_every_unary_call_round_trips(pki: Pki) -> None:
     # The adapter reads the execd's clock (from_wall, not probe: a fault armed on
     # probes must not slow other calls) to refuse instants too far ahead.
     assert names == [
-        "probe", "up", "down", "status", "pause", "drain", "resume", "stop",
+        "probe", "up", "down", "status", "pause", "drain", "resume", "resume", "stop",
         "commit", "commit", "abort", "abort", "extend", "prepare_restore", "states",
         "state_show", "verify_state", "state_delete",
     ]  # fmt: skip
@@ -264,6 +301,11 @@ def test_every_unary_call_round_trips(pki: Pki) -> None:
     assert calls["up"] == ("lab", [_spec("p1"), _spec("s1")])
     assert calls["pause"] == ("op-1", "s1", 100.5, ["p1"], 130.0)
     assert calls["drain"] == ("op-1", 0.2, 3.0)
+    resumes = [call for call in api.calls if call[0] == "resume"]
+    assert resumes == [
+        ("resume", ("op-1", 200.0, None)),
+        ("resume", ("op-5", 201.0, GuestTime(1.5e9, ("p1", "s1")))),
+    ]
     aborts = [call for call in api.calls if call[0] == "abort"]
     assert aborts == [("abort", ("op-2", None)), ("abort", ("op-3", 0.0))]
     assert calls["extend"] == ("op-1", 160.0)
@@ -349,6 +391,35 @@ def test_state_frames_of_a_missing_state_is_not_found(pki: Pki) -> None:
     with pytest.raises(RemoteError, match="has no VM 'p1'") as info:
         run(body())
     assert (info.value.code, info.value.kind) == ("NOT_FOUND", "StateNotFound")
+
+
+def test_inject_fault_carries_every_action_and_the_reply(pki: Pki) -> None:
+    """Each fault action reaches the service as sent (MACs and sides in order); replies come back.
+
+    A freeze's ``seconds_left`` stays optional: a held fault without one (a
+    loss) comes back with None, not 0.
+    """
+    api = StubApi()
+    side_a = (FaultVm("p1", ("52:54:00:00:00:01", "52:54:00:00:01:01")), FaultVm("p2", ()))
+    side_b = (FaultVm("s1", ("52:54:00:00:00:03",)),)
+    actions: list[tuple[str, FaultAction]] = [
+        ("kill-1", Kill("p1")),
+        ("freeze-1", Freeze("p1", 2.5)),
+        ("partition-1", Partition(side_a, side_b)),
+        ("loss-1", Loss("s1", 30)),
+        ("", Heal(("loss-1", "freeze-1"))),
+        ("", Heal()),
+        ("", ListFaults()),
+    ]
+
+    async def body() -> list[FaultReply]:
+        async with connected(api, pki) as c:
+            return [await c.inject_fault("lab", fid, action) for fid, action in actions]
+
+    replies = run(body())
+    assert api.calls == [("inject_fault", ("lab", fid, action)) for fid, action in actions]
+    assert [r.held for r in replies] == [HELD] * len(actions)
+    assert replies[1].did == ["Freeze freeze-1"]
 
 
 def test_proto_table_client_adapter_and_service_agree() -> None:
@@ -505,6 +576,10 @@ BAD_INPUTS: list[tuple[str, Any, str, str]] = [
     ("Pause", pb.PauseRequest(op="o", state="s", at=1e12, deadline=2e12), "s ahead of this execd's clock", "ValueError"),
     ("Resume", pb.ResumeRequest(op="op-1", at=math.inf), "at must be a finite", "ValueError"),
     ("Resume", pb.ResumeRequest(op="op-1", at=1e12), "at most 600 s ahead", "ValueError"),
+    ("Resume", pb.ResumeRequest(op="op-1", at=1, set_guest_time=["p1", "../x"]), "VM name '../x'", "InvalidName"),
+    ("Resume", pb.ResumeRequest(op="op-1", at=1, set_guest_time=["p1"], true_at=NAN), "true_at must be a finite", "ValueError"),
+    ("Switch", pb.ResumeRequest(op="op-1", at=math.inf), "at must be a finite", "ValueError"),
+    ("Switch", pb.ResumeRequest(op="../op", at=1), "operation name", "InvalidName"),
     ("Drain", pb.DrainRequest(op="op-1", quiet=-1, limit=2), "quiet must be", "ValueError"),
     ("Drain", pb.DrainRequest(op="op-1", quiet=1, limit=NAN), "limit must be", "ValueError"),
     ("Abort", pb.AbortRequest(op="op-1", resume_at=NAN), "resume_at must be a finite", "ValueError"),
@@ -526,6 +601,22 @@ BAD_INPUTS: list[tuple[str, Any, str, str]] = [
     ("SaveMemory", pb.SaveMemoryRequest(op="../op"), "operation name", "InvalidName"),
     ("StateFrames", pb.StateFramesRequest(name="s/1", vm="p1"), "state name 's/1'", "InvalidName"),
     ("StateFrames", pb.StateFramesRequest(name="s1", vm="p1 p2"), "VM name 'p1 p2'", "InvalidName"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="kill-1"), "names no action", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="../g", list=pb.Empty()), "group name '../g'", "InvalidName"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="a/b", kill=pb.KillFault(vm="p1")), "fault name 'a/b'", "InvalidName"),
+    ("InjectFault", pb.FaultRequest(group="lab", kill=pb.KillFault(vm="p1")), "fault name ''", "InvalidName"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="k", kill=pb.KillFault(vm="p1;x")), "VM name 'p1;x'", "InvalidName"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="f", freeze=pb.FreezeFault(vm="p1", seconds=NAN)), "seconds must be a finite", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="f", freeze=pb.FreezeFault(vm="p1")), "lasts more than 0", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="f", freeze=pb.FreezeFault(vm="p1", seconds=1e6)), "at most 3600 s", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="l", loss=pb.LossFault(vm="p1")), "of the frames, not 0 %", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="l", loss=pb.LossFault(vm="p1", percent=101)), "not 101 %", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="p", partition=pb.PartitionFault(b=[pb.FaultVm(name="s1")])), "side a of the partition names no VM", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="p", partition=pb.PartitionFault(a=[pb.FaultVm(name="p1")], b=[pb.FaultVm(name="p1")])), "listed twice", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="p", partition=pb.PartitionFault(a=[pb.FaultVm(name="p1", macs=["52:54:00:00:00:1"])], b=[pb.FaultVm(name="s1")])), "is not a MAC address", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="p", partition=pb.PartitionFault(a=[pb.FaultVm(name="p1")], b=[pb.FaultVm(name="s1", macs=["01:00:5e:00:00:01"])])), "multicast MAC", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", id="heal-1", heal=pb.HealFaults()), "names its faults in ids", "ValueError"),
+    ("InjectFault", pb.FaultRequest(group="lab", heal=pb.HealFaults(ids=["x\n"])), "fault name 'x\\n'", "InvalidName"),
 ]  # fmt: skip
 
 

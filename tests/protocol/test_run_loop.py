@@ -90,10 +90,17 @@ def test_a_case_never_runs_on_a_group_that_could_not_be_put_back(tmp_path: Path)
 
 
 def test_ctrl_c_stops_the_case_and_puts_the_group_back(tmp_path: Path) -> None:
-    """Cancelled mid-case (Ctrl-C), the run stops the case, restores once more, and says so."""
+    """Cancelled mid-case (Ctrl-C), the run stops the case, restores once more, and says so.
+
+    The case is reported as interrupted, with what it printed before; the next
+    case never runs.
+    """
     caller, hosts = _caller()
     started = tmp_path / "started"
-    cases = [_case(tmp_path, "long", f"touch {started}; sleep 60"), _case(tmp_path, "next", "true")]
+    cases = [
+        _case(tmp_path, "long", f"echo 'action: wait'; touch {started}; sleep 60"),
+        _case(tmp_path, "next", "true"),
+    ]
 
     async def interrupt() -> object:
         task = asyncio.create_task(
@@ -106,7 +113,10 @@ def test_ctrl_c_stops_the_case_and_puts_the_group_back(tmp_path: Path) -> None:
 
     result = asyncio.run(interrupt())
     assert result.interrupted  # type: ignore[attr-defined]
-    assert result.cases == []  # type: ignore[attr-defined]
+    (case,) = result.cases  # type: ignore[attr-defined]
+    assert (case.name, case.status) == ("long", "interrupted")
+    assert case.message.startswith("case long was stopped by Ctrl-C after")
+    assert [line.text for line in case.output] == ["action: wait"]
     assert _restores(hosts) == 2, "one restore for the case, one to put the group back"
 
 

@@ -143,6 +143,24 @@ def test_argv_sockets_logs_and_accel() -> None:
     assert _opt(argv, "-m") == ["256M"]
 
 
+def test_argv_gives_every_vm_a_guest_agent_port_after_its_other_devices() -> None:
+    """A virtio-serial port named org.qemu.guest_agent.0 on a socket in the run dir, last.
+
+    Coming after the disks and the NICs, it leaves their PCI slots where they
+    always were.
+    """
+    argv = qemu_argv(
+        _spec(), VmPaths(Path("/run/p1")), drives=[Drive(Path("/l"), "qcow2")], taps=["t"]
+    )
+    assert "socket,id=agent,path=/run/p1/agent.sock,server=on,wait=off" in _opt(argv, "-chardev")
+    devices = _opt(argv, "-device")
+    assert devices[-2:] == [
+        "virtio-serial-pci,id=vser0",
+        "virtserialport,bus=vser0.0,chardev=agent,name=org.qemu.guest_agent.0,id=agent0",
+    ]
+    assert devices[0].startswith("virtio-blk-pci") and devices[1].startswith("virtio-net-pci")
+
+
 def test_argv_escapes_commas_in_paths() -> None:
     """A comma in a path is doubled so QEMU's option parser keeps it in the value."""
     argv = qemu_argv(

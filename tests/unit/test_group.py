@@ -264,3 +264,32 @@ def test_libvirt_domain_needs_only_its_host_and_takes_the_hosts_uri() -> None:
     bad_uri = _group()
     bad_uri["hosts"]["h1"]["libvirt"] = "system"
     _fails(bad_uri, r"hosts\.h1\.libvirt: 'system' is not a libvirt URI")
+
+
+def test_guest_time_is_the_groups_unless_a_vm_says() -> None:
+    """Each VM's guest_time: "true" by default, else the group's, else its own."""
+    vms = {
+        "p1": {"host": "h1", "kernel": "/k"},
+        "s1": {"host": "h2", "kernel": "/k", "guest_time": "true"},
+    }
+    plain = parse_group(_group(**vms), "g.toml", check_files=False)
+    assert {n: v.guest_time for n, v in plain.vms.items()} == {"p1": "true", "s1": "true"}
+    kept = parse_group({**_group(**vms), "guest_time": "saved"}, "g.toml", check_files=False)
+    assert kept.guest_time == "saved"
+    assert {n: v.guest_time for n, v in kept.vms.items()} == {"p1": "saved", "s1": "true"}
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "shown"),
+    [("group", True, "true"), ("group", "now", "'now'"), ("vm", "host", "'host'")],
+)
+def test_bad_guest_time_says_what_it_may_be(where: str, value: object, shown: str) -> None:
+    """A guest_time that is neither "true" nor "saved" (a TOML boolean too) is one sentence."""
+    if where == "group":
+        data, key = {**_group(), "guest_time": value}, "guest_time"
+    else:
+        data, key = (
+            _group(p1={"host": "h1", "kernel": "/k", "guest_time": value}),
+            "vms.p1.guest_time",
+        )
+    _fails(data, rf'^g\.toml: {key}: is {shown}; it must be "true" .* or "saved" .*, in quotes$')

@@ -83,14 +83,17 @@ async def pong_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
 
 
 def test_parse_answer_skips_noise_and_echo() -> None:
-    """Only JSON objects with an int id and pong or (int rc, str out) count as answers."""
+    """Only JSON objects with an int id and pong, int clock_ns or (int rc, str out) are answers."""
     assert parse_answer(b'{"id": 3, "pong": true}\n') == (3, {"id": 3, "pong": True})
+    assert parse_answer(b'{"id": 5, "clock_ns": 17}\n') == (5, {"id": 5, "clock_ns": 17})
     assert parse_answer(b'{"id": 4, "rc": 1, "out": "x"}\r\n') == (
         4,
         {"id": 4, "rc": 1, "out": "x"},
     )
     for noise in (
         b'{"id": 3, "ping": true}\n',  # our own request, echoed
+        b'{"id": 3, "clock": true}\n',
+        b'{"id": 3, "clock_ns": 1.5}\n',
         b'{"id": 3, "sh": "ls", "timeout": 3}\n',
         b'{"id": true, "pong": true}\n',
         b'{"id": 4, "rc": "0", "out": "x"}\n',

@@ -196,9 +196,11 @@ def test_package_list() -> None:
     """Extra packages join the base ones, sorted and de-duplicated; bad names are refused."""
     assert image.package_list(["keepalived", "python3"]) == (
         "iproute2",
+        "iputils-arping",
         "iputils-ping",
         "keepalived",
         "python3",
+        "qemu-guest-agent",
     )
     with pytest.raises(ImageBuildError, match="not Debian package names"):
         image.package_list(["keepalived,evil"])

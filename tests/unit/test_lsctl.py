@@ -41,7 +41,7 @@ class Port:
         os.write(self.master, data)
 
     def answers(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-        """The next ``count`` lines that parse as JSON objects with a "rc" or "pong"."""
+        """The next ``count`` lines that parse as JSON objects with a "rc", "pong" or "clock_ns"."""
         found: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
         while len(found) < count:
@@ -55,7 +55,7 @@ class Port:
             line, self.pending = self.pending.split(b"\n", 1)
             with contextlib.suppress(ValueError):
                 message = json.loads(line)
-                if isinstance(message, dict) and ("rc" in message or "pong" in message):
+                if isinstance(message, dict) and {"rc", "pong", "clock_ns"} & set(message):
                     found.append(message)
         return found
 
@@ -91,6 +91,21 @@ def test_ping_and_command(agent: Port) -> None:
         {"id": 1, "pong": True},
         {"id": 2, "rc": 3, "out": "out\nerr\n"},
     ]
+
+
+def test_clock_is_read_at_once(agent: Port) -> None:
+    """A clock request is answered with the wall clock read between the request and its answer.
+
+    No process is started for it: a slow command still running does not delay it.
+    """
+    agent.send({"id": 8, "sh": "sleep 2", "timeout": 5})
+    before = time.time_ns()
+    agent.send({"id": 9, "clock": True})
+    (answer,) = agent.answers(1)
+    after = time.time_ns()
+    assert answer["id"] == 9
+    assert before <= answer["clock_ns"] <= after
+    assert after - before < 1_000_000_000
 
 
 def test_noise_is_ignored(agent: Port) -> None:
@@ -150,7 +165,10 @@ def test_background_child_does_not_hold_the_answer(agent: Port, tmp_path: Path) 
 
 
 def test_end_to_end_with_guest_control(agent: Port, tmp_path: Path) -> None:
-    """GuestControl talks to the real agent through a unix socket, and again after reconnecting."""
+    """GuestControl talks to the real agent through a unix socket, and again after reconnecting.
+
+    Commands run, and the agent's clock reading lies between the request and its answer.
+    """
 
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """What QEMU's chardev does: socket bytes to the port and back."""
@@ -173,6 +191,8 @@ def test_end_to_end_with_guest_control(agent: Port, tmp_path: Path) -> None:
                     rc, out = await ctl.run("python3 -c 'print(6*7)'", timeout=10)
                     assert (rc, out) == (0, "42\n")
                     assert await ctl.run("exit 7", timeout=10) == (7, "")
+                    sent, guest, received = await ctl.clock(timeout=10)
+                    assert sent <= guest <= received
                     assert (await ctl.run("sleep 5", timeout=0.5))[0] == 124
         finally:
             server.close()

@@ -61,9 +61,9 @@ def test_restore_path_switch_back_and_no_save_phases() -> None:
         if last is OpPhase.RESUMED:
             back.advance(OpPhase.RESUMED)
         back.advance(OpPhase.ABORTED)
+    skip = _restore()
+    skip.advance(OpPhase.PREPARED)
     with pytest.raises(OperationError, match="cannot go from prepared to resumed"):
-        skip = _restore()
-        skip.advance(OpPhase.PREPARED)
         skip.advance(OpPhase.RESUMED)
     with pytest.raises(OperationError, match="cannot go from open to paused"):
         _restore().advance(OpPhase.PAUSED)

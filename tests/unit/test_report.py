@@ -1,10 +1,12 @@
-"""The operation report's derived figures: skews and a restore's switch-over."""
+"""The operation report's derived figures: skews, a restore's switch-over, guest clocks."""
 
 from __future__ import annotations
 
 import pytest
 
+from lockstep.caller.clock import ClockEstimate
 from lockstep.caller.report import OperationReport, VmLine
+from lockstep.execd.model import VmReport
 
 
 def _lines() -> list[VmLine]:
@@ -29,3 +31,18 @@ def test_a_save_or_a_restore_that_replaced_nothing_has_no_switch_over() -> None:
     fresh = [VmLine("p1", "h1", resumed_at=100.0)]
     assert OperationReport("s", "restore", vms=fresh).switch_over_ms is None
     assert OperationReport("s", "restore", vms=fresh).to_json()["switch_over_ms"] is None
+
+
+def test_each_guests_clock_correction_or_why_not_is_in_the_json() -> None:
+    """A step's clock correction (or note) lands on its VM's line; a later step without one keeps it."""
+    report = OperationReport("s", "restore")
+    report.merge(
+        {"h1": [VmReport("p1", clock_correction_ms=61_000.5)]}, {"h1": ClockEstimate(0.0, 0.0, 8)}
+    )
+    report.merge(
+        {"h1": [VmReport("s1", clock_note="no guest agent")]}, {"h1": ClockEstimate(0.0, 0.0, 8)}
+    )
+    report.merge({"h1": [VmReport("p1", frames_held=3)]}, {"h1": ClockEstimate(0.0, 0.0, 8)})
+    vms = {v["name"]: v for v in report.to_json()["vms"]}
+    assert (vms["p1"]["clock_correction_ms"], vms["p1"]["clock_note"]) == (61_000.5, "")
+    assert (vms["s1"]["clock_correction_ms"], vms["s1"]["clock_note"]) == (None, "no guest agent")

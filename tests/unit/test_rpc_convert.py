@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
+from lockstep.execd.model import GuestTime, ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
 from lockstep.group import VmSpec
 from lockstep.rpc import convert
 from lockstep.rpc.generated import execd_pb2 as pb
@@ -66,10 +66,12 @@ def test_vm_status_absent_values_travel_as_zero() -> None:
         frames_held=INT64,
         frames_delivered=INT64,
         frames_dropped=INT64,
+        clock_correction_ms=MAYBE_TIME,
+        clock_note=TEXT,
     )
 )
 def test_vm_report_round_trip(report: VmReport) -> None:
-    """A VM report survives the wire; its optional instants keep None apart from 0.0."""
+    """A VM report survives the wire; its optional instants and correction keep None apart from 0.0."""
     assert convert.vm_report_from_pb(_wire(convert.vm_report_to_pb(report))) == report
 
 
@@ -185,6 +187,17 @@ def test_bad_specs_are_refused_in_one_line(texts: list[str], match: str) -> None
     with pytest.raises(ValueError, match=match) as info:
         convert.specs_from_json(texts)
     assert "\n" not in str(info.value)
+
+
+def test_guest_time_rides_on_the_resume_request() -> None:
+    """The guests whose clock to set and true time arrive whole; none listed is None (a save)."""
+    request = pb.ResumeRequest(op="op-1", at=5.0)
+    convert.guest_time_to_pb(request, GuestTime(1.5e9, ("p1", "s1")))
+    assert convert.guest_time_from_pb(_wire(request)) == GuestTime(1.5e9, ("p1", "s1"))
+    for nothing in (None, GuestTime(1.5e9, ())):
+        bare = pb.ResumeRequest(op="op-1", at=5.0)
+        convert.guest_time_to_pb(bare, nothing)
+        assert convert.guest_time_from_pb(_wire(bare)) is None
 
 
 def test_every_model_field_is_carried() -> None:

@@ -10,11 +10,13 @@ from typing import cast
 from lockstep.execd.clock import ExecdClock
 from lockstep.execd.fault import Fault
 from lockstep.execd.host import Host
+from lockstep.execd.inject import FaultBook
 from lockstep.execd.journal import Journal
 from lockstep.execd.model import ExecdConfig
 from lockstep.execd.ops import OpPhase
+from lockstep.execd.qemu_driver import QemuDriver
 from lockstep.execd.save import SaveOperation
-from lockstep.execd.vms import HostVm, VmRegistry, VmRuntime
+from lockstep.execd.vms import VmRegistry, VmRuntime
 from lockstep.group import VmSpec
 from lockstep.net.freeze import NicFreeze
 from lockstep.store import StateStore
@@ -47,9 +49,10 @@ def test_drain_writes_the_held_frames_without_stalling_the_event_loop(tmp_path: 
     config = ExecdConfig(host="h1", root=tmp_path)
     store = StateStore(tmp_path)
     vms = VmRegistry(config, store)
-    host = Host(config, ExecdClock(), store, vms, Journal(tmp_path / "ops"), Fault(), dict)
+    journal = Journal(tmp_path / "ops")
+    host = Host(config, ExecdClock(), store, vms, journal, Fault(), FaultBook("h1", vms), dict)
     spec = VmSpec(name="p1", host="h1", kernel=Path("/boot/vmlinuz"), memory=256 << 20)
-    vm = HostVm(VmRuntime(spec, "lab", []), vms.machine(spec, vms.home("p1")), vms.home("p1"))
+    vm = QemuDriver(host).new_vm(VmRuntime(spec, "lab", []), vms.home("p1"))
     vm.freeze = cast(NicFreeze, SlowFreeze())
     vms.register(vm)
     op = SaveOperation(host, "op1", "s1", ["p1"], 1e12, staging=store.begin("s1"))

@@ -62,8 +62,8 @@ def _creates(op: Op) -> list[Entry]:
     match op:
         case CreateNetns(name=name):
             return [NetnsEntry(name)]
-        case AddVeth(name=name, peer=peer, peer_netns=ns):
-            return [LinkEntry(name, None), LinkEntry(peer, ns)]
+        case AddVeth(name=name, peer=peer, peer_netns=pns, netns=ns):
+            return [LinkEntry(name, ns), LinkEntry(peer, pns)]
         case AddBridge(name=name, netns=ns) | AddVxlan(name=name, netns=ns):
             return [LinkEntry(name, ns)]
     return []
@@ -123,12 +123,13 @@ class FakeKernel:
                 self._absent(None, name, is_netns=True)
                 self.namespaces.add(name)
                 self.links[(name, "lo")] = FakeLink("loopback")
-            case AddVeth(name=name, peer=peer, peer_netns=pns, mtu=mtu):
+            case AddVeth(name=name, peer=peer, peer_netns=pns, mtu=mtu, netns=ns):
+                self._need_ns(ns)
                 self._need_ns(pns)
-                self._absent(None, name)
+                self._absent(ns, name)
                 self._absent(pns, peer)
-                self.links[(None, name)] = FakeLink("veth", mtu, peer=(pns, peer))
-                self.links[(pns, peer)] = FakeLink("veth", mtu, peer=(None, name))
+                self.links[(ns, name)] = FakeLink("veth", mtu, peer=(pns, peer))
+                self.links[(pns, peer)] = FakeLink("veth", mtu, peer=(ns, name))
             case AddBridge(name=name, netns=ns, mtu=mtu):
                 self._need_ns(ns)
                 self._absent(ns, name)
@@ -249,7 +250,7 @@ def test_link_names_fit_the_kernel_and_are_unique(hosts: int, name: str) -> None
     assert all(len(e.name) <= 15 for e in links)
     assert len({(e.netns, e.name) for e in links}) == len(links)
     namespaces = [e.name for e in objects if isinstance(e, NetnsEntry)]
-    assert len(set(namespaces)) == hosts
+    assert len(set(namespaces)) == hosts + 1  # and the client
     assert all(n.startswith(f"{name}-") for n in namespaces)
     root_links = [e.name for e in links if e.netns is None]
     assert all(n.startswith(f"{name}-") for n in root_links)
@@ -263,7 +264,25 @@ def test_custom_subnets_and_prefix() -> None:
     assert [h.lan_ip for h in plan.hosts] == ["172.30.5.11", "172.30.5.12", "172.30.5.13"]
     assert plan.prefixlen == 27
     adds = [s.op for s in plan_steps(plan) if isinstance(s.op, AddAddress)]
-    assert {a.prefixlen for a in adds} == {27}
+    assert {a.prefixlen for a in adds if a.link != "eth0"} == {27}
+    assert (plan.client.ip, plan.client.prefixlen) == ("192.168.77.2", 26)
+    assert [a.address for a in adds if a.link == "eth0"] == ["192.168.77.2"]
+
+
+def test_the_client_is_outside_the_group_on_the_vm_segment() -> None:
+    """The client: a namespace of its own at .2 of the VM subnet, cabled to h1's VM bridge.
+
+    Neither end of its cable gets an IPv6 link-local address, so it puts no
+    frame of its own on the guests' segment.
+    """
+    plan = plan_lab(3, name="t")
+    c = plan.client
+    assert (c.netns, c.ip, c.prefixlen, c.nic) == ("t-client", "10.124.0.2", 24, "eth0")
+    assert (c.host_netns, c.host_link, c.bridge) == ("t-h1", "client0", "lsvm")
+    cables = [s.op for s in plan_steps(plan) if isinstance(s.op, AddVeth) and s.op.quiet]
+    assert cables == [AddVeth("client0", "eth0", "t-client", 1500, netns="t-h1", quiet=True)]
+    assert SetMaster("client0", "t-h1", "lsvm") in [s.op for s in plan_steps(plan)]
+    assert c.ip not in {vm_ip(plan, i) for i in range(8)}
 
 
 def test_vm_ip_counts_from_11() -> None:
@@ -344,7 +363,7 @@ def test_lab_up_builds_the_topology_recording_first(ledger: Ledger, kernel: Fake
     """lab_up makes the documented topology; the fake checks the file lists each object first."""
     plan = plan_lab(2)
     lab_up(plan, ledger, driver=kernel)
-    assert kernel.namespaces == {"lslab-h1", "lslab-h2"}
+    assert kernel.namespaces == {"lslab-h1", "lslab-h2", "lslab-client"}
     lan = kernel.links[(None, "lslab-lan")]
     assert (lan.kind, lan.up, lan.mtu, lan.addresses) == ("bridge", True, 1550, ["10.123.0.1/24"])
     for h in plan.hosts:
@@ -358,6 +377,11 @@ def test_lab_up_builds_the_topology_recording_first(ledger: Ledger, kernel: Fake
         assert vx0.vxlan == {"vni": 4242, "local": h.lan_ip}
         assert vx0.flood_to == [o.lan_ip for o in plan.hosts if o is not h]
         assert kernel.links[(h.netns, "lsvm")].up
+    cable = kernel.links[("lslab-h1", "client0")]
+    assert (cable.master, cable.up, cable.peer) == ("lsvm", True, ("lslab-client", "eth0"))
+    client = kernel.links[("lslab-client", "eth0")]
+    assert (client.up, client.mtu, client.addresses) == (True, 1500, ["10.124.0.2/24"])
+    assert kernel.links[("lslab-client", "lo")].up
     assert ledger.entries() == plan_objects(plan)
     assert lab_status(plan, driver=kernel).complete
 
@@ -451,6 +475,8 @@ def test_lab_down_goes_in_reverse_and_reports(ledger: Ledger, kernel: FakeKernel
     lab_up(plan_lab(2), ledger, driver=kernel)
     removed = lab_down(ledger, driver=kernel)
     assert kernel.deleted == [
+        "link eth0@lslab-client",
+        "netns lslab-client",
         "link vx0@lslab-h2",
         "link lsvm@lslab-h2",
         "link lan0@lslab-h2",
@@ -461,7 +487,7 @@ def test_lab_down_goes_in_reverse_and_reports(ledger: Ledger, kernel: FakeKernel
         "netns lslab-h1",
         "link lslab-lan@None",
     ]
-    assert removed[0] == "link vx0 in namespace lslab-h2"
+    assert removed[0] == "link eth0 in namespace lslab-client"
     assert removed[-1] == "link lslab-lan in the root namespace"
     assert not ledger.exists()
     assert lab_status(plan_lab(2), driver=kernel).absent

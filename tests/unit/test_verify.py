@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import json
 import sys
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
@@ -425,3 +426,100 @@ def test_verify_command_on_a_missing_lab_says_so(
     assert "Traceback" not in result.output
     bad = CliRunner().invoke(main, ["lab", "verify", "--since", "soon"])
     assert bad.exit_code == 2 and "last-restore" in bad.output
+
+
+# ── the middleware beside the agent (lab up --cluster) ──────────────────────
+
+# Real lines from a 2-VM lab's s1 (Corosync 3.1.7, Pacemaker 2.1.5, keepalived 2.2.7).
+FORMED = "Dec 02 05:58:58.800 notice  [TOTEM ] A new membership (1.9) was formed. Members joined: 1"
+TOKEN_LOSS = (
+    "Dec 02 06:00:43.976 notice  [TOTEM ] A processor failed, forming new configuration:"
+    " token timed out (1000ms), waiting 1200ms for consensus."
+)
+MEMBERSHIP = (
+    "Dec 02 06:00:45.192 notice  [TOTEM ] A new membership (2.d) was formed. Members left: 1"
+)
+TRANSITION = (
+    "Dec 02 06:00:46.508 s1 pacemaker-schedulerd[166] (pcmk__log_transition_summary) \tnotice:"
+    " Calculated transition 2, saving inputs in /var/lib/pacemaker/pengine/pe-input-2.bz2"
+)
+VRRP = "Wed Dec  2 06:00:45 2026: (VI_1) Entering MASTER STATE"
+
+
+def test_the_middlewares_events_are_counted_and_spoil_ok() -> None:
+    """Corosync, Pacemaker and keepalived lines among the agent's: counted by kind, with their lines."""
+    p1, s1 = booted("p1"), booted("s1")
+    for line in (TOKEN_LOSS, MEMBERSHIP, TRANSITION, VRRP):
+        s1.noise(line)
+    s1.say("role", role="standby")
+    report = analyse("lab", PAIR, {"p1": p1.text(), "s1": s1.text()}, cluster="pacemaker")
+    d = report.to_json()
+    assert d["cluster"] == "pacemaker"
+    assert (d["token_losses"], d["membership_changes"], d["pacemaker_transitions"]) == (1, 1, 1)
+    assert (d["vrrp_changes"], d["resource_moves"], d["token_warnings"]) == (1, 0, 0)
+    assert d["middleware"]["token_losses"] == [{"vm": "s1", "line": TOKEN_LOSS}]
+    assert d["transitions"] == 0 and d["ok"] is False
+    assert analyse("lab", PAIR, {"p1": p1.text(), "s1": booted("s1").text()}).ok
+
+
+def test_the_middleware_counts_from_where_it_had_formed() -> None:
+    """What Corosync logged while forming (before ``middleware_from``) is not counted."""
+    s1 = booted("s1")
+    s1.noise(FORMED)
+    start = len(s1.text())
+    s1.say("role", role="standby")
+    s1.noise(MEMBERSHIP)
+    logs = {"p1": booted("p1").text(), "s1": s1.text()}
+    whole = analyse("lab", PAIR, logs).middleware.count("membership_changes")
+    formed = analyse("lab", PAIR, logs, middleware_from={"s1": start})
+    assert (whole, formed.middleware.count("membership_changes")) == (2, 1)
+
+
+def test_since_last_restore_counts_the_middleware_after_it_once() -> None:
+    """A token loss before the restore is not counted; written out again by the restore, still not."""
+    p1, s1 = booted("p1"), booted("s1")
+    saved = {g.vm: g.save() for g in (p1, s1)}
+    s1.noise(TOKEN_LOSS)  # in the serial buffer at the save...
+    for g in (p1, s1):
+        g.say("role", role="primary" if g is p1 else "standby")
+        g.restore(saved[g.vm])
+        g.say("role", role="primary" if g is p1 else "standby")
+    s1.noise(TOKEN_LOSS)  # ...written out once more after the restore
+    s1.noise(VRRP)
+    logs = {"p1": p1.text(), "s1": s1.text()}
+    report = analyse("lab", PAIR, logs, Since(LAST_RESTORE))
+    assert report.middleware.count("token_losses") == 0
+    assert report.middleware.count("vrrp_changes") == 1
+    assert analyse("lab", PAIR, logs).middleware.count("token_losses") == 1
+
+
+def test_since_time_uses_the_daemons_own_stamps() -> None:
+    """--since TIME: a middleware line counts when its own stamp (guest time, UTC) is TIME or later."""
+    s1 = booted("s1")
+    for line in (TOKEN_LOSS, MEMBERSHIP):
+        s1.noise(line)
+    logs = {"p1": booted("p1").text(), "s1": s1.text()}
+    between = datetime(2026, 12, 2, 6, 0, 44, tzinfo=UTC).timestamp()
+    report = analyse("lab", PAIR, logs, Since("time", between))
+    assert report.middleware.count("token_losses") == 0
+    assert report.middleware.count("membership_changes") == 1
+
+
+def test_verify_reads_the_cluster_and_its_formed_marks_from_lab_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keepalived lab on disk: only what came after the cluster_marks counts; the kind is reported."""
+    monkeypatch.setenv("LOCKSTEP_STATE", str(tmp_path))
+    p1, s1 = booted("p1"), booted("s1")
+    s1.noise("Wed Dec  2 05:59:50 2026: (VI_1) Entering BACKUP STATE (init)")
+    formed = {"p1": len(p1.text()), "s1": len(s1.text())}
+    s1.noise(VRRP)
+    _lab_on_disk(tmp_path, "lsvk", {"p1": p1.text(), "s1": s1.text()})
+    info_path = tmp_path / "lab" / "lsvk" / "data" / "lab.json"
+    info = json.loads(info_path.read_text())
+    info["options"]["cluster"] = {"kind": "keepalived"}
+    info["cluster_marks"] = formed
+    info_path.write_text(json.dumps(info))
+    report = verify_lab("lsvk")
+    assert report.cluster == "keepalived"
+    assert [e.line for e in report.middleware.events["vrrp_changes"]] == [VRRP]

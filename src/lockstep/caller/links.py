@@ -15,7 +15,16 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 from lockstep.caller.sync import ProbePath
 from lockstep.errors import LockstepError
-from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
+from lockstep.execd.model import (
+    FaultAction,
+    FaultReply,
+    GuestTime,
+    ProbeReply,
+    SaveProgress,
+    StateInfo,
+    VmReport,
+    VmStatus,
+)
 from lockstep.group import VmSpec
 from lockstep.store import Verified
 
@@ -39,7 +48,9 @@ class HostLink(Protocol):
         self, op: str, keep_running: bool, progress: Callable[[SaveProgress], None] | None
     ) -> list[VmReport]: ...
     async def drain(self, op: str, quiet: float, limit: float) -> list[VmReport]: ...
-    async def resume(self, op: str, at: float) -> list[VmReport]: ...
+    async def resume(
+        self, op: str, at: float, guest_time: GuestTime | None = None
+    ) -> list[VmReport]: ...
     async def stop(self, op: str) -> list[VmReport]: ...
     async def commit(self, op: str) -> StateInfo | None: ...
     async def abort(self, op: str, resume_at: float | None) -> list[VmReport]: ...
@@ -51,6 +62,7 @@ class HostLink(Protocol):
     async def verify_state(self, name: str, deep: bool) -> Verified: ...
     async def state_delete(self, name: str) -> list[str]: ...
     async def state_frames(self, name: str, vm: str) -> list[tuple[str, bytes]]: ...
+    async def inject_fault(self, group: str, fault_id: str, action: FaultAction) -> FaultReply: ...
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,9 @@ class Options:
 
     ``stop``: destroy the VMs after a save; ``quiet`` and ``drain_limit``: the
     drain's quiet time and bound (s); ``force``: go on despite noisy clocks;
-    ``verify``: a restore checks the hash of the guests' RAM too.
+    ``verify``: a restore checks the hash of the guests' RAM too;
+    ``set_guest_time``: the VMs whose guest wall clock a restore sets to true
+    time (the others keep the saved time).
     """
 
     stop: bool = False
@@ -69,6 +71,7 @@ class Options:
     drain_limit: float = 1.0
     force: bool = False
     verify: bool = False
+    set_guest_time: frozenset[str] = frozenset()
 
 
 class Runstate(enum.Enum):

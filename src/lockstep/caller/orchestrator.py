@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+from lockstep.caller import faults
 from lockstep.caller.clock import ClockEstimate, SyncPolicy, predicted_skew
 from lockstep.caller.links import HostLink, HostResult, HostsFailed, everywhere, fanout
 from lockstep.caller.operation import Operation, Options, Progress
@@ -20,8 +21,8 @@ from lockstep.caller.plan import restore_plan, save_plan
 from lockstep.caller.report import OperationReport
 from lockstep.caller.runner import run
 from lockstep.caller.sync import measure
-from lockstep.errors import ConfigError, OperationFailed
-from lockstep.execd.model import StateInfo, VmStatus
+from lockstep.errors import OperationFailed
+from lockstep.execd.model import FaultAction, FaultReply, StateInfo, VmStatus
 from lockstep.group import GroupSpec, validate_name
 
 __all__ = ["GroupCaller", "HostLink", "HostResult", "Progress", "fanout"]
@@ -154,11 +155,7 @@ class GroupCaller:
             RpcError: that host could not answer, or has no such state or VM.
         """
         validate_name("state", name)
-        spec = self.group.vms.get(vm)
-        if spec is None:
-            known = ", ".join(sorted(self.group.vms))
-            raise ConfigError(f"group {self.group.name} has no VM {vm!r} (its VMs: {known})")
-        return await self.links[spec.host].state_frames(name, vm)
+        return await self.links[self.group.vm(vm).host].state_frames(name, vm)
 
     async def state_delete(self, name: str) -> dict[str, list[str]]:
         """Delete a state on every host that has it.
@@ -246,7 +243,9 @@ class GroupCaller:
         the guests' RAM hashed too). The new VMs are prepared beside the
         running ones; only when every host is ready do the old VMs pause and
         the new ones resume, at a common instant (with libvirt domains, at two:
-        every host swaps its domains in between).
+        every host swaps its domains in between). Then each guest's wall clock
+        is set to true time, unless the group file says ``guest_time = "saved"``
+        for it.
 
         Raises:
             OperationFailed: the state is missing or damaged somewhere (nothing
@@ -263,12 +262,28 @@ class GroupCaller:
                 f"state {name!r} is missing on host {', '.join(missing)}; nothing was changed"
                 " (see `lockstep states`)"
             )
-        op = self._operation("restore", name, Options(force=force, verify=verify), progress)
+        set_time = frozenset(n for n, vm in self.group.vms.items() if vm.guest_time == "true")
+        options = Options(force=force, verify=verify, set_guest_time=set_time)
+        op = self._operation("restore", name, options, progress)
         # A libvirt domain cannot exist twice: it is swapped while the group is paused.
         swap_paused = any(vm.driver == "libvirt" for vm in self.group.vms.values())
         await run(op, restore_plan(swap_paused=swap_paused))
         op.report.duration_s = self.clock() - started
         return op.report
+
+    # -- faults ---------------------------------------------------------------------
+
+    async def fault(self, action: FaultAction) -> tuple[str, dict[str, HostResult[FaultReply]]]:
+        """Inject ``action`` on every host concerned (:mod:`lockstep.caller.faults`).
+
+        Returns the new fault's id ("" for heal and list) and one result per
+        host; heal and list report a host's failure in its result.
+
+        Raises:
+            ConfigError: a VM named is not one of the group's.
+            OperationFailed: a new fault failed on some host (healed where it took).
+        """
+        return await faults.inject(self.group, self.links, action)
 
     # -- check ----------------------------------------------------------------------
 

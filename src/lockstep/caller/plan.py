@@ -27,7 +27,7 @@ from lockstep.caller.operation import PAUSE_MARGIN, RESUME_MARGIN, Operation
 from lockstep.caller.report import clock_lines
 from lockstep.caller.sync import measure
 from lockstep.errors import ClockError
-from lockstep.execd.model import SaveProgress
+from lockstep.execd.model import GuestTime, SaveProgress
 
 __all__ = ["Abort", "Phase", "Say", "Undo", "restore_plan", "save_plan"]
 
@@ -204,6 +204,26 @@ async def _resume(op: Operation) -> None:
     op.merge(await op.each(lambda h, link: link.resume(op.id, op.on_host(h, at))))
 
 
+SAVED_TIME_KEPT = 'the saved time kept (guest_time = "saved")'
+
+
+async def _switch_over(op: Operation) -> None:
+    """The restore's resume: then each host sets the chosen guests' wall clocks to true time.
+
+    True time is this caller's clock: the resume instant ``at`` in it goes
+    along, so every guest gets the group's one timebase.
+    """
+    at = op.resume_instant()
+
+    def guest_time(host: str) -> GuestTime:
+        return GuestTime(at, tuple(v for v in op.vms[host] if v in op.options.set_guest_time))
+
+    op.merge(await op.each(lambda h, link: link.resume(op.id, op.on_host(h, at), guest_time(h))))
+    for line in op.report.vms:
+        if line.name not in op.options.set_guest_time:
+            line.clock_note = SAVED_TIME_KEPT
+
+
 async def _commit(op: Operation) -> None:
     await op.each(lambda _h, link: link.commit(op.id))
 
@@ -243,13 +263,16 @@ DESTROY = Phase("destroy VMs", _stop, what="destroying VMs")  # the state is com
 VERIFY = Phase("verify the state", _verify, what="verifying the state")
 PREPARE_RESTORE = Phase("load VMs paused, frames held", _prepare_restore, DISCARD_PREPARED)
 RESYNC_RESTORE = Phase("clock sync", _sync, DISCARD_PREPARED)
-# The old VMs pause a moment before the new ones resume at the common instant.
-SWITCH_OVER = Phase("switch over", _resume, SWITCH_BACK, at_common_instant=True)
+# The old VMs pause a moment before the new ones resume at the common instant;
+# the guests' wall clocks are set right after.
+SWITCH_OVER = Phase("switch over", _switch_over, SWITCH_BACK, at_common_instant=True)
 # Or, where a new VM can take the old one's place only once that one is paused
 # (a libvirt domain cannot exist twice): the old VMs pause at one instant and
 # every host swaps, however long that takes; then the new VMs resume at another.
 SWITCH = Phase("pause and swap in the restored VMs", _switch, SWITCH_BACK, at_common_instant=True)
-RESUME_RESTORED = Phase("resume and deliver frames", _resume, SWITCH_BACK, at_common_instant=True)
+RESUME_RESTORED = Phase(
+    "resume and deliver frames", _switch_over, SWITCH_BACK, at_common_instant=True
+)
 COMMIT_RESTORE = Phase("commit", _commit, RESTORE_NOT_KEPT)
 
 

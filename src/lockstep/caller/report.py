@@ -40,6 +40,10 @@ class VmLine:
     # "fast" or "standard"; and why the standard path, or how the RAM image was kept
     memory_path: str = ""
     memory_note: str = ""
+    # a restore: how far the guest's wall clock was moved forward to true time
+    # (None: not set), and why not ("no guest agent", the saved time kept...)
+    clock_correction_ms: float | None = None
+    clock_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,8 @@ class OperationReport:
                 line.frames_ignored = max(line.frames_ignored, r.frames_ignored)
                 if r.memory_path:
                     line.memory_path, line.memory_note = r.memory_path, r.memory_note
+                if r.clock_correction_ms is not None or r.clock_note:
+                    line.clock_correction_ms, line.clock_note = r.clock_correction_ms, r.clock_note
         self.vms.sort(key=lambda v: (v.host, v.name))
 
     def frames_held_by_host(self) -> dict[str, int]:

@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from lockstep.caller.connect import connected
+from lockstep.caller.links import HostResult
 from lockstep.cli.output import error
 from lockstep.errors import ConfigError, LockstepError
 from lockstep.group import GroupSpec, load_group
 
-__all__ = ["fail", "group_of", "json_option", "run_async", "with_caller"]
+__all__ = ["fail", "group_of", "host_errors", "json_option", "run_async", "with_caller"]
 
 T = TypeVar("T")
 
@@ -39,6 +40,11 @@ def run_async(coro: Awaitable[T]) -> T:
         error("interrupted")
         sys.exit(130)
     raise AssertionError("unreachable")
+
+
+def host_errors(results: Mapping[str, HostResult[Any]]) -> dict[str, str]:
+    """Why each host that failed a fanned-out call failed, by host."""
+    return {h: str(r.error) for h, r in results.items() if r.error is not None}
 
 
 def group_of(ctx: click.Context) -> GroupSpec:

@@ -22,7 +22,8 @@ from lockstep.caller.clock import SyncPolicy
 from lockstep.caller.orchestrator import GroupCaller, HostResult
 from lockstep.caller.report import OperationReport, clock_lines
 from lockstep.cli.certs import certs
-from lockstep.cli.common import json_option, with_caller
+from lockstep.cli.common import host_errors, json_option, with_caller
+from lockstep.cli.fault import fault
 from lockstep.cli.lab import lab
 from lockstep.cli.output import console, emit, error, operation_progress, render_report
 from lockstep.cli.run import run
@@ -63,12 +64,9 @@ def main(ctx: click.Context, group_file: str | None) -> None:
 
 
 main.add_command(certs)
+main.add_command(fault)
 main.add_command(lab)
 main.add_command(run)
-
-
-def _host_errors(results: dict[str, HostResult[Any]]) -> dict[str, str]:
-    return {h: str(r.error) for h, r in results.items() if r.error is not None}
 
 
 @main.command()
@@ -117,7 +115,7 @@ async def status(caller: GroupCaller, as_json: bool) -> None:
     results = await caller.status()
     data = {
         "hosts": {h: [vars(s) for s in (r.value or [])] for h, r in results.items()},
-        "errors": _host_errors(results),
+        "errors": host_errors(results),
     }
     emit(data, as_json, lambda _d: _render_status(results))
     if data["errors"]:
@@ -291,7 +289,7 @@ async def states(caller: GroupCaller, as_json: bool) -> None:
             entry["size_bytes"] += s.size_bytes
     data = {
         "states": sorted(merged.values(), key=lambda e: e["created_at"]),
-        "errors": _host_errors(results),
+        "errors": host_errors(results),
     }
 
     def render(d: dict[str, Any]) -> None:
@@ -322,7 +320,7 @@ def state() -> None:
 async def state_show(caller: GroupCaller, name: str, as_json: bool) -> None:
     """Show state NAME's manifest on every host (VMs, layers, files, checksums)."""
     results = await caller.state_show(name)
-    errors = _host_errors(results)
+    errors = host_errors(results)
     if len(errors) == len(results):
         raise LockstepError(
             f"state {name!r} is on no host: " + "; ".join(f"{h}: {e}" for h, e in errors.items())
@@ -411,3 +409,7 @@ async def state_frames(
             console.print(f"wrote {p}")
 
     emit(data, as_json, render)
+
+
+if __name__ == "__main__":
+    main()

@@ -54,7 +54,15 @@ def render_report(report: OperationReport) -> None:
     title = f"{report.operation} {report.state!r}" + (" (--stop)" if report.stop else "")
     table = Table(title=title, title_justify="left")
     ignoring = any(v.frames_ignored for v in report.vms)
-    numbers = ("memory", "held", "delivered", "dropped", *(("ignored",) if ignoring else ()))
+    clocks = any(v.clock_correction_ms is not None or v.clock_note for v in report.vms)
+    numbers = (
+        "memory",
+        "held",
+        "delivered",
+        "dropped",
+        *(("ignored",) if ignoring else ()),
+        *(("guest clock",) if clocks else ()),
+    )
     for col in ("VM", "host", "paused at (UTC)", "resumed at (UTC)", "path", *numbers):
         table.add_column(col, justify="right" if col in numbers else "left")
     for v in report.vms:
@@ -69,6 +77,7 @@ def render_report(report: OperationReport) -> None:
             str(v.frames_delivered),
             str(v.frames_dropped),
             *((str(v.frames_ignored),) if ignoring else ()),
+            *((_clock(v.clock_correction_ms, v.clock_note),) if clocks else ()),
         )
     console.print(table)
     for v in report.vms:
@@ -87,6 +96,13 @@ def render_report(report: OperationReport) -> None:
     parts.append(f"predicted ≤ {_ms(report.predicted_skew_ms)}")
     parts.append(f"took {report.duration_s:.2f} s")
     console.print(", ".join(parts))
+
+
+def _clock(correction_ms: float | None, note: str) -> str:
+    """A guest's wall-clock correction for the table ("+12.345 s"), or why it was not set."""
+    if correction_ms is None:
+        return escape(note) or "-"
+    return f"{correction_ms / 1000:+.3f} s"
 
 
 @contextmanager

@@ -11,7 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
-from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
+from lockstep.execd.model import (
+    FaultAction,
+    FaultReply,
+    GuestTime,
+    ProbeReply,
+    SaveProgress,
+    StateInfo,
+    VmReport,
+    VmStatus,
+)
 from lockstep.group import VmSpec
 from lockstep.store import Verified
 
@@ -49,8 +58,10 @@ class ExecdApi(Protocol):
     async def drain(self, op: str, quiet: float, limit: float) -> list[VmReport]:
         """Keep capturing until quiet, then write the held frames into the state."""
 
-    async def resume(self, op: str, at: float) -> list[VmReport]:
-        """At ``at`` resume the operation's VMs, then deliver their held frames."""
+    async def resume(
+        self, op: str, at: float, guest_time: GuestTime | None = None
+    ) -> list[VmReport]:
+        """At ``at`` resume the operation's VMs; a restore then sets the guests' clocks."""
 
     async def stop(self, op: str) -> list[VmReport]:
         """Destroy the operation's VMs (``save --stop``)."""
@@ -84,3 +95,6 @@ class ExecdApi(Protocol):
 
     def state_frames(self, name: str, vm: str) -> Iterator[tuple[str, bytes]]:
         """The pcap files of the frames held for ``vm`` in state ``name``: (file, chunk)s."""
+
+    async def inject_fault(self, group: str, fault_id: str, action: FaultAction) -> FaultReply:
+        """Inject a fault on this host's VMs of ``group``, heal its faults, or list them."""

@@ -1,4 +1,4 @@
-"""What an operation works with on one execd: its config, clock, store, VMs, journal, fault hook."""
+"""What an operation works with on one execd: config, clock, store, VMs, journal, fault hooks."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, TypeVar
 from lockstep import disk
 from lockstep.execd.clock import ExecdClock
 from lockstep.execd.fault import Fault
+from lockstep.execd.inject import FaultBook
 from lockstep.execd.journal import Journal
 from lockstep.execd.model import ExecdConfig
 from lockstep.execd.ops import OperationError
@@ -34,7 +35,8 @@ class Host:
     store: StateStore
     vms: VmRegistry
     journal: Journal
-    fault: Fault
+    fault: Fault  # the test-only failure hook
+    faults: FaultBook  # the faults a user injected (lockstep fault)
     # The layer chains VMs use now: the running ones', and those of VMs an
     # operation holds (a restore's new VMs before they run), by VM.
     chains_in_use: Callable[[], Mapping[str, Sequence[str]]]

@@ -12,12 +12,14 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from lockstep.errors import LockstepError
 from lockstep.execd.host import Host, gather_all
 from lockstep.execd.model import VmReport
 from lockstep.execd.vms import HostVm
 from lockstep.vm.machine import VmRunstate
 
 __all__ = [
+    "announce",
     "deliver_frames",
     "frame_report",
     "freeze_and_pause",
@@ -106,12 +108,33 @@ def frame_report(vm: HostVm, resumed_at: float | None) -> VmReport:
     )
 
 
+async def announce(vms: Sequence[HostVm]) -> None:
+    """Announce the NICs of ``vms`` (just resumed) to the network: QMP announce-self.
+
+    After a restore (or a switch back) an address may live on another VM than
+    machines outside the group last saw; the guests' gratuitous ARPs put their
+    ARP caches right. Done after the resume instant, never before it. A VM
+    whose QEMU refuses is logged, not failed: it runs, and an outside
+    machine's stale cache is no reason to undo a save or restore.
+    """
+    with_nics = [vm for vm in vms if vm.runtime.spec.nics]
+    results = await asyncio.gather(
+        *(vm.machine.announce() for vm in with_nics), return_exceptions=True
+    )
+    for vm, result in zip(with_nics, results, strict=True):
+        if isinstance(result, LockstepError):
+            log.warning("VM %s: its NICs were not announced: %s", vm.name, result)
+        elif isinstance(result, BaseException):
+            raise result
+
+
 async def resume_at(
     host: Host, vms: Sequence[HostVm], at: float | None, *, discard_before: float | None = None
 ) -> list[VmReport]:
-    """Queue the paused VMs' held frames, resume the VMs at ``at``, then lift their freezes.
+    """Queue the paused VMs' held frames, resume the VMs at ``at``, announce them, lift freezes.
 
-    ``at`` None: as soon as the frames are queued. Each report has the VM's
+    ``at`` None: as soon as the frames are queued. The VMs resumed are
+    announced to the network right after (:func:`announce`). Each report has the VM's
     RESUME instant (None if it was not paused) and its frame counts.
 
     Raises:
@@ -128,6 +151,7 @@ async def resume_at(
     qemu = [t for vm in vms for t in vm.machine.control_threads()]
     async with host.clock.at_instant(at if at is not None else host.clock.now(), qemu):
         await gather_all([wake(vm) for vm in vms])
+    await announce([vm for vm in vms if vm.name in walls])
     await lift_freezes(vms)
     reports = []
     for vm in vms:

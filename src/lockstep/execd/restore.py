@@ -19,6 +19,11 @@ call: the old VMs pause ``SWITCH_LEAD`` before the new ones resume. Until the
 commit, an abort (or the dead-man's timer at the deadline, on every host at
 once) swaps back: the old VMs come back (a libvirt domain from what was saved
 aside) and resume at a common instant.
+
+Faults injected into the group (:mod:`lockstep.execd.inject`) end with the
+switch-over: its freezes as it begins (the frozen VM is replaced), its network
+faults once the new VMs run (they run on other taps, or are frozen anew, and
+no rule names them).
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from typing import Any
 
 from lockstep.errors import LockstepError
 from lockstep.execd.driver import Replacement
+from lockstep.execd.guest_clock import set_guest_clocks
 from lockstep.execd.host import Host, gather_all
 from lockstep.execd.instants import pause_at, resume_at
-from lockstep.execd.model import VmReport
+from lockstep.execd.model import GuestTime, VmReport
 from lockstep.execd.ops import Operation, OperationError, OpKind, OpPhase
 from lockstep.execd.vms import HostVm
 from lockstep.group import VmSpec
@@ -153,17 +159,23 @@ class RestoreOperation(Operation):
         """Pause the old VMs at ``at`` and put the new ones in their place, paused.
 
         Each report has the old VM's pause instant (none if the VM did not
-        run here before). Then the new VMs wait, frozen, for :meth:`resume`.
+        run here before, or was not running: crashed, or frozen by a fault).
+        The group's injected freezes end here. Then the new VMs wait, frozen,
+        for :meth:`resume`.
 
         Raises:
             OperationError: the restore is not prepared.
             VmError, NetError: the switch failed (the caller aborts: it swaps back).
         """
         self.life.require(OpPhase.PREPARED)
+        assert self.manifest is not None  # a prepared restore has its manifest
+        self.host.faults.end_freezes(self.manifest.group)
         olds = {n: vm for n in self.swaps if (vm := self.host.vms.get(n)) is not None}
         # From here on an undo swaps back and resumes the old VMs, whatever failed.
         self.advance(OpPhase.SWITCHED)
-        paused = await pause_at(self.host, list(olds.values()), at)
+        # An old VM whose QEMU died (the crash a test made: why it restores) has nothing to pause.
+        alive = [vm for vm in olds.values() if vm.machine.alive()]
+        paused = await pause_at(self.host, alive, at)
         await gather_all([rep.swap(olds.get(n)) for n, rep in self.swaps.items()])
         self.save_record()
         # The old timeline's last frames (sent just before its VMs paused, on
@@ -173,12 +185,15 @@ class RestoreOperation(Operation):
         await gather_all([vm.freeze.drain(_QUIET, _QUIET_LIMIT) for vm in news if vm.freeze])
         return [VmReport(name=r.name, paused_at=r.paused_at) for r in paused]
 
-    async def resume(self, at: float) -> list[VmReport]:
+    async def resume(self, at: float, guest_time: GuestTime | None = None) -> list[VmReport]:
         """Resume the new VMs at ``at`` with their frames (switching over first if not yet).
 
         Switched over in one call, the old VMs pause at ``at - SWITCH_LEAD``.
         Each report has the new VM's resume instant and frames, and the old
-        VM's pause instant if it paused in this call.
+        VM's pause instant if it paused in this call. The group's injected
+        network faults end here (see the module's docstring). Then the wall
+        clocks of the guests ``guest_time`` names are set to true time
+        (:mod:`lockstep.execd.guest_clock`; each report says by how much, or why not).
 
         Raises:
             OperationError: the restore is not prepared or switched.
@@ -195,8 +210,23 @@ class RestoreOperation(Operation):
         for vm in news:
             self.host.vms.register(vm)
         self.advance(OpPhase.RESUMED)
+        assert self.manifest is not None  # a prepared restore has its manifest
+        await self.host.faults.switched_over(self.manifest.group)
         await self.host.fault.at("resume:after")
-        return [dataclasses.replace(r, paused_at=paused.get(r.name)) for r in reports]
+        clocks = {}
+        if guest_time is not None:
+            shift = guest_time.true_at - at
+            chosen = [vm for vm in news if vm.name in guest_time.vms]
+            clocks = await set_guest_clocks(chosen, self.host.clock.now, shift)
+        out = []
+        for r in reports:
+            clock = clocks.get(r.name)
+            if clock is not None:
+                r = dataclasses.replace(
+                    r, clock_correction_ms=clock.correction_ms, clock_note=clock.note
+                )
+            out.append(dataclasses.replace(r, paused_at=paused.get(r.name)))
+        return out
 
     async def commit(self) -> None:
         """The old VMs go for good and the new ones' files move home; the restore is done.

@@ -7,7 +7,8 @@ It composes the parts of an execd and hands each call to the part it is for:
   :class:`~lockstep.execd.restore.RestoreOperation`): every step of a save or
   restore, abort and extend; their records (:class:`~lockstep.execd.journal.Journal`)
   and the dead-man's timer (:class:`~lockstep.execd.deadman.DeadMan`);
-- the committed states (:class:`~lockstep.execd.states.StateCatalog`).
+- the committed states (:class:`~lockstep.execd.states.StateCatalog`);
+- the faults a user injected (:class:`~lockstep.execd.inject.FaultBook`).
 
 What it must survive a restart with is on disk: each VM's ``run/<vm>/vm.json``
 next to QEMU's pid file and QMP socket, and each operation's record, so
@@ -29,10 +30,14 @@ from lockstep.execd.clock import ExecdClock
 from lockstep.execd.deadman import DeadMan
 from lockstep.execd.fault import Fault
 from lockstep.execd.host import Host, gather_all
+from lockstep.execd.inject import FaultBook
 from lockstep.execd.journal import Journal
 from lockstep.execd.libvirt_driver import LibvirtDriver
 from lockstep.execd.model import (
     ExecdConfig,
+    FaultAction,
+    FaultReply,
+    GuestTime,
     ProbeReply,
     SaveProgress,
     StateInfo,
@@ -68,6 +73,7 @@ class HostService:
         self.clock = ExecdClock(config.clock_offset)
         self.store = StateStore(config.root)
         self.vms = VmRegistry(config, self.store)
+        self.faults = FaultBook(config.host, self.vms, netns=config.netns)
         self.host = Host(
             config=config,
             clock=self.clock,
@@ -75,6 +81,7 @@ class HostService:
             vms=self.vms,
             journal=Journal(self.vms.rundir / "ops"),
             fault=Fault.from_env(),
+            faults=self.faults,
             chains_in_use=self._chains_in_use,
         )
         self.host.drivers.update(
@@ -98,7 +105,9 @@ class HostService:
         still runs is driven again, and every operation on record comes back
         as an orphan: a restore's new VMs are discarded (or, switched over,
         kept), paused VMs of a save resume at its deadline (a common instant
-        with the other hosts). Paused VMs of no operation resume now.
+        with the other hosts). Paused VMs of no operation resume now (a VM
+        frozen by a fault too), and the fault rules of the VMs' groups go: a
+        restarted execd holds no fault.
         """
         for folder in (self.vms.rundir, self.store.layers_dir, self.vms.restoring):
             folder.mkdir(parents=True, exist_ok=True)
@@ -125,6 +134,7 @@ class HostService:
                 with contextlib.suppress(LockstepError):
                     await vm.machine.resume()
         await self._remove_stray_taps()
+        await self.faults.remove_tables({vm.runtime.group for vm in self.vms.vms.values()})
         self.deadman.start()
 
     async def _adopt(self, data: dict[str, Any]) -> None:
@@ -168,8 +178,12 @@ class HostService:
                 log.info("removed tap %s left by a crash", link)
 
     async def close(self) -> None:
-        """Stop the dead-man's timer and drop QMP connections; the VMs keep running."""
+        """Stop the dead-man's timer and drop QMP connections; the VMs keep running.
+
+        A VM frozen by a fault stays paused; the next start resumes it.
+        """
         await self.deadman.stop()
+        self.faults.close()
         vms = list(self.vms.vms.values())
         for op in self.ops.values():
             if isinstance(op, RestoreOperation):
@@ -235,6 +249,7 @@ class HostService:
                 await self.host.driver(spec).up(group, spec)
 
             await gather_all([one(s) for s in todo])
+            await self.faults.refresh(group)
         return await self.status()
 
     async def down(self, vms: Sequence[str]) -> list[VmStatus]:
@@ -310,11 +325,19 @@ class HostService:
 
         Raises:
             StateExists: the state is already on this host.
-            OperationError: ``op`` exists already, or a VM is unknown or not running.
+            OperationError: ``op`` exists already, a VM is unknown or not running,
+                or a fault holds a VM frozen (its timer would resume it mid-save).
             VmError: a VM could not be paused (the caller aborts).
         """
         validate_name("state", state)
         self._refuse_existing(op)
+        frozen = self.faults.frozen()
+        if frozen:
+            vm = min(frozen)
+            raise OperationError(
+                f"host {self.config.host}: VM {vm} is frozen by fault {frozen[vm]}; save once it"
+                " runs again, or after `lockstep fault heal`"
+            )
         await self.host.fault.at("pause:before")
         operation = SaveOperation.open(self.host, op, state, vms, deadline)
         self.ops[op] = operation
@@ -344,8 +367,13 @@ class HostService:
         with operation.step():
             return await operation.drain(quiet, limit)
 
-    async def resume(self, op: str, at: float) -> list[VmReport]:
+    async def resume(
+        self, op: str, at: float, guest_time: GuestTime | None = None
+    ) -> list[VmReport]:
         """A save: queue held frames, resume its VMs at ``at``. A restore: switch over at ``at``.
+
+        After a restore's switch-over the wall clocks of the guests ``guest_time``
+        names are set to true time (a save has no use for it).
 
         Raises:
             OperationError: the operation is not ready to resume.
@@ -355,6 +383,8 @@ class HostService:
         if not isinstance(operation, SaveOperation | RestoreOperation):
             raise OperationError(f"operation {op} cannot resume")
         with operation.step():
+            if isinstance(operation, RestoreOperation):
+                return await operation.resume(at, guest_time)
             return await operation.resume(at)
 
     async def stop(self, op: str) -> list[VmReport]:
@@ -486,3 +516,17 @@ class HostService:
             StateInUse: another state or a VM depends on its layers.
         """
         return await self.catalog.delete(name)
+
+    # -- faults injected on purpose -------------------------------------------------
+
+    async def inject_fault(self, group: str, fault_id: str, action: FaultAction) -> FaultReply:
+        """Inject a fault on this host's VMs of ``group``, heal its faults, or list them.
+
+        See :class:`~lockstep.execd.inject.FaultBook`.
+
+        Raises:
+            OperationError: fault ``fault_id`` is held already, or the VM loses frames already.
+            VmError: the VM is not here or not running, or QEMU failed the stop.
+            NetError: nft is missing or refused the rules (nothing changed).
+        """
+        return await self.faults.act(group, fault_id, action)

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import json
 import secrets
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -36,9 +37,9 @@ _PING_EVERY = 0.5  # seconds between pings while waiting for the agent
 def parse_answer(line: bytes) -> tuple[int, dict[str, Any]] | None:
     """The (id, answer) on ``line`` when it is an agent's answer, else None (noise).
 
-    An answer is a JSON object with an integer ``id`` and either ``pong: true`` or
-    an integer ``rc`` with a string ``out``. Requests echoed back by the guest's
-    tty have neither, so they count as noise.
+    An answer is a JSON object with an integer ``id`` and either ``pong: true``,
+    an integer ``clock_ns``, or an integer ``rc`` with a string ``out``. Requests
+    echoed back by the guest's tty have none of them, so they count as noise.
     """
     try:
         message = json.loads(line.decode("utf-8", "replace"))
@@ -49,12 +50,16 @@ def parse_answer(line: bytes) -> tuple[int, dict[str, Any]] | None:
     ident = message.get("id")
     if not isinstance(ident, int) or isinstance(ident, bool):
         return None
-    if message.get("pong") is True:
+    if message.get("pong") is True or _is_int(message.get("clock_ns")):
         return ident, message
     rc, out = message.get("rc"), message.get("out")
     if isinstance(rc, int) and not isinstance(rc, bool) and isinstance(out, str):
         return ident, message
     return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _ChannelClosedError(LabError):
@@ -111,6 +116,26 @@ class GuestControl:
         what = f"command {command!r}"
         answer = await self._request(writer, request, remaining + _ANSWER_GRACE, what)
         return int(answer["rc"]), str(answer["out"])
+
+    async def clock(self, *, timeout: float = 10.0) -> tuple[float, float, float]:
+        """Read the guest's wall clock: (sent, guest, received), seconds.
+
+        ``sent`` and ``received`` are this host's wall clock around the request;
+        the guest read its clock between them (the agent answers at once, with
+        no process started), so ``received - sent`` bounds the reading.
+
+        Raises:
+            LabError: no connection could be made, it broke, or the guest did not answer.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self._handshake(timeout)
+        writer = await self._connect(deadline)
+        wait = max(deadline - loop.time(), 0.1)
+        sent = time.time()
+        answer = await self._request(writer, {"id": 0, "clock": True}, wait, "a clock reading")
+        received = time.time()
+        return sent, int(answer["clock_ns"]) / 1e9, received
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until the guest's agent answers a ping (the guest has booted).

@@ -57,13 +57,16 @@ IMAGE_FORMAT = 1
 """Bump when the recipe changes in a way the other inputs do not show (sizes, mke2fs options)."""
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
-BASE_PACKAGES = ("python3", "iproute2", "iputils-ping")
+# qemu-guest-agent: lockstep sets the wall clock through it after a restore
+# (its /sbin/hwclock is guest/hwclock); iputils-arping announces a moved address.
+BASE_PACKAGES = ("python3", "iproute2", "iputils-ping", "iputils-arping", "qemu-guest-agent")
 INITRAMFS_MODULES = (
     "virtio_ring",
     "virtio",
     "virtio_pci_legacy_dev",
     "virtio_pci_modern_dev",
     "virtio_pci",
+    "virtio_console",
     "failover",
     "net_failover",
     "virtio_net",
@@ -77,7 +80,7 @@ INITRAMFS_MODULES = (
 """Modules the initramfs loads, in this order (each after what it depends on)."""
 
 BUSYBOX = Path("/bin/busybox")
-GUEST_FILES = ("initramfs-init", "lockstep-init", "lsctl.py", "lsagent.py")
+GUEST_FILES = ("initramfs-init", "lockstep-init", "lsctl.py", "lsagent.py", "hwclock")
 """Files of ``lockstep/lab/guest`` that go into the image."""
 
 BASE_CMDLINE = "console=ttyS0 root=/dev/vda rw quiet panic=-1"
@@ -721,9 +724,11 @@ def _debootstrap(inputs: ImageInputs, root: Path, debs: Path, say: Callable[[str
 
 
 def _install_guest_files(inputs: ImageInputs, root: Path) -> None:
-    init = root / "sbin/lockstep-init"
-    init.write_bytes(inputs.guest_file("lockstep-init"))
-    init.chmod(0o755)
+    for name in ("lockstep-init", "hwclock"):  # PID 1; qemu-ga's hwclock (see guest/hwclock)
+        command = root / "sbin" / name
+        command.unlink(missing_ok=True)
+        command.write_bytes(inputs.guest_file(name))
+        command.chmod(0o755)
     for name in ("lsctl.py", "lsagent.py"):  # the control agent, the cluster agent
         agent = root / "usr/lib/lockstep" / name
         agent.parent.mkdir(parents=True, exist_ok=True)

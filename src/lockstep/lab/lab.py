@@ -28,22 +28,36 @@ import tomli_w
 from lockstep.caller.connect import clients_for
 from lockstep.errors import LabError, LockstepError
 from lockstep.group import GroupSpec, load_group
+from lockstep.lab.cluster import ClusterPlan, form_cluster, plan_cluster
+from lockstep.lab.clusterconf import (
+    MIDDLEWARE_PACKAGES,
+    PACEMAKER_MIN_MEMORY,
+    ClusterKind,
+    ClusterSpec,
+    Member,
+)
 from lockstep.lab.guestctl import GuestControl
 from lockstep.lab.image import GuestImage, build_image
 from lockstep.lab.ledger import Ledger, PathEntry, ProcessEntry, lab_ledger_path
 from lockstep.lab.topology import LabPlan, lab_down, lab_up, plan_lab, vm_ip
 from lockstep.proc import arun
 from lockstep.rpc import HostClient, issue, make_ca
+from lockstep.units import format_size, parse_size
+from lockstep.vm.argv import VmPaths
 
 __all__ = [
     "EXECD_PORT",
     "LabOptions",
     "LabVm",
+    "channel_path",
+    "console_log_path",
     "guest",
+    "lab_cluster",
     "lab_data_dir",
     "plan_vms",
     "take_down",
     "bring_up",
+    "vm_paths",
 ]
 
 EXECD_PORT = 7443
@@ -95,6 +109,8 @@ class LabOptions:
     group_file: Path = Path("lockstep.toml")
     lan_subnet: str = "10.123.0.0/24"
     vm_subnet: str = "10.124.0.0/24"
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)  # the middleware beside the agent
+    cluster_timeout: float = 300.0  # seconds for the middleware to form once the guests run
 
 
 def lab_data_dir(name: str) -> Path:
@@ -271,6 +287,78 @@ def _check_options(opts: LabOptions) -> None:
         )
 
 
+def _check_cluster(opts: LabOptions) -> None:
+    """Refuse a middleware lab the guests could not run, before anything is made.
+
+    Raises:
+        LabError: Pacemaker asked for with less than PACEMAKER_MIN_MEMORY per VM.
+    """
+    try:
+        memory = parse_size(opts.memory)
+    except ValueError as exc:
+        raise LabError(f"--memory {opts.memory}: {exc}") from exc
+    if opts.cluster.kind == ClusterKind.PACEMAKER and memory < PACEMAKER_MIN_MEMORY:
+        raise LabError(
+            f"Corosync and Pacemaker need at least {format_size(PACEMAKER_MIN_MEMORY)} per VM,"
+            f" not {opts.memory}: leave --memory out (it is then"
+            f" {format_size(PACEMAKER_MIN_MEMORY)}) or give more"
+        )
+
+
+def _cluster_plan(opts: LabOptions, vms: Sequence[LabVm], vm_subnet: str) -> ClusterPlan:
+    """The middleware plan of a lab: one Corosync cluster of all VMs, one VRRP pair per pair.
+
+    Raises:
+        LabError: the cluster kind or a timing cannot be used.
+    """
+    members = [Member(vm.name, vm.ip) for vm in vms]
+    pairs = [(vm.name, vm.peer) for vm in vms if vm.role == "primary"]
+    return plan_cluster(opts.cluster, opts.name, members, pairs, vm_subnet)
+
+
+def lab_cluster(name: str) -> ClusterPlan:
+    """The middleware plan lab ``name`` was brought up with (from its lab.json).
+
+    Raises:
+        LabError: there is no such lab, or its lab.json cannot be read.
+    """
+    path = lab_data_dir(name) / "lab.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        options = info["options"]
+        spec = ClusterSpec(**options.get("cluster", {}))
+        vms = [LabVm(**v) for v in info["vms"]]
+        opts = LabOptions(name=name, cluster=spec)
+        return _cluster_plan(opts, vms, options["vm_subnet"])
+    except FileNotFoundError as exc:
+        raise LabError(f"there is no lab named {name} ({path} is missing)") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LabError(f"cannot read the cluster of lab {name} from {path}: {exc}") from exc
+
+
+async def _form_middleware(
+    plan: ClusterPlan, group: GroupSpec, data: Path, say: Say, timeout: float
+) -> float:
+    """Start the lab's middleware in its booted guests; the seconds it took to form."""
+    shells = {m.name: guest(group, m.name, data) for m in plan.members}
+    try:
+        took = await form_cluster(plan, shells, say, timeout)
+    finally:
+        for shell in shells.values():
+            await shell.close()
+    say(f"cluster: {plan.kind.value} formed in {took:.1f} s")
+    # What the middleware logged while forming is not news: lab verify counts from here.
+    marks = {}
+    for m in plan.members:
+        path = console_log_path(data, group.vms[m.name].host, m.name)
+        marks[m.name] = path.stat().st_size if path.exists() else 0
+    info_path = data / "lab.json"
+    info = json.loads(info_path.read_text())
+    info.update(cluster_formed_s=round(took, 1), cluster_marks=marks)
+    info_path.write_text(json.dumps(info, indent=1))
+    return took
+
+
 async def wait_execds(group: GroupSpec, timeout: float = 30.0) -> None:
     """Wait until every execd of ``group`` answers a probe.
 
@@ -300,8 +388,22 @@ async def _wait_execds(clients: Mapping[str, HostClient], timeout: float = 30.0)
 
 def guest(group: GroupSpec, vm: str, data: Path) -> GuestControl:
     """The control channel of lab guest ``vm`` (its execd's run dir holds the socket)."""
-    host = group.vms[vm].host
-    return GuestControl(vm_run_dir(data, host, vm) / "channel.sock")
+    return GuestControl(channel_path(data, group.vms[vm].host, vm))
+
+
+def vm_paths(data: Path, host: str, vm: str) -> VmPaths:
+    """Lab guest ``vm``'s QEMU files on lab host ``host``: console log, channel, pid file."""
+    return VmPaths(vm_run_dir(data, host, vm))
+
+
+def console_log_path(data: Path, host: str, vm: str) -> Path:
+    """Where execd's QEMU appends guest ``vm``'s serial console."""
+    return vm_paths(data, host, vm).console
+
+
+def channel_path(data: Path, host: str, vm: str) -> Path:
+    """The unix socket of lab guest ``vm``'s control channel, on lab host ``host``."""
+    return vm_paths(data, host, vm).channel
 
 
 async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
@@ -315,10 +417,15 @@ async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
     from lockstep.caller.orchestrator import GroupCaller
 
     _check_options(opts)
+    _check_cluster(opts)
     plan = plan_lab(
         opts.hosts, name=opts.name, lan_subnet=opts.lan_subnet, vm_subnet=opts.vm_subnet
     )
     vms = plan_vms(plan, opts.vms)
+    cluster = _cluster_plan(opts, vms, plan.vm_subnet)
+    packages = list(opts.extra_packages)
+    if cluster.kind is not ClusterKind.AGENT:
+        packages += MIDDLEWARE_PACKAGES
     strangers = sorted(set(opts.start) - {vm.name for vm in vms})
     if strangers:
         raise LabError(
@@ -332,7 +439,7 @@ async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
     if ledger.exists():
         raise LabError(f"lab {opts.name} is already up (run `lockstep lab down` first)")
     say("guest image: building or reusing the cached one")
-    image = await asyncio.to_thread(build_image, list(opts.extra_packages), progress=say)
+    image = await asyncio.to_thread(build_image, packages, progress=say)
     data = lab_data_dir(opts.name)
     say(f"network: {len(plan.hosts)} hosts as namespaces, VXLAN between their VM bridges")
     await asyncio.to_thread(lab_up, plan, ledger)
@@ -368,6 +475,8 @@ async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
                 await c.close()
         say("guests: waiting for every guest to boot")
         await wait_guests(group, data)
+        if cluster.kind is not ClusterKind.AGENT:
+            await _form_middleware(cluster, group, data, say, opts.cluster_timeout)
     except BaseException:
         say("lab up failed: taking down what was made")
         await take_down(opts.name)

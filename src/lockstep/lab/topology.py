@@ -11,12 +11,20 @@
                                                                                   │
     every vx0 floods to every other host's lan_ip (head-end replication) ◄───────┘
 
+    client namespace <lab>-client: a machine outside the group on the guests' segment
+      eth0  client_ip (.2 of the VM subnet) ── veth ── client0 in the VM bridge of h1
+
 The caller (root namespace) reaches every host's execd over the LAN bridge. The
 VM bridges of all hosts form one L2 segment over VXLAN, so guests on different
 hosts share a LAN as if on one switch; the LAN MTU is 1550 so that segment
 carries 1500-byte guest frames. Nothing is routed to the machine's real network:
 no default route, no forwarding, no NAT. The VM bridge and vx0 get no IPv6
 link-local address, so the hosts themselves put no frame on the guests' segment.
+
+The client stands for what talks to a cluster from outside it (a router, a
+user): it is in no group, so a save or restore never touches it, and its ARP
+cache (``ip -n <lab>-client neigh``) shows which MAC it sends each address to.
+It too has no IPv6 link-local address: it sends only what it is told to.
 
 Shape of the code: :func:`plan_lab` and :func:`plan_steps` are pure (names,
 addresses, the ordered list of changes); :func:`lab_up` records each object in
@@ -66,6 +74,7 @@ __all__ = [
     "AddVeth",
     "AddVxlan",
     "AppendFdb",
+    "ClientPlan",
     "CreateNetns",
     "HostPlan",
     "LabDriver",
@@ -83,6 +92,7 @@ __all__ = [
     "lab_up",
     "plan_lab",
     "plan_objects",
+    "client_steps",
     "plan_steps",
     "vm_ip",
 ]
@@ -98,6 +108,9 @@ VXLAN_LINK = "vx0"
 NS_VETH = "lan0"
 HOST_OFFSET = 10  # host i (from 1) is .10+i on the LAN
 GUEST_OFFSET = 11  # guest i (from 0) is .11+i on the VM segment
+CLIENT_OFFSET = 2  # the client outside the group is .2 on the VM segment
+CLIENT_LINK = "client0"  # the client's cable, at the first host's VM bridge
+CLIENT_NIC = "eth0"  # the client's cable, in the client
 MAX_LINK_NAME = 15  # the kernel's IFNAMSIZ (16) less the closing NUL
 DEFAULT_GRACE = 5.0  # seconds a recorded process gets between SIGTERM and SIGKILL
 
@@ -124,6 +137,19 @@ class HostPlan:
 
 
 @dataclass(frozen=True)
+class ClientPlan:
+    """The machine outside the group: a namespace cabled to the first host's VM bridge."""
+
+    netns: str  # "lslab-client"
+    ip: str  # "10.124.0.2", on the VM segment
+    prefixlen: int  # the VM subnet's
+    nic: str  # "eth0", in netns
+    host_netns: str  # "lslab-h1": whose VM bridge its cable joins
+    host_link: str  # "client0": the cable's end there
+    bridge: str  # "lsvm"
+
+
+@dataclass(frozen=True)
 class LabPlan:
     """Everything the lab's network is, as names and addresses; made by :func:`plan_lab`."""
 
@@ -135,6 +161,7 @@ class LabPlan:
     vm_subnet: str  # "10.124.0.0/24": guests only, on no host interface
     vni: int  # 4242
     mtu: int  # 1550 on the LAN, so the VXLAN segment carries 1500-byte frames
+    client: ClientPlan
     vxlan_port: int = VXLAN_PORT  # 4789
 
     @property
@@ -189,6 +216,15 @@ def plan_lab(
         raise ConfigError(f"the LAN subnet {lan} has no room for {hosts} hosts at .11 and up")
     if vms.num_addresses - 1 <= GUEST_OFFSET:
         raise ConfigError(f"the VM subnet {vms} has no room for guests at .11 and up")
+    client = ClientPlan(
+        netns=f"{name}-client",
+        ip=str(vms[CLIENT_OFFSET]),
+        prefixlen=vms.prefixlen,
+        nic=CLIENT_NIC,
+        host_netns=f"{name}-h1",
+        host_link=CLIENT_LINK,
+        bridge=VM_BRIDGE,
+    )
     host_plans = [
         HostPlan(
             name=f"h{i}",
@@ -210,6 +246,7 @@ def plan_lab(
         vm_subnet=str(vms),
         vni=VNI,
         mtu=LAN_MTU,
+        client=client,
     )
 
 
@@ -258,16 +295,25 @@ class CreateNetns:
 
 @dataclass(frozen=True)
 class AddVeth:
-    """Create a veth pair: ``name`` in the root namespace, ``peer`` in ``peer_netns``."""
+    """Create a veth pair: ``name`` in ``netns`` (None: root), ``peer`` in ``peer_netns``.
+
+    ``quiet``: neither end gets an IPv6 link-local address (the client's cable:
+    it sends nothing of its own accord).
+    """
 
     name: str
     peer: str
     peer_netns: str
     mtu: int
+    netns: str | None = None
+    quiet: bool = False
 
     def describe(self) -> str:
         """Say what this does, for error messages."""
-        return f"create veth {self.name} (peer {self.peer} in namespace {self.peer_netns})"
+        return (
+            f"create veth {self.name} in {_where(self.netns)}"
+            f" (peer {self.peer} in namespace {self.peer_netns})"
+        )
 
 
 @dataclass(frozen=True)
@@ -406,7 +452,24 @@ def plan_steps(plan: LabPlan) -> list[Step]:
             Step(SetUp(h.vm_bridge, ns)),
             Step(SetUp(h.vxlan, ns)),
         ]
-    return steps
+    return steps + client_steps(plan.client, plan.vm_mtu)
+
+
+def client_steps(client: ClientPlan, mtu: int) -> list[Step]:
+    """The changes that cable the client to the first host's VM bridge and address it."""
+    ns, host = client.netns, client.host_netns
+    return [
+        Step(CreateNetns(ns), (NetnsEntry(ns),)),
+        Step(SetUp("lo", ns)),
+        Step(
+            AddVeth(client.host_link, client.nic, ns, mtu, netns=host, quiet=True),
+            (LinkEntry(client.host_link, host), LinkEntry(client.nic, ns)),
+        ),
+        Step(SetMaster(client.host_link, host, client.bridge)),
+        Step(SetUp(client.host_link, host)),
+        Step(AddAddress(client.nic, ns, client.ip, client.prefixlen)),
+        Step(SetUp(client.nic, ns)),
+    ]
 
 
 def plan_objects(plan: LabPlan) -> list[Entry]:
@@ -625,14 +688,22 @@ class NetlinkDriver:
                 from pyroute2 import netns
 
                 netns.create(name)
-            case AddVeth(name=name, peer=peer, peer_netns=peer_netns, mtu=mtu):
-                self._ipr(None).link(
+            case AddVeth(
+                name=name, peer=peer, peer_netns=peer_netns, mtu=mtu, netns=ns, quiet=quiet
+            ):
+                ipr = self._ipr(ns)
+                ipr.link(
                     "add",
                     ifname=name,
                     kind="veth",
                     mtu=mtu,
                     peer={"ifname": peer, "net_ns_fd": peer_netns, "mtu": mtu},
                 )
+                if quiet:
+                    ipr.link("set", index=self._index(ns, name), IFLA_AF_SPEC=_NO_LINKLOCAL)
+                    self._ipr(peer_netns).link(
+                        "set", index=self._index(peer_netns, peer), IFLA_AF_SPEC=_NO_LINKLOCAL
+                    )
             case AddBridge(name=name, netns=ns, mtu=mtu, quiet=quiet):
                 ipr = self._ipr(ns)
                 if quiet:

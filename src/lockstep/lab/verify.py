@@ -29,6 +29,11 @@ compared with another timeline's.
 A restore is visible only if the guest logged a line between the save and the
 restore: after ``save --stop`` and ``restore`` the log just goes on, exactly as
 the guest's own timeline does, so ``--since last-restore`` cannot find it.
+
+In a lab with cluster middleware (``lab up --cluster``), the same logs also
+hold what Corosync, Pacemaker or keepalived said; :mod:`lockstep.lab.middleware`
+picks those events out and they are counted in the same window: after a mark,
+after the agent's last restore line, or from a time (their own timestamps).
 """
 
 from __future__ import annotations
@@ -42,7 +47,15 @@ from pathlib import Path
 from typing import Any
 
 from lockstep.errors import LabError
-from lockstep.lab.lab import lab_data_dir, vm_run_dir
+from lockstep.lab.clusterconf import ClusterKind
+from lockstep.lab.lab import console_log_path, lab_data_dir
+from lockstep.lab.middleware import (
+    EVENT_KINDS,
+    MiddlewareEvent,
+    MiddlewareTotals,
+    line_time,
+    middleware_events,
+)
 
 __all__ = [
     "EVERYTHING",
@@ -54,6 +67,7 @@ __all__ = [
     "VmInfo",
     "analyse",
     "console_log_path",
+    "lab_cluster",
     "log_marks",
     "parse_line",
     "parse_log",
@@ -315,6 +329,9 @@ class VerifyReport:
     vms: list[VmTotals]
     streams: list[StreamTotals]
     warnings: list[str]
+    cluster: str = ClusterKind.AGENT.value
+    middleware: MiddlewareTotals = field(default_factory=MiddlewareTotals)
+    view: dict[str, Any] | None = None  # the middleware's own tools, asked now (lab.observe)
 
     def total(self, key: str) -> int:
         """Sum of a stream counter over every stream."""
@@ -341,10 +358,10 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        """Nothing was noticed, and every guest's agent spoke in the window."""
+        """Nothing noticed (by agents or middleware), and every agent spoke in the window."""
         counts = (self.total("lost"), self.total("duplicated"), self.total("reordered"))
         quiet = self.transitions == 0 and self.split_brain == 0 and not any(counts)
-        return quiet and all(v.lines for v in self.vms)
+        return quiet and self.middleware.noticed == 0 and all(v.lines for v in self.vms)
 
     def pairs(self) -> list[dict[str, Any]]:
         """Per primary/standby pair (as placed by ``lab up``)."""
@@ -384,6 +401,10 @@ class VerifyReport:
             "streams": [s.to_json() for s in self.streams],
             "vms": [v.to_json() for v in self.vms],
             "warnings": self.warnings,
+            "cluster": self.cluster,
+            **{kind: self.middleware.count(kind) for kind in EVENT_KINDS},
+            "middleware": self.middleware.lines_json(),
+            "view": self.view,
         }
 
 
@@ -393,12 +414,17 @@ def analyse(
     logs: Mapping[str, str],
     since: Since = EVERYTHING,
     context: Mapping[str, str] | None = None,
+    cluster: str = ClusterKind.AGENT.value,
+    middleware_from: Mapping[str, int] | None = None,
 ) -> VerifyReport:
-    """Sum what each guest's agent said in its console log (``logs``: VM name -> text).
+    """Sum what each guest's agent (and middleware) said in its console log (``logs``: VM -> text).
 
     ``context``: what each guest logged before ``logs`` starts (the log cut at
     a mark). Its last agent line is placed on the timeline, never counted: a
-    restore right at the start of ``logs`` shows against it.
+    restore right at the start of ``logs`` shows against it; its middleware
+    lines are not counted again when a restore writes them out once more.
+    ``middleware_from``: where in each log the middleware's events start to
+    count (a character offset: the cluster had formed there).
 
     Raises:
         LabError: ``since`` is last-restore and some guest's log shows no restore.
@@ -415,9 +441,12 @@ def analyse(
                 "if the guest logged a line between the save and the restore); use --since TIME"
             )
     streams: dict[tuple[str, str], StreamTotals] = {}
-    report = VerifyReport(lab, since, [], [], [])
+    report = VerifyReport(lab, since, [], [], [], cluster)
     for vm in vms:
         tl = timelines[vm.name]
+        text, prior = logs.get(vm.name, ""), (context or {}).get(vm.name, "")
+        start = (middleware_from or {}).get(vm.name, 0)
+        report.middleware.add(_middleware(vm.name, text, prior, tl, since, start))
         totals = VmTotals(vm, missing_lines=tl.missing_lines)
         totals.boots = sum(s.kind == "boot" for s in tl.segments)
         totals.restores = len(tl.restores())
@@ -441,6 +470,30 @@ def analyse(
             )
     report.streams = [streams[k] for k in sorted(streams)]
     return report
+
+
+def _middleware(
+    vm: str, text: str, before: str, tl: Timeline, since: Since, start: int = 0
+) -> list[MiddlewareEvent]:
+    """The middleware's events in one guest's log window (see :func:`analyse`).
+
+    From character ``start`` of ``text`` on; after the last restore: from the
+    agent line that began it; from a time: by each line's own timestamp (a
+    line without one counts). The lines before the cut are known lines: seen
+    again, they are a replay.
+    """
+    cut = start
+    if since.kind == LAST_RESTORE and tl.restores():
+        first = next(e.line for e in tl.entries if e.segment == tl.restores()[-1])
+        at = text.rfind(first.text)  # its last copy: the one the restore wrote
+        if at >= 0:
+            cut = max(cut, text.rfind("\n", 0, at) + 1)
+    seen = before.splitlines() + text[:cut].splitlines()
+    events = middleware_events(vm, text[cut:], seen)
+    if since.kind == "time" and since.t is not None:
+        t0 = since.t
+        events = [e for e in events if (line_time(e.line, t0) or t0) >= t0]
+    return events
 
 
 def _role_now(totals: VmTotals, line: LogLine) -> None:
@@ -496,9 +549,39 @@ def _count(totals: VmTotals, streams: dict[tuple[str, str], StreamTotals], line:
 # --- I/O edge ------------------------------------------------------------------------------
 
 
-def console_log_path(data: Path, host: str, vm: str) -> Path:
-    """Where execd's QEMU appends guest ``vm``'s serial console (see lockstep.vm.argv)."""
-    return vm_run_dir(data, host, vm) / "console.log"
+def _lab_info(data: Path, what: str) -> dict[str, Any]:
+    """The lab's lab.json (``what`` names what is read from it, for the message).
+
+    Raises:
+        LabError: the file is missing or unreadable.
+    """
+    path = data / "lab.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise LabError(f"there is no lab here ({path} is missing): is the lab up?") from exc
+    except (OSError, ValueError) as exc:
+        raise LabError(f"cannot read the lab's {what} from {path}: {exc}") from exc
+    if not isinstance(info, dict):
+        raise LabError(f"cannot read the lab's {what} from {path}: not a JSON object")
+    return info
+
+
+def lab_cluster(data: Path) -> tuple[str, dict[str, int]]:
+    """The cluster kind the lab in ``data`` runs, and its console log lengths once it had formed.
+
+    Labs made before there was a choice run the agent, with no marks.
+
+    Raises:
+        LabError: its lab.json is missing or unreadable.
+    """
+    info = _lab_info(data, "cluster")
+    try:
+        kind = str(info["options"].get("cluster", {}).get("kind", ClusterKind.AGENT.value))
+        marks = {str(vm): int(n) for vm, n in info.get("cluster_marks", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise LabError(f"cannot read the lab's cluster from {data / 'lab.json'}: {exc}") from exc
+    return kind, marks
 
 
 def lab_vms(data: Path) -> list[VmInfo]:
@@ -507,14 +590,11 @@ def lab_vms(data: Path) -> list[VmInfo]:
     Raises:
         LabError: the file is missing or unreadable.
     """
-    path = data / "lab.json"
+    info = _lab_info(data, "VMs")
     try:
-        placed = json.loads(path.read_text(encoding="utf-8"))["vms"]
-        return [VmInfo(v["name"], v["host"], v["role"], v["peer"]) for v in placed]
-    except FileNotFoundError as exc:
-        raise LabError(f"there is no lab here ({path} is missing): is the lab up?") from exc
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LabError(f"cannot read the lab's VMs from {path}: {exc}") from exc
+        return [VmInfo(v["name"], v["host"], v["role"], v["peer"]) for v in info["vms"]]
+    except (KeyError, TypeError) as exc:
+        raise LabError(f"cannot read the lab's VMs from {data / 'lab.json'}: {exc}") from exc
 
 
 def read_logs(data: Path, vms: Iterable[VmInfo]) -> dict[str, str]:
@@ -523,7 +603,7 @@ def read_logs(data: Path, vms: Iterable[VmInfo]) -> dict[str, str]:
     Raises:
         LabError: a log exists but cannot be read.
     """
-    return {name: raw.decode("utf-8", "replace") for name, raw in _read_raw(data, vms).items()}
+    return {name: _decode(raw) for name, raw in _read_raw(data, vms).items()}
 
 
 def _read_raw(data: Path, vms: Iterable[VmInfo]) -> dict[str, bytes]:
@@ -594,14 +674,30 @@ def verify_lab(
     """
     data = _lab_data(name)
     vms = lab_vms(data)
+    cluster, formed = lab_cluster(data)
     if marks is None:
-        return analyse(name, vms, read_logs(data, vms), since)
+        raws = _read_raw(data, vms)
+        # The middleware counts from when it had formed: how it formed is not news.
+        starts = {
+            vm: len(_decode(raw[: _line_start(raw, formed.get(vm, 0))])) for vm, raw in raws.items()
+        }
+        logs = {vm: _decode(raw) for vm, raw in raws.items()}
+        return analyse(name, vms, logs, since, cluster=cluster, middleware_from=starts)
     logs, context = {}, {}
     for vm, raw in _read_raw(data, vms).items():
-        mark = raw.rfind(b"\n", 0, marks.get(vm, 0)) + 1  # a line half written then is after
-        logs[vm] = raw[mark:].decode("utf-8", "replace")
-        context[vm] = raw[max(0, mark - _CONTEXT_BYTES) : mark].decode("utf-8", "replace")
-    return analyse(name, vms, logs, since, context)
+        mark = _line_start(raw, marks.get(vm, 0))  # a line half written then is after
+        logs[vm] = _decode(raw[mark:])
+        context[vm] = _decode(raw[max(0, mark - _CONTEXT_BYTES) : mark])
+    return analyse(name, vms, logs, since, context, cluster)
+
+
+def _line_start(raw: bytes, mark: int) -> int:
+    """The start of the line byte ``mark`` is in (a line half written at a mark is after it)."""
+    return raw.rfind(b"\n", 0, mark) + 1
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
 
 
 def _lab_data(name: str) -> Path:

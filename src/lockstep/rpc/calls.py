@@ -39,6 +39,7 @@ __all__ = [
     "DOWN",
     "DRAIN",
     "EXTEND",
+    "INJECT_FAULT",
     "PAUSE",
     "PREPARE_RESTORE",
     "PROBE",
@@ -126,6 +127,8 @@ STATE_FRAMES: Final = Call(
     "StateFrames", Timeout.SLOW, pb.StateFramesRequest, pb.FileChunk, stream=True
 )
 STATE_DELETE: Final = Call("StateDelete", Timeout.NORMAL, pb.StateRequest, pb.StateDeleteReply)
+# A QMP stop or cont, or one nft run.
+INJECT_FAULT: Final = Call("InjectFault", Timeout.NORMAL, pb.FaultRequest, pb.FaultReply)
 
 # The one table of calls, by gRPC method.
 CALLS: Final[Mapping[str, Call[Any, Any]]] = MappingProxyType(
@@ -152,6 +155,7 @@ CALLS: Final[Mapping[str, Call[Any, Any]]] = MappingProxyType(
             VERIFY_STATE,
             STATE_FRAMES,
             STATE_DELETE,
+            INJECT_FAULT,
         )
     }
 )

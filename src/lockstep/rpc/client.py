@@ -29,7 +29,16 @@ import grpc
 from google.protobuf.message import Message
 
 from lockstep.errors import HostTimeout, HostUnreachable, RemoteError, RpcError
-from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
+from lockstep.execd.model import (
+    FaultAction,
+    FaultReply,
+    GuestTime,
+    ProbeReply,
+    SaveProgress,
+    StateInfo,
+    VmReport,
+    VmStatus,
+)
 from lockstep.group import VmSpec
 from lockstep.rpc import convert
 from lockstep.rpc.calls import (
@@ -39,6 +48,7 @@ from lockstep.rpc.calls import (
     DOWN,
     DRAIN,
     EXTEND,
+    INJECT_FAULT,
     PAUSE,
     PREPARE_RESTORE,
     PROBE,
@@ -306,13 +316,18 @@ class HostClient:
         request = pb.DrainRequest(op=op, quiet=quiet, limit=limit)
         return convert.vm_reports_from_pb(await self._call(DRAIN, request))
 
-    async def resume(self, op: str, at: float) -> list[VmReport]:
+    async def resume(
+        self, op: str, at: float, guest_time: GuestTime | None = None
+    ) -> list[VmReport]:
         """Resume ``op``'s VMs at ``at`` (execd clock) and deliver their frames.
+
+        A restore then sets the wall clocks of the guests ``guest_time`` names.
 
         Raises:
             RpcError: HostUnreachable, HostTimeout or RemoteError.
         """
         request = pb.ResumeRequest(op=op, at=at)
+        convert.guest_time_to_pb(request, guest_time)
         return convert.vm_reports_from_pb(await self._call(RESUME, request))
 
     async def stop(self, op: str) -> list[VmReport]:
@@ -425,3 +440,12 @@ class HostClient:
         """
         reply = await self._call(STATE_DELETE, pb.StateRequest(name=name))
         return list(reply.removed_layers)
+
+    async def inject_fault(self, group: str, fault_id: str, action: FaultAction) -> FaultReply:
+        """Inject fault ``fault_id`` on this host's VMs of ``group``, heal, or list its faults.
+
+        Raises:
+            RpcError: HostUnreachable, HostTimeout or RemoteError.
+        """
+        request = convert.fault_request_to_pb(group, fault_id, action)
+        return convert.fault_reply_from_pb(await self._call(INJECT_FAULT, request))

@@ -7,9 +7,12 @@ values travel as the zero value where zero is never a real value:
 - ``VmStatus.pid`` None <-> 0 (no process has pid 0), ``layer``/``state``/``domain``/``uuid``/
   ``xml`` None <-> "" and ``driver`` "" -> "qemu" (a message of an older execd);
 - ``StateInfo.parent`` None <-> "" (state names are never empty);
-- ``VmReport.paused_at``/``resumed_at`` and ``AbortRequest.resume_at`` are proto
-  ``optional``, so None and 0.0 stay distinct;
-- ``CommitReply.state`` unset <-> None.
+- ``VmReport.paused_at``/``resumed_at``/``clock_correction_ms`` and
+  ``AbortRequest.resume_at`` are proto ``optional``, so None and 0.0 stay distinct;
+- ``ResumeRequest``'s guest time: no VM listed <-> None (no guest clock is set);
+- ``CommitReply.state`` unset <-> None;
+- a fault's action is the request's ``oneof``; ``HeldFault.seconds_left`` is
+  proto ``optional`` (only a freeze has one).
 
 VM specs travel as their pydantic JSON; :func:`specs_from_json` validates them and
 raises ``ValueError`` with a one-line message naming the bad spec.
@@ -23,7 +26,24 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lockstep.execd.model import ProbeReply, SaveProgress, StateInfo, VmReport, VmStatus
+from lockstep.execd.model import (
+    FaultAction,
+    FaultReply,
+    FaultVm,
+    Freeze,
+    GuestTime,
+    Heal,
+    HeldFault,
+    Kill,
+    ListFaults,
+    Loss,
+    Partition,
+    ProbeReply,
+    SaveProgress,
+    StateInfo,
+    VmReport,
+    VmStatus,
+)
 from lockstep.group import VmSpec, validate_name
 from lockstep.rpc.generated import execd_pb2 as pb
 
@@ -33,6 +53,12 @@ ERROR_KIND_KEY = "lockstep-error"
 
 __all__ = [
     "ERROR_KIND_KEY",
+    "guest_time_from_pb",
+    "guest_time_to_pb",
+    "fault_action_from_pb",
+    "fault_reply_from_pb",
+    "fault_reply_to_pb",
+    "fault_request_to_pb",
     "manifest_from_pb",
     "manifest_to_pb",
     "probe_reply_from_pb",
@@ -118,11 +144,14 @@ def vm_report_to_pb(report: VmReport) -> pb.VmReport:
         frames_ignored=report.frames_ignored,
         memory_path=report.memory_path,
         memory_note=report.memory_note,
+        clock_note=report.clock_note,
     )
     if report.paused_at is not None:
         msg.paused_at = report.paused_at
     if report.resumed_at is not None:
         msg.resumed_at = report.resumed_at
+    if report.clock_correction_ms is not None:
+        msg.clock_correction_ms = report.clock_correction_ms
     return msg
 
 
@@ -139,7 +168,25 @@ def vm_report_from_pb(msg: pb.VmReport) -> VmReport:
         frames_ignored=msg.frames_ignored,
         memory_path=msg.memory_path,
         memory_note=msg.memory_note,
+        clock_correction_ms=(
+            msg.clock_correction_ms if msg.HasField("clock_correction_ms") else None
+        ),
+        clock_note=msg.clock_note,
     )
+
+
+def guest_time_to_pb(request: pb.ResumeRequest, guest_time: GuestTime | None) -> None:
+    """Put the guests whose wall clock to set, and true time at the resume, in ``request``."""
+    if guest_time is not None and guest_time.vms:
+        request.set_guest_time.extend(guest_time.vms)
+        request.true_at = guest_time.true_at
+
+
+def guest_time_from_pb(request: pb.ResumeRequest) -> GuestTime | None:
+    """The guest time a ResumeRequest asks for (None: no guest's clock is set)."""
+    if not request.set_guest_time:
+        return None
+    return GuestTime(true_at=request.true_at, vms=tuple(request.set_guest_time))
 
 
 def vm_reports_to_pb(reports: Iterable[VmReport]) -> pb.VmReportList:
@@ -277,3 +324,79 @@ def specs_from_json(texts: Sequence[str]) -> list[VmSpec]:
         seen.add(spec.name)
         specs.append(spec)
     return specs
+
+
+def _side_to_pb(side: Sequence[FaultVm]) -> list[pb.FaultVm]:
+    return [pb.FaultVm(name=v.name, macs=list(v.macs)) for v in side]
+
+
+def _side_from_pb(side: Iterable[pb.FaultVm]) -> tuple[FaultVm, ...]:
+    return tuple(FaultVm(v.name, tuple(v.macs)) for v in side)
+
+
+def fault_request_to_pb(group: str, fault_id: str, action: FaultAction) -> pb.FaultRequest:
+    """A fault to inject (or heal, or list) as a request; the action is its ``oneof``."""
+    msg = pb.FaultRequest(group=group, id=fault_id)
+    if isinstance(action, Kill):
+        msg.kill.vm = action.vm
+    elif isinstance(action, Freeze):
+        msg.freeze.CopyFrom(pb.FreezeFault(vm=action.vm, seconds=action.seconds))
+    elif isinstance(action, Partition):
+        msg.partition.CopyFrom(pb.PartitionFault(a=_side_to_pb(action.a), b=_side_to_pb(action.b)))
+    elif isinstance(action, Loss):
+        msg.loss.CopyFrom(pb.LossFault(vm=action.vm, percent=action.percent))
+    elif isinstance(action, Heal):
+        msg.heal.CopyFrom(pb.HealFaults(ids=list(action.ids)))
+    else:
+        msg.list.CopyFrom(pb.Empty())
+    return msg
+
+
+def fault_action_from_pb(msg: pb.FaultRequest) -> FaultAction:
+    """The action of a fault request, as it came (the server validates its values).
+
+    Raises:
+        ValueError: the request names no action.
+    """
+    which = msg.WhichOneof("action")
+    if which == "kill":
+        return Kill(msg.kill.vm)
+    if which == "freeze":
+        return Freeze(msg.freeze.vm, msg.freeze.seconds)
+    if which == "partition":
+        return Partition(_side_from_pb(msg.partition.a), _side_from_pb(msg.partition.b))
+    if which == "loss":
+        return Loss(msg.loss.vm, msg.loss.percent)
+    if which == "heal":
+        return Heal(tuple(msg.heal.ids))
+    if which == "list":
+        return ListFaults()
+    raise ValueError(
+        "the fault request names no action (kill, freeze, partition, loss, heal, list)"
+    )
+
+
+def fault_reply_to_pb(reply: FaultReply) -> pb.FaultReply:
+    """What a host did about a fault, and the faults it holds, as a message."""
+    held = []
+    for h in reply.held:
+        m = pb.HeldFault(id=h.id, kind=h.kind, vms=h.vms, what=h.what)
+        if h.seconds_left is not None:
+            m.seconds_left = h.seconds_left
+        held.append(m)
+    return pb.FaultReply(did=reply.did, held=held)
+
+
+def fault_reply_from_pb(msg: pb.FaultReply) -> FaultReply:
+    """What a host did about a fault, and the faults it holds, from a message."""
+    held = [
+        HeldFault(
+            id=h.id,
+            kind=h.kind,
+            vms=list(h.vms),
+            what=h.what,
+            seconds_left=h.seconds_left if h.HasField("seconds_left") else None,
+        )
+        for h in msg.held
+    ]
+    return FaultReply(did=list(msg.did), held=held)

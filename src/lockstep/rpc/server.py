@@ -51,8 +51,20 @@ from lockstep.errors import (
 )
 from lockstep.execd.api import ExecdApi
 from lockstep.execd.fault import Fault
-from lockstep.execd.model import SaveProgress, VmReport
-from lockstep.group import validate_name
+from lockstep.execd.model import (
+    MAX_FREEZE_S,
+    FaultAction,
+    FaultVm,
+    Freeze,
+    Heal,
+    Kill,
+    ListFaults,
+    Loss,
+    Partition,
+    SaveProgress,
+    VmReport,
+)
+from lockstep.group import validate_mac, validate_name
 from lockstep.rpc import convert
 from lockstep.rpc.calls import CALLS, ServedBy
 from lockstep.rpc.convert import ERROR_KIND_KEY
@@ -184,6 +196,41 @@ def _duration(what: str, value: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{what} must be a finite, non-negative number of seconds, not {value}")
     return value
+
+
+def _side(what: str, side: Sequence[FaultVm]) -> tuple[FaultVm, ...]:
+    if not side:
+        raise ValueError(f"side {what} of the partition names no VM")
+    return tuple(FaultVm(_vm(v.name), tuple(validate_mac(m) for m in v.macs)) for v in side)
+
+
+def _fault(fault_id: str, action: FaultAction) -> tuple[str, FaultAction]:
+    """The fault's id (a name; "" with heal and list) and its action, every field checked."""
+    if isinstance(action, Heal):
+        if fault_id:
+            raise ValueError("a heal names its faults in ids, not in id")
+        return "", Heal(tuple(validate_name("fault", i) for i in action.ids))
+    if isinstance(action, ListFaults):
+        if fault_id:
+            raise ValueError("a list of faults takes no id")
+        return "", action
+    fault_id = validate_name("fault", fault_id)
+    if isinstance(action, Freeze):
+        seconds = _duration("seconds", action.seconds)
+        if not 0 < seconds <= MAX_FREEZE_S:
+            raise ValueError(
+                f"a freeze lasts more than 0 and at most {MAX_FREEZE_S:g} s, not {seconds}"
+            )
+        return fault_id, Freeze(_vm(action.vm), seconds)
+    if isinstance(action, Loss):
+        if not 1 <= action.percent <= 100:
+            raise ValueError(f"a loss drops 1 to 100 % of the frames, not {action.percent} %")
+        return fault_id, Loss(_vm(action.vm), action.percent)
+    if isinstance(action, Partition):
+        a, b = _side("a", action.a), _side("b", action.b)
+        _vms([v.name for v in a + b])  # no VM twice, on one side or on both
+        return fault_id, Partition(a, b)
+    return fault_id, Kill(_vm(action.vm))
 
 
 def _reap(task: asyncio.Task[Any]) -> None:
@@ -414,9 +461,13 @@ class ExecdServicer(pb_grpc.ExecdServicer):
 
     @_rpc
     async def Resume(self, request: pb.ResumeRequest) -> pb.VmReportList:
-        """Resume the operation's VMs at ``at``."""
+        """Resume the operation's VMs at ``at`` (a restore: then set the guests' clocks)."""
         op, at = _op(request.op), self._soon("at", request.at)
-        return convert.vm_reports_to_pb(await self._api.resume(op, at))
+        guest_time = convert.guest_time_from_pb(request)
+        if guest_time is not None:
+            _vms(guest_time.vms)
+            _instant("true_at", guest_time.true_at)
+        return convert.vm_reports_to_pb(await self._api.resume(op, at, guest_time))
 
     @_rpc
     async def Stop(self, request: pb.OpRequest) -> pb.VmReportList:
@@ -493,6 +544,13 @@ class ExecdServicer(pb_grpc.ExecdServicer):
         chunks = self._api.state_frames(_state(request.name), _vm(request.vm))
         while (item := await asyncio.to_thread(next, chunks, None)) is not None:
             yield pb.FileChunk(file=item[0], data=item[1])
+
+    @_rpc
+    async def InjectFault(self, request: pb.FaultRequest) -> pb.FaultReply:
+        """Inject a fault on this host's VMs of the group, heal its faults, or list them."""
+        group = validate_name("group", request.group)
+        fault_id, action = _fault(request.id, convert.fault_action_from_pb(request))
+        return convert.fault_reply_to_pb(await self._api.inject_fault(group, fault_id, action))
 
 
 class ExecdServer:

@@ -83,15 +83,19 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
             continue
 
 
-async def execute(case: Case, env: Mapping[str, str], timeout: float) -> Outcome:
+async def execute(
+    case: Case, env: Mapping[str, str], timeout: float, out: Outcome | None = None
+) -> Outcome:
     """Run ``case`` with ``env`` until it exits, or stop it after ``timeout`` seconds.
 
-    Cancelled (Ctrl-C), the case is stopped before the cancellation goes on.
+    Cancelled (Ctrl-C), the case is stopped before the cancellation goes on;
+    what it printed until then is in ``out``, when the caller handed one.
 
     Raises:
         OSError: the case could not be started.
     """
-    out = Outcome(started=time.time())
+    if out is None:
+        out = Outcome(started=time.time())
     proc = await asyncio.create_subprocess_exec(
         str(case.path),
         stdin=asyncio.subprocess.DEVNULL,

@@ -45,6 +45,14 @@ class RunOptions:
     verify: bool = False
 
 
+class _Interrupted(Exception):
+    """Ctrl-C while a case ran: the case, stopped, with what it printed until then."""
+
+    def __init__(self, case: CaseResult) -> None:
+        super().__init__(case.message)
+        self.case = case
+
+
 def _key(name: str) -> str:
     return re.sub(r"[^A-Z0-9]", "_", name.upper())
 
@@ -148,17 +156,33 @@ async def _one(
         )
     env = case_env(caller.group, group_file, state, case, lab)
     say(f"{case.name}: running (restore took {restored.duration_s:.2f} s)")
-    try:
-        outcome = await execute(case, env, options.timeout)
-    except OSError as exc:
+    outcome = Outcome(started=time.time())
+
+    def ran(status: str, message: str, **more: Any) -> CaseResult:
         return CaseResult(
             case.name,
             str(case.path),
-            "error",
-            message=f"case {case.name} could not be started: {exc}",
+            status,  # type: ignore[arg-type]
+            message=message,
+            exit_code=outcome.exit_code,
+            started=outcome.started,
+            duration_s=outcome.duration,
             reset_s=restored.duration_s,
             restore=restored.to_json(),
+            output=outcome.lines,
+            dropped=outcome.dropped,
+            **more,
         )
+
+    try:
+        await execute(case, env, options.timeout, outcome)
+    except asyncio.CancelledError:
+        outcome.ended = outcome.ended or time.time()
+        stopped = f"case {case.name} was stopped by Ctrl-C after {outcome.duration:.1f} s"
+        raise _Interrupted(ran("interrupted", stopped)) from None
+    except OSError as exc:
+        outcome.ended = time.time()
+        return ran("error", f"case {case.name} could not be started: {exc}")
     status, message = _verdict(case, outcome, options.timeout)
     if lab is not None:
         noticed: dict[str, Any] | None = verify_lab(lab, marks=marks).to_json()
@@ -167,21 +191,7 @@ async def _one(
         noticed = await _check(options.check, env) if options.check else None
         console = {}
     say(f"{case.name}: {status} in {outcome.duration:.2f} s")
-    return CaseResult(
-        case.name,
-        str(case.path),
-        status,  # type: ignore[arg-type]
-        message=message,
-        exit_code=outcome.exit_code,
-        started=outcome.started,
-        duration_s=outcome.duration,
-        reset_s=restored.duration_s,
-        restore=restored.to_json(),
-        output=outcome.lines,
-        dropped=outcome.dropped,
-        noticed=noticed,
-        console=console,
-    )
+    return ran(status, message, noticed=noticed, console=console)
 
 
 def lab_of(group: GroupSpec) -> str | None:
@@ -207,7 +217,9 @@ async def run_cases(
     try:
         for case in cases:
             result.cases.append(await _one(caller, group_file, state, case, options, lab, say))
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, _Interrupted) as exc:
+        if isinstance(exc, _Interrupted):
+            result.cases.append(exc.case)
         result.interrupted = True
         task = asyncio.current_task()
         if task is not None:

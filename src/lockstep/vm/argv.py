@@ -4,6 +4,11 @@ Everything that makes two QEMU processes of the same VM compatible for
 migration (machine type, devices, their ids and order) is decided here and only
 here, so a VM saved by one process can always be loaded by the next one.
 
+Every VM gets a channel for a QEMU guest agent (a ``virtio-serial`` port named
+``org.qemu.guest_agent.0`` on a socket in its run dir): a guest that runs
+``qemu-ga`` lets lockstep set its wall clock after a restore. Its devices come
+after the disks and the NICs, so theirs keep the PCI slots they always had.
+
 Guest RAM is either anonymous memory (plain ``-m``) or a file
 (:class:`RamFile`, ``memory-backend-file``; see :mod:`lockstep.vm.memory`). The
 file backend takes the id QEMU gives the RAM of a plain ``-m`` pc machine,
@@ -20,11 +25,25 @@ from pathlib import Path
 from lockstep.group import VmSpec
 from lockstep.units import format_size
 
-__all__ = ["QEMU_BINARY", "RAM_BACKEND_ID", "Drive", "RamFile", "VmPaths", "drive_id", "qemu_argv"]
+__all__ = [
+    "AGENT_CHARDEV",
+    "AGENT_PORT",
+    "QEMU_BINARY",
+    "RAM_BACKEND_ID",
+    "Drive",
+    "RamFile",
+    "VmPaths",
+    "drive_id",
+    "qemu_argv",
+]
 
 QEMU_BINARY = "qemu-system-x86_64"
 # The id of a pc machine's default RAM backend: the RAM block keeps its name.
 RAM_BACKEND_ID = "pc.ram"
+# The guest agent's channel: QEMU's chardev id for it (query-chardev's label),
+# and the port name qemu-ga looks for in the guest.
+AGENT_CHARDEV = "agent"
+AGENT_PORT = "org.qemu.guest_agent.0"
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,11 @@ class VmPaths:
     def channel(self) -> Path:
         """Second serial port (ttyS1) as a unix socket, for a guest agent."""
         return self.rundir / "channel.sock"
+
+    @property
+    def agent(self) -> Path:
+        """The guest agent's virtio-serial port as a unix socket (QEMU listens)."""
+        return self.rundir / "agent.sock"
 
     @property
     def stderr(self) -> Path:
@@ -180,6 +204,12 @@ def qemu_argv(
             "-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no",
             "-device", f"{nic.model},netdev=net{i},mac={nic.mac},id=nic{i}",
         ]  # fmt: skip
+    port = f"virtserialport,bus=vser0.0,chardev={AGENT_CHARDEV},name={AGENT_PORT},id=agent0"
+    argv += [
+        "-chardev", f"socket,id={AGENT_CHARDEV},path={_opt(paths.agent)},server=on,wait=off",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-device", port,
+    ]  # fmt: skip
     if incoming:
         argv += ["-incoming", "defer"]
     if paused or incoming:

@@ -54,3 +54,20 @@ class VmControl(Protocol):
         Raises:
             VmError: the VM could not be resumed.
         """
+
+    async def kill(self) -> None:
+        """Kill QEMU at once (SIGKILL), as a crash would; the VM is gone afterwards."""
+
+    async def announce(self) -> None:
+        """Announce the running VM's NICs to the network, where the driver can.
+
+        Raises:
+            VmError: QEMU refused or did not answer.
+        """
+
+    async def guest_agent_open(self) -> bool:
+        """Whether a guest agent in the VM listens on its channel.
+
+        Raises:
+            VmError: QEMU (or libvirt) did not answer.
+        """

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "AGENT_CHANNEL",
     "DomainDisk",
     "DomainNic",
+    "agent_connected",
     "disks",
     "identity",
     "layered",
@@ -30,6 +32,10 @@ __all__ = [
     "with_disk_sources",
     "with_taps",
 ]
+
+
+# The virtio-serial port qemu-ga listens on in the guest (libvirt's channel target name).
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,14 @@ def layered(xml: str) -> list[DomainDisk]:
 def skipped(xml: str) -> dict[str, str]:
     """The disks left alone, by target, with why (for the report)."""
     return {d.target: why for d in disks(xml) if (why := _why_not(d))}
+
+
+def agent_connected(xml: str) -> bool:
+    """Whether the live domain's guest agent channel is connected (qemu-ga runs in the guest)."""
+    for channel in _root(xml).iterfind("./devices/channel/target"):
+        if channel.get("name") == AGENT_CHANNEL:
+            return channel.get("state") == "connected"
+    return False
 
 
 def nics(xml: str) -> list[DomainNic]:

@@ -39,10 +39,18 @@ from qemu.qmp.message import Message
 from lockstep.errors import QemuStartError, QmpError, VmError, VmStateError
 from lockstep.group import VmSpec
 from lockstep.proc import in_netns
-from lockstep.vm.argv import QEMU_BINARY, Drive, RamFile, VmPaths, drive_id, qemu_argv
+from lockstep.vm.argv import (
+    AGENT_CHARDEV,
+    QEMU_BINARY,
+    Drive,
+    RamFile,
+    VmPaths,
+    drive_id,
+    qemu_argv,
+)
 from lockstep.vm.memory import discard_ram_file
 
-__all__ = ["Machine", "MigrationProgress", "VmRunstate", "qemu_threads"]
+__all__ = ["ANNOUNCE_ROUNDS", "Machine", "MigrationProgress", "VmRunstate", "qemu_threads"]
 
 # Unlimited for all practical purposes (QEMU 7.2 caps migration at 128 MiB/s by default).
 _MAX_BANDWIDTH = 1 << 50
@@ -63,6 +71,9 @@ _STDERR_TAIL = 1500
 _COMMAND_TIMEOUT = 20.0
 # QEMU's sockets close as it exits: how long a broken connection waits to see it gone.
 _EXIT_GRACE = 1.0
+# announce-self's rounds (ms), as QEMU announces a migrated VM: now, then 50 ms
+# later, then each interval 100 ms longer (at most 550), 5 rounds in all.
+ANNOUNCE_ROUNDS = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 
 
 def qemu_threads(pid: int, *, vcpus: bool) -> list[int]:
@@ -286,7 +297,7 @@ class Machine:
         """
         self._require(VmRunstate.NEW)
         self.paths.rundir.mkdir(parents=True, exist_ok=True)
-        for stale in (self.paths.qmp, self.paths.channel, self.paths.pidfile):
+        for stale in (self.paths.qmp, self.paths.channel, self.paths.agent, self.paths.pidfile):
             stale.unlink(missing_ok=True)
         argv = qemu_argv(
             self.spec,
@@ -531,6 +542,37 @@ class Machine:
         self._set(VmRunstate.RUNNING)
         return at
 
+    async def announce(self) -> None:
+        """Announce the running VM's NICs to the network (QMP ``announce-self``).
+
+        QEMU sends a RARP from each NIC's MAC, so switches learn where it is;
+        a virtio-net guest driver is asked to announce itself too, and sends
+        gratuitous ARPs for every address it has (virtual addresses included),
+        so machines outside the group update their ARP caches. The first round
+        goes out at once, then as :data:`ANNOUNCE_ROUNDS` says.
+
+        Raises:
+            VmStateError: the VM is not running.
+            QmpError: QEMU refused (a QEMU before 4.0 has no announce-self) or did not answer.
+        """
+        self._require(VmRunstate.RUNNING)
+        await self.execute("announce-self", dict(ANNOUNCE_ROUNDS))
+
+    async def guest_agent_open(self) -> bool:
+        """Whether a guest agent in the VM has its port open (qemu-ga runs and listens).
+
+        QEMU says so as the agent chardev's ``frontend-open``: the guest opened
+        its end of the virtio-serial port. A restored VM has it as the guest
+        had it when saved.
+
+        Raises:
+            QmpError: QEMU did not answer.
+        """
+        for chardev in await self.execute("query-chardev"):
+            if chardev.get("label") == AGENT_CHARDEV:
+                return bool(chardev.get("frontend-open"))
+        return False
+
     async def snapshot_disks(self, new_layers: Mapping[int, Path]) -> None:
         """Make each ``new_layers[i]`` (created here by QEMU) the active layer of disk ``i``.
 
@@ -690,6 +732,11 @@ class Machine:
             self._send_fd(fd, "memfile")
             await self.execute("getfd", {"fdname": "memfile"})
             await self._migration_setup(ignore_shared=ignore_shared)
+            # QEMU announces a VM whose memory it loaded (RARP from its NICs),
+            # even one that stays paused: from a restore's VM prepared beside
+            # the running one, that teaches the bridge the running VM's MAC on
+            # the new, frozen tap. The VM is announced after its resume instead.
+            await self.execute("migrate-set-parameters", {"announce-rounds": 0})
             await self.execute("migrate-incoming", {"uri": "fd:memfile"})
             await self._wait_migration(f"loading memory from {path}", None, timeout)
         finally:

@@ -9,8 +9,14 @@ Protocol, one JSON object per line in each direction::
 
     host -> guest  {"id": N, "sh": "command", "timeout": S}   run with /bin/sh -c
                    {"id": N, "ping": true}
+                   {"id": N, "clock": true}                   read the wall clock
     guest -> host  {"id": N, "rc": R, "out": "stdout and stderr"}
                    {"id": N, "pong": true}
+                   {"id": N, "clock_ns": T}                   CLOCK_REALTIME, ns
+
+A clock request is answered at once, with no process started (``date`` would
+take a fork and an exec, tens of ms under TCG), so the host can bound when the
+guest read its clock by the request's round trip.
 
 A command that outlives its timeout is killed with its whole process group and
 answers rc 124. Commands run concurrently, each in its own thread. Lines that
@@ -52,11 +58,12 @@ COMMAND_ENV = {
 
 @dataclass(frozen=True)
 class Request:
-    """One request from the host: a ping, or a shell command with its timeout."""
+    """One request from the host: a ping, a clock reading, or a shell command with its timeout."""
 
     id: int
     command: str | None
     timeout: float
+    clock: bool = False
 
 
 def parse_request(line: bytes) -> Request | None:
@@ -76,6 +83,8 @@ def parse_request(line: bytes) -> Request | None:
         return None
     if message.get("ping") is True:
         return Request(ident, None, 0.0)
+    if message.get("clock") is True:
+        return Request(ident, None, 0.0, clock=True)
     command = message.get("sh")
     if not isinstance(command, str):
         return None
@@ -220,6 +229,9 @@ class Agent:
     def _handle(self, line: bytes) -> None:
         request = parse_request(line)
         if request is None:
+            return
+        if request.clock:
+            self._send({"id": request.id, "clock_ns": time.time_ns()})
             return
         if request.command is None:
             self._send({"id": request.id, "pong": True})

@@ -87,7 +87,7 @@ class VmStatusList(_message.Message):
     def __init__(self, vms: _Optional[_Iterable[_Union[VmStatus, _Mapping]]] = ...) -> None: ...
 
 class VmReport(_message.Message):
-    __slots__ = ("name", "paused_at", "resumed_at", "memory_bytes", "frames_held", "frames_delivered", "frames_dropped", "memory_path", "memory_note", "frames_ignored")
+    __slots__ = ("name", "paused_at", "resumed_at", "memory_bytes", "frames_held", "frames_delivered", "frames_dropped", "memory_path", "memory_note", "frames_ignored", "clock_correction_ms", "clock_note")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAUSED_AT_FIELD_NUMBER: _ClassVar[int]
     RESUMED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,8 @@ class VmReport(_message.Message):
     MEMORY_PATH_FIELD_NUMBER: _ClassVar[int]
     MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
     FRAMES_IGNORED_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_CORRECTION_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     paused_at: float
     resumed_at: float
@@ -108,7 +110,9 @@ class VmReport(_message.Message):
     memory_path: str
     memory_note: str
     frames_ignored: int
-    def __init__(self, name: _Optional[str] = ..., paused_at: _Optional[float] = ..., resumed_at: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., frames_held: _Optional[int] = ..., frames_delivered: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., memory_path: _Optional[str] = ..., memory_note: _Optional[str] = ..., frames_ignored: _Optional[int] = ...) -> None: ...
+    clock_correction_ms: float
+    clock_note: str
+    def __init__(self, name: _Optional[str] = ..., paused_at: _Optional[float] = ..., resumed_at: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., frames_held: _Optional[int] = ..., frames_delivered: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., memory_path: _Optional[str] = ..., memory_note: _Optional[str] = ..., frames_ignored: _Optional[int] = ..., clock_correction_ms: _Optional[float] = ..., clock_note: _Optional[str] = ...) -> None: ...
 
 class VmReportList(_message.Message):
     __slots__ = ("vms",)
@@ -167,12 +171,16 @@ class DrainRequest(_message.Message):
     def __init__(self, op: _Optional[str] = ..., quiet: _Optional[float] = ..., limit: _Optional[float] = ...) -> None: ...
 
 class ResumeRequest(_message.Message):
-    __slots__ = ("op", "at")
+    __slots__ = ("op", "at", "set_guest_time", "true_at")
     OP_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
+    SET_GUEST_TIME_FIELD_NUMBER: _ClassVar[int]
+    TRUE_AT_FIELD_NUMBER: _ClassVar[int]
     op: str
     at: float
-    def __init__(self, op: _Optional[str] = ..., at: _Optional[float] = ...) -> None: ...
+    set_guest_time: _containers.RepeatedScalarFieldContainer[str]
+    true_at: float
+    def __init__(self, op: _Optional[str] = ..., at: _Optional[float] = ..., set_guest_time: _Optional[_Iterable[str]] = ..., true_at: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("op", "resume_at")
@@ -279,3 +287,89 @@ class FileChunk(_message.Message):
     file: str
     data: bytes
     def __init__(self, file: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class FaultRequest(_message.Message):
+    __slots__ = ("group", "id", "kill", "freeze", "partition", "loss", "heal", "list")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KILL_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    HEAL_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    id: str
+    kill: KillFault
+    freeze: FreezeFault
+    partition: PartitionFault
+    loss: LossFault
+    heal: HealFaults
+    list: Empty
+    def __init__(self, group: _Optional[str] = ..., id: _Optional[str] = ..., kill: _Optional[_Union[KillFault, _Mapping]] = ..., freeze: _Optional[_Union[FreezeFault, _Mapping]] = ..., partition: _Optional[_Union[PartitionFault, _Mapping]] = ..., loss: _Optional[_Union[LossFault, _Mapping]] = ..., heal: _Optional[_Union[HealFaults, _Mapping]] = ..., list: _Optional[_Union[Empty, _Mapping]] = ...) -> None: ...
+
+class KillFault(_message.Message):
+    __slots__ = ("vm",)
+    VM_FIELD_NUMBER: _ClassVar[int]
+    vm: str
+    def __init__(self, vm: _Optional[str] = ...) -> None: ...
+
+class FreezeFault(_message.Message):
+    __slots__ = ("vm", "seconds")
+    VM_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    vm: str
+    seconds: float
+    def __init__(self, vm: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class FaultVm(_message.Message):
+    __slots__ = ("name", "macs")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MACS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    macs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., macs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PartitionFault(_message.Message):
+    __slots__ = ("a", "b")
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    a: _containers.RepeatedCompositeFieldContainer[FaultVm]
+    b: _containers.RepeatedCompositeFieldContainer[FaultVm]
+    def __init__(self, a: _Optional[_Iterable[_Union[FaultVm, _Mapping]]] = ..., b: _Optional[_Iterable[_Union[FaultVm, _Mapping]]] = ...) -> None: ...
+
+class LossFault(_message.Message):
+    __slots__ = ("vm", "percent")
+    VM_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    vm: str
+    percent: int
+    def __init__(self, vm: _Optional[str] = ..., percent: _Optional[int] = ...) -> None: ...
+
+class HealFaults(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HeldFault(_message.Message):
+    __slots__ = ("id", "kind", "vms", "what", "seconds_left")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    WHAT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: str
+    vms: _containers.RepeatedScalarFieldContainer[str]
+    what: str
+    seconds_left: float
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., vms: _Optional[_Iterable[str]] = ..., what: _Optional[str] = ..., seconds_left: _Optional[float] = ...) -> None: ...
+
+class FaultReply(_message.Message):
+    __slots__ = ("did", "held")
+    DID_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    did: _containers.RepeatedScalarFieldContainer[str]
+    held: _containers.RepeatedCompositeFieldContainer[HeldFault]
+    def __init__(self, did: _Optional[_Iterable[str]] = ..., held: _Optional[_Iterable[_Union[HeldFault, _Mapping]]] = ...) -> None: ...

@@ -134,6 +134,11 @@ class ExecdStub:
                 request_serializer=lockstep_dot_v1_dot_execd__pb2.StateFramesRequest.SerializeToString,
                 response_deserializer=lockstep_dot_v1_dot_execd__pb2.FileChunk.FromString,
                 _registered_method=True)
+        self.InjectFault = channel.unary_unary(
+                '/lockstep.v1.Execd/InjectFault',
+                request_serializer=lockstep_dot_v1_dot_execd__pb2.FaultRequest.SerializeToString,
+                response_deserializer=lockstep_dot_v1_dot_execd__pb2.FaultReply.FromString,
+                _registered_method=True)
 
 
 class ExecdServicer:
@@ -270,6 +275,15 @@ class ExecdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InjectFault(self, request, context):
+        """Faults injected on purpose (lockstep fault): kill or freeze one VM, cut
+        frames between VMs or lose some of a VM's; heal them, or list them. Each
+        host acts on its own VMs; a restore that switches over heals its group's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -372,6 +386,11 @@ def add_ExecdServicer_to_server(servicer, server):
                     servicer.StateFrames,
                     request_deserializer=lockstep_dot_v1_dot_execd__pb2.StateFramesRequest.FromString,
                     response_serializer=lockstep_dot_v1_dot_execd__pb2.FileChunk.SerializeToString,
+            ),
+            'InjectFault': grpc.unary_unary_rpc_method_handler(
+                    servicer.InjectFault,
+                    request_deserializer=lockstep_dot_v1_dot_execd__pb2.FaultRequest.FromString,
+                    response_serializer=lockstep_dot_v1_dot_execd__pb2.FaultReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -914,6 +933,33 @@ class Execd:
             '/lockstep.v1.Execd/StateFrames',
             lockstep_dot_v1_dot_execd__pb2.StateFramesRequest.SerializeToString,
             lockstep_dot_v1_dot_execd__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InjectFault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockstep.v1.Execd/InjectFault',
+            lockstep_dot_v1_dot_execd__pb2.FaultRequest.SerializeToString,
+            lockstep_dot_v1_dot_execd__pb2.FaultReply.FromString,
             options,
             channel_credentials,
             insecure,
