@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
+
+# libvirt's embedded driver forks in this process (a QEMU probed or started):
+# gRPC's fork handlers then abort the child ("epoll_wait error: Bad file
+# descriptor", libvirt closes every descriptor before exec). The execd never
+# uses gRPC in a child process, so it turns them off before gRPC starts.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import click
 

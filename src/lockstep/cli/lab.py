@@ -141,6 +141,14 @@ def lab() -> None:
     help="Disks per VM: the root disk, then empty data disks (/dev/vdb...); states keep each.",
 )
 @click.option(
+    "--driver",
+    default=LabOptions.driver,
+    show_default=True,
+    type=click.Choice(["qemu", "libvirt"]),
+    help="qemu: the execds start the VMs' QEMU; libvirt: the VMs are domains of an embedded"
+    " libvirt in each host's execd (needs libvirt-python: pip install 'lockstep[libvirt]').",
+)
+@click.option(
     "--clock-offset",
     "offsets",
     multiple=True,
@@ -165,7 +173,7 @@ def lab() -> None:
 @click.pass_context
 def lab_up(
     ctx: click.Context, /, name: str, hosts: int, vms: int, memory: str | None, heartbeat: str,
-    fail_timeout: str, stream_rate: int, disks: int, offsets: tuple[str, ...],
+    fail_timeout: str, stream_rate: int, disks: int, driver: str, offsets: tuple[str, ...],
     packages: tuple[str, ...], starts: tuple[str, ...], **cluster: Any,
 ) -> None:  # fmt: skip
     """Bring the lab up and write its group file (./lockstep.toml unless -g).
@@ -192,6 +200,7 @@ def lab_up(
             name=name, hosts=hosts, vms=vms, memory=memory,
             heartbeat=parse_duration(heartbeat), timeout=parse_duration(fail_timeout),
             stream_rate=stream_rate, disks=disks,
+            driver="libvirt" if driver == "libvirt" else "qemu",
             clock_offsets=_offsets(offsets), extra_packages=packages,
             start=_starts(starts), group_file=group_file_path(group_opt), cluster=spec,
         )  # fmt: skip

@@ -18,11 +18,11 @@ only what a state needs, every change through libvirt:
   image checked, fresh overlays over the state's layers, the XML with the
   disks on them), and at the switch-over, with every VM of the group paused,
   saves the running domain aside (its memory; its disks are not written
-  again), restores the state's domain paused on lockstep's own taps (made and
-  frozen first, so no frame of the old timeline waits in their queues), and
-  queues the state's frames. Swapping back is destroying that domain and
-  restoring the one saved aside. The commit deletes what was saved aside and
-  points the domain's definition at its new overlays.
+  again), restores the state's domain paused, freezes the taps libvirt made
+  for it (the names the domain's XML gives, ``<target dev=...>``, or new
+  ``vnetN`` ones) and queues the state's frames. Swapping back is destroying
+  that domain and restoring the one saved aside. The commit deletes what was
+  saved aside and points the domain's definition at its new overlays.
 
 What that costs, and its limits: README, "libvirt domains".
 """
@@ -45,7 +45,6 @@ from lockstep.execd.ops import OperationError
 from lockstep.execd.vms import DiskRuntime, HostVm, VmRuntime
 from lockstep.group import VmSpec
 from lockstep.net.freeze import prepare_tap
-from lockstep.net.links import create_tap, delete_link
 from lockstep.store import VmRecord
 from lockstep.vm import domainxml
 from lockstep.vm.domain import Domain, Libvirt
@@ -229,7 +228,6 @@ class LibvirtDriver(VmDriver):
             spec = VmSpec.model_validate(record["spec"])
             rep = DomainReplacement(self, name, spec, Path(str(record["folder"])))
             rep.disks = [DiskRuntime(**d) for d in record.get("disks", [])]
-            rep.taps = [str(t) for t in record.get("taps", [])]
             old = record.get("old")
             rep.old_runtime = None if old is None else VmRuntime.from_json(str(old))
         except (KeyError, TypeError, ValueError) as exc:
@@ -292,9 +290,8 @@ class DomainReplacement(Replacement):
         self.group = group
         self.state = state
         self.rec = rec
-        self.xml = ""  # the state's domain, on its fresh layers and lockstep's taps
+        self.xml = ""  # the state's domain, on its fresh layers
         self.disks: list[DiskRuntime] = []  # the fresh layers it starts on
-        self.taps: list[str] = []  # the taps lockstep makes for it
         self.old_runtime: VmRuntime | None = None  # the replaced VM's record, once saved aside
 
     @property
@@ -303,13 +300,12 @@ class DomainReplacement(Replacement):
         return self.folder / ASIDE_FILE
 
     def record(self) -> dict[str, Any]:
-        """The folder, the fresh layers and taps, and the replaced VM's record once saved aside."""
+        """The folder, the fresh layers, and the replaced VM's record once saved aside."""
         return {
             "driver": "libvirt",
             "spec": self.spec.model_dump(mode="json"),
             "folder": str(self.folder),
             "disks": [asdict(d) for d in self.disks],
-            "taps": self.taps,
             "old": None if self.old_runtime is None else self.old_runtime.to_json(),
         }
 
@@ -363,19 +359,10 @@ class DomainReplacement(Replacement):
         frozen = [DiskRuntime(d.target, d.base, list(d.chain)) for d in rec.disks]
         self.disks = await host.vms.new_layers(self.name, frozen)
         layers = host.store.layers_dir
-        xml = domainxml.with_disk_sources(
+        self.xml = domainxml.with_disk_sources(
             image, {d.target: disk.layer_path(layers, d.layer) for d in self.disks if d.layer}
         )
-        avoid = running.runtime.taps if running is not None else ()
-        self.taps = host.vms.taps(self.group, self.spec_with_nics(xml), avoid=avoid)
-        self.xml = domainxml.with_taps(xml, self.taps)
         return VmReport(name=self.name, memory_path="standard", memory_note="libvirt save image")
-
-    def spec_with_nics(self, xml: str) -> VmSpec:
-        """The VM's spec with as many NICs as its domain has (for lockstep's tap names)."""
-        count = len(domainxml.nics(xml))
-        nics = [{"network": "domain", "mac": f"52:54:00:00:00:{i:02x}"} for i in range(count)]
-        return self.spec.model_copy(update={"nics": nics}) if count else self.spec
 
     async def swap(self, old: HostVm | None) -> None:
         """Save the running domain aside, restore the state's domain paused, frozen, frames queued.
@@ -386,30 +373,29 @@ class DomainReplacement(Replacement):
         assert self.rec is not None
         self.old, self.swapped = old, True
         host, driver = self.driver.host, self.driver
-        if old is not None and old.machine.alive():
-            self.old_runtime = old.runtime
-            await domain_of(old).save(self.aside)
-        # lockstep's taps, made and frozen before libvirt opens them: no frame
-        # of the old timeline can wait in their queues; the freeze takes it.
-        for tap in self.taps:
-            await create_tap(tap, None, netns=host.config.netns)
-        runtime = VmRuntime(spec=self.spec, group=self.group, taps=list(self.taps))
+        if old is not None:
+            if old.freeze is not None:  # its frames are of a timeline that ends here
+                with contextlib.suppress(LockstepError):
+                    await old.freeze.lift()
+                old.freeze = None
+            if old.machine.alive():
+                self.old_runtime = old.runtime
+                await domain_of(old).save(self.aside)
+        hub = await driver.hub(self.spec)
+        memory = host.store.states_dir / self.state / (self.rec.memory or "")
+        # libvirt makes the domain's taps and puts them in their bridges; the
+        # domain, paused, reads nothing from them until it resumes. Every VM
+        # of the group is paused now: what reaches them before the freeze
+        # below is from outside the group, and goes to the guest as it resumes.
+        dom = await hub.restore(memory, self.xml, self.spec.domain_name, self.name)
+        runtime = VmRuntime(spec=self.spec, group=self.group, taps=[])
         runtime.disks, runtime.state = list(self.disks), self.state
         home = host.vms.home(self.name)
-        freeze = host.vms.freeze_of(runtime, home)
+        vm = self.new = HostVm(runtime, dom, home, driver)
+        runtime.taps = await driver.taps(dom)
+        freeze = vm.freeze = host.vms.freeze_of(runtime, home)
         await freeze.prepare()
-        try:
-            await freeze.engage()
-            hub = await driver.hub(self.spec)
-            memory = host.store.states_dir / self.state / (self.rec.memory or "")
-            dom = await hub.restore(memory, self.xml, self.spec.domain_name, self.name)
-        except BaseException:
-            await freeze.lift()
-            raise
-        vm = self.new = HostVm(runtime, dom, home, driver, freeze=freeze)
-        await driver.taps(dom)  # their clsact qdiscs are there already: nothing is dropped
-        # The state's frames go first in the new domain's queues: it reads
-        # nothing until it resumes, and nothing of its timeline exists yet.
+        await freeze.engage()
         freeze.load_pcaps([host.store.states_dir / self.state / f for f in self.rec.frames])
         await freeze.queue_saved()
         host.vms.persist(vm)
@@ -428,7 +414,6 @@ class DomainReplacement(Replacement):
                     await new.freeze.lift()
             if isinstance(new.machine, Domain):
                 await new.machine.destroy()
-        await self._remove_taps()
         self.swapped = False
         if self.old_runtime is None or not self.aside.exists():
             return self.old
@@ -445,11 +430,6 @@ class DomainReplacement(Replacement):
         self.old_runtime = None
         return vm
 
-    async def _remove_taps(self) -> None:
-        for tap in self.taps:
-            with contextlib.suppress(LockstepError):
-                await delete_link(tap, netns=self.driver.host.config.netns)
-
     async def discard(self) -> None:
         """Drop the fresh layers and folder (the domain saved aside, if any, is kept)."""
         new, self.new = self.new, None
@@ -459,7 +439,6 @@ class DomainReplacement(Replacement):
                     await new.freeze.lift()
                 if isinstance(new.machine, Domain):
                     await new.machine.destroy()
-            await self._remove_taps()
         if self.aside.exists():
             log.warning("VM %s: its domain saved aside is kept in %s", self.name, self.aside)
             return

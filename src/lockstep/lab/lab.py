@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomli_w
 
@@ -36,6 +36,7 @@ from lockstep.lab.clusterconf import (
     ClusterSpec,
     Member,
 )
+from lockstep.lab.domains import domain_xml, embed_uri, lab_tap, write_embed_root
 from lockstep.lab.guestctl import GuestControl
 from lockstep.lab.image import GuestImage, build_image
 from lockstep.lab.ledger import Ledger, PathEntry, ProcessEntry, lab_ledger_path
@@ -103,6 +104,7 @@ class LabOptions:
     timeout: float = 3.0
     stream_rate: int = 20  # packets per second from every guest to every other guest
     disks: int = 1  # per VM: the root disk, then empty data disks (/dev/vdb...)
+    driver: Literal["qemu", "libvirt"] = "qemu"  # libvirt: the VMs are domains (lab.domains)
     clock_offsets: Mapping[str, float] = field(default_factory=dict)
     extra_packages: Sequence[str] = ()
     start: Mapping[str, str] = field(default_factory=dict)  # VM name -> extra start command
@@ -218,10 +220,79 @@ async def _make_data_disks(data: Path, count: int) -> list[Path]:
     return paths
 
 
-def _group_document(
+def libvirt_root(data: Path, host: str) -> Path:
+    """The root of lab host ``host``'s embedded libvirt (libvirt mode)."""
+    return data / "hosts" / host / "libvirt"
+
+
+def domain_disks(data: Path, vm: str, count: int) -> list[Path]:
+    """Lab domain ``vm``'s own disk files (libvirt mode): its root disk, then its data disks."""
+    return [data / "domains" / vm / f"vd{chr(ord('a') + i)}.qcow2" for i in range(count)]
+
+
+async def _define_domains(
     opts: LabOptions, plan: LabPlan, image: GuestImage, vms: Sequence[LabVm], data: Path
+) -> dict[str, Path]:
+    """Each lab VM's domain XML file and disks (libvirt mode); the XML files by VM."""
+    for h in plan.hosts:
+        write_embed_root(libvirt_root(data, h.name))
+    bridges = {h.name: h.vm_bridge for h in plan.hosts}
+    bases = [image.rootfs, *data_disks(data, opts.disks)]
+    out = {}
+    for vm in vms:
+        files = domain_disks(data, vm.name, opts.disks)
+        files[0].parent.mkdir(parents=True, exist_ok=True)
+        for base, file in zip(bases, files, strict=True):
+            backed = ["-F", "qcow2", "-b", str(base)]
+            await arun(["qemu-img", "create", "-q", "-f", "qcow2", *backed, str(file)])
+        paths = vm_paths(data, vm.host, vm.name)
+        paths.rundir.mkdir(parents=True, exist_ok=True)
+        xml = domain_xml(
+            name=vm.name,
+            memory=parse_size(opts.memory),
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=_cmdline(opts, plan, image, vm, vms),
+            disks=files,
+            bridge=bridges[vm.host],
+            mac=vm.mac,
+            tap=lab_tap(vm.name, 0),
+            console=paths.console,
+            channel=paths.channel,
+            agent=paths.agent,
+        )
+        out[vm.name] = data / "domains" / f"{vm.name}.xml"
+        out[vm.name].write_text(xml)
+    return out
+
+
+def _cmdline(
+    opts: LabOptions, plan: LabPlan, image: GuestImage, vm: LabVm, vms: Sequence[LabVm]
+) -> str:
+    return image.cmdline(
+        hostname=vm.name,
+        ip=f"{vm.ip}/{ipaddress.IPv4Network(plan.vm_subnet).prefixlen}",
+        start=_start_command(opts, vm, vms),
+        extra=GUEST_CLOCK,
+    )
+
+
+def _group_document(
+    opts: LabOptions,
+    plan: LabPlan,
+    image: GuestImage,
+    vms: Sequence[LabVm],
+    data: Path,
+    domains: Mapping[str, Path],
 ) -> dict[str, Any]:
+    """The lab's group file; ``domains``: each VM's domain XML file in libvirt mode."""
     certs = data / "certs"
+    hosts: dict[str, dict[str, str]] = {
+        h.name: {"address": f"{h.lan_ip}:{EXECD_PORT}"} for h in plan.hosts
+    }
+    if domains:
+        for h in plan.hosts:
+            hosts[h.name]["libvirt"] = embed_uri(libvirt_root(data, h.name))
     return {
         "name": opts.name,
         "tls": {
@@ -229,23 +300,22 @@ def _group_document(
             "cert": str(certs / "caller.pem"),
             "key": str(certs / "caller.key"),
         },
-        "hosts": {h.name: {"address": f"{h.lan_ip}:{EXECD_PORT}"} for h in plan.hosts},
+        "hosts": hosts,
         "networks": {"lan": {"bridge": plan.hosts[0].vm_bridge}},
         "vms": {
-            vm.name: {
-                "host": vm.host,
-                "memory": opts.memory,
-                "kernel": str(image.kernel),
-                "initrd": str(image.initrd),
-                "disks": [str(image.rootfs), *map(str, data_disks(data, opts.disks))],
-                "cmdline": image.cmdline(
-                    hostname=vm.name,
-                    ip=f"{vm.ip}/{ipaddress.IPv4Network(plan.vm_subnet).prefixlen}",
-                    start=_start_command(opts, vm, vms),
-                    extra=GUEST_CLOCK,
-                ),
-                "nics": [{"network": "lan", "mac": vm.mac}],
-            }
+            vm.name: (
+                {"host": vm.host, "driver": "libvirt", "define": str(domains[vm.name])}
+                if domains
+                else {
+                    "host": vm.host,
+                    "memory": opts.memory,
+                    "kernel": str(image.kernel),
+                    "initrd": str(image.initrd),
+                    "disks": [str(image.rootfs), *map(str, data_disks(data, opts.disks))],
+                    "cmdline": _cmdline(opts, plan, image, vm, vms),
+                    "nics": [{"network": "lan", "mac": vm.mac}],
+                }
+            )
             for vm in vms
         },
     }
@@ -463,7 +533,12 @@ async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
             ledger.record(ProcessEntry.of(pid, f"lockstep-execd {h.name}"))
             say(f"execd on {h.name} (pid {pid}{f', clock offset {offset:+g} s' if offset else ''})")
         await _make_data_disks(data, opts.disks)
-        group_file.write_text(tomli_w.dumps(_group_document(opts, plan, image, vms, data)))
+        domains = {}
+        if opts.driver == "libvirt":
+            say("libvirt: an embedded libvirt in each host's execd; the VMs defined as domains")
+            domains = await _define_domains(opts, plan, image, vms, data)
+        document = _group_document(opts, plan, image, vms, data, domains)
+        group_file.write_text(tomli_w.dumps(document))
         group = load_group(group_file)
         clients = clients_for(group)
         try:
@@ -564,7 +639,8 @@ def _sweep(data: Path) -> list[str]:
         except OSError:
             continue
         args = [a.decode(errors="replace") for a in cmdline]
-        if any(a.startswith(marker) or f"={marker}" in a or f",path={marker}" in a for a in args):
+        # Anywhere in an argument: libvirt passes paths inside JSON (-blockdev, -object).
+        if any(marker in a for a in args):
             try:
                 os.kill(int(proc.name), signal.SIGKILL)
                 killed.append(f"process {proc.name} ({Path(args[0]).name})")
