@@ -7,9 +7,13 @@ cd "$(dirname "$0")/.."
 
 # nftables: the tests block the clock-probe path with a real firewall rule;
 # xfsprogs: the memory benchmark makes a reflink-capable xfs on a loop device;
-# chromium: a test opens `lockstep run`'s HTML report in it, headless, and checks what it draws.
+# chromium: a test opens `lockstep run`'s HTML report in it, headless, and checks what it draws;
+# libvirt-daemon, libvirt-daemon-driver-qemu: libvirt's QEMU driver, embedded in the lab's
+# execds (`lab up --driver libvirt`); libvirt-dev, pkg-config, gcc, python3-dev: libvirt-python
+# builds against them.
 PACKAGES=(qemu-system-x86 qemu-utils debootstrap e2fsprogs busybox-static iproute2
-          cpio tcpdump procps ca-certificates nftables xfsprogs chromium)
+          cpio tcpdump procps ca-certificates nftables xfsprogs chromium
+          libvirt-daemon libvirt-daemon-driver-qemu libvirt-dev pkg-config gcc python3-dev)
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
@@ -40,6 +44,6 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing lockstep and its dependencies into $VENV"
     "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev,libvirt]"
     echo "$want" > "$stamp"
 fi

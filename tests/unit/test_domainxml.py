@@ -125,3 +125,15 @@ def test_xml_that_does_not_parse_is_one_clear_error() -> None:
     """Garbage is a ValueError saying the domain XML does not parse."""
     with pytest.raises(ValueError, match="the domain XML does not parse"):
         domainxml.disks("<domain><devices>")
+
+
+def test_agent_connected_reads_the_guest_agent_channel_state() -> None:
+    """The guest agent is there when its channel says connected; absent or disconnected, not."""
+    channel = (
+        "<domain><devices><channel type='unix'><source mode='bind' path='/a.sock'/>"
+        "<target type='virtio' name='org.qemu.guest_agent.0' state='{state}'/>"
+        "</channel></devices></domain>"
+    )
+    assert domainxml.agent_connected(channel.format(state="connected"))
+    assert not domainxml.agent_connected(channel.format(state="disconnected"))
+    assert not domainxml.agent_connected("<domain><devices/></domain>")
