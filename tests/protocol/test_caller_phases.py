@@ -477,3 +477,41 @@ def test_restore_abort_that_cannot_reach_a_host_says_it_undoes_by_itself() -> No
         " itself at the operation's deadline)"
     )
     assert rig.hosts["h2"].open and not rig.hosts["h1"].open
+
+
+def test_restore_of_a_group_with_a_libvirt_domain_swaps_paused_between_two_instants() -> None:
+    """With a libvirt domain in the group, every host pauses and swaps, then all resume.
+
+    A domain cannot exist twice, so the switch-over is two phases: every host
+    gets ``switch`` at one common instant (its old VMs pause, its new ones
+    take their place, paused), then ``resume`` at a later common instant.
+    The report has each VM's pause from the switch and resume from the resume.
+    A failure in the resume swaps back on every host.
+    """
+    group = _group()
+    db = group.vms["w1"].model_copy(update={"driver": "libvirt", "kernel": None})
+    mixed = group.model_copy(update={"vms": {**group.vms, "w1": db}})
+    rig = _rig(states=["base"], group=mixed)
+    report = run(rig.caller.restore("base", progress=rig.progress))
+    assert rig.ran(failed=False) == [
+        *RESTORE[:-1],
+        "pause and swap in the restored VMs",
+        "resume and deliver frames",
+        "commit",
+    ]
+    for stub in rig.hosts.values():
+        assert stub.called() == [
+            "states", "verify_state", "prepare_restore", "switch", "resume", "commit",
+        ]  # fmt: skip
+    switched, resumed = rig.common("switch", "at"), rig.common("resume", "at")
+    assert resumed >= switched  # taken after every host swapped (no time passes here)
+    paused = {v.name: v.paused_at for v in report.vms}
+    assert paused == pytest.approx(dict.fromkeys(paused, switched))
+    assert rig.vms() == ALL_RUNNING
+
+    failing = _rig(states=["base"], group=mixed)
+    failing.hosts["h2"].fail("resume")
+    with pytest.raises(OperationFailed, match="switched back"):
+        run(failing.caller.restore("base", progress=failing.progress))
+    assert failing.vms() == ALL_RUNNING
+    assert [s.called()[-1] for s in failing.hosts.values()] == ["abort"] * 3
