@@ -135,16 +135,24 @@ def _free_subnets() -> tuple[str, str]:
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """The session's lab: up once, down at the end whatever happened."""
     _skip_unless_lab_possible()
-    name = "lsit" + "".join(random.choices(string.ascii_lowercase, k=3))
+    yield from lab_of(request, "lsit", clock_offsets={"h2": 2.5}, disks=2)
+
+
+def lab_of(request: pytest.FixtureRequest, prefix: str, **options: Any) -> Iterator[Lab]:
+    """A lab named ``prefix`` + 3 letters, on free subnets, with ``options``; always taken down.
+
+    On a failure of the session the guests' console logs and the execd logs
+    are kept first (``build/test-logs/``).
+    """
+    name = prefix + "".join(random.choices(string.ascii_lowercase, k=3))
     lan, vms = _free_subnets()
     work = Path(tempfile.mkdtemp(prefix="lockstep-it-"))
     opts = LabOptions(
         name=name,
-        clock_offsets={"h2": 2.5},
-        disks=2,
         group_file=work / "lockstep.toml",
         lan_subnet=lan,
         vm_subnet=vms,
+        **options,
     )
     data = lab_data_dir(name)
     try:

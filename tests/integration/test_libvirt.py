@@ -13,22 +13,19 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import random
-import string
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from lockstep.caller.report import OperationReport
 from lockstep.execd.model import Kill, VmStatus
-from lockstep.lab.lab import LabOptions, bring_up, lab_data_dir, take_down, wait_guests
+from lockstep.lab.lab import wait_guests
 from lockstep.lab.verify import LAST_RESTORE, Since, verify_lab
 from lockstep.proc import which
 from lockstep.vm.domainxml import disks, identity
-from tests.integration.conftest import Lab, _free_subnets, _keep_logs
+from tests.integration.conftest import Lab, lab_of
+from tests.integration.test_disks import _READ, _WRITE
 
 pytestmark = [
     pytest.mark.integration,
@@ -39,42 +36,12 @@ pytestmark = [
 if importlib.util.find_spec("libvirt") is None:
     pytestmark.append(pytest.mark.skip(reason="libvirt-python is not installed"))
 
-# As in test_disks: a marker on the root disk's filesystem and at the data disk's start.
-_WRITE = (
-    "printf '{text}\\n' > /opt/lockstep-marker && printf '{text}' |"
-    " dd of=/dev/vdb bs=512 count=1 conv=sync,notrunc 2>/dev/null && sync"
-)
-_READ = (
-    "echo 3 > /proc/sys/vm/drop_caches; cat /opt/lockstep-marker;"
-    " dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | tr -d '\\000'; echo"
-)
-
 
 @pytest.fixture(scope="module")
 def lvlab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """The module's libvirt lab: up once, down at the end whatever happened."""
-    name = "lslv" + "".join(random.choices(string.ascii_lowercase, k=3))
-    lan, vms = _free_subnets()
-    work = Path(tempfile.mkdtemp(prefix="lockstep-lv-"))
-    opts = LabOptions(
-        name=name,
-        vms=2,
-        disks=2,
-        driver="libvirt",
-        clock_offsets={"h2": 2.5},
-        group_file=work / "lockstep.toml",
-        lan_subnet=lan,
-        vm_subnet=vms,
-    )
-    data = lab_data_dir(name)
-    try:
-        group = asyncio.run(bring_up(opts))
-        yield Lab(name, group, opts.group_file, data)
-    finally:
-        if request.session.testsfailed and data.exists():
-            _keep_logs(data, name)
-        if data.parent.exists() and not os.environ.get("LOCKSTEP_KEEP_LAB"):
-            asyncio.run(take_down(name))
+    options = {"vms": 2, "disks": 2, "driver": "libvirt", "clock_offsets": {"h2": 2.5}}
+    yield from lab_of(request, "lslv", **options)
 
 
 def _domains(statuses: dict[str, list[VmStatus]]) -> dict[str, tuple[str, str, str]]:
