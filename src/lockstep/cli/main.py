@@ -94,15 +94,16 @@ async def down(caller: GroupCaller, as_json: bool) -> None:
 
 def _render_status(results: dict[str, HostResult[Any]]) -> None:
     table = Table(title="VMs", title_justify="left")
-    for col in ("host", "VM", "runstate", "pid", "layer", "from state"):
+    for col in ("host", "VM", "runstate", "pid", "layer", "from state", "libvirt domain"):
         table.add_column(col)
     for host, r in sorted(results.items()):
         if r.error is not None:
-            table.add_row(host, "-", f"[red]{r.error}[/]", "", "", "")
+            table.add_row(host, "-", f"[red]{r.error}[/]", "", "", "", "")
             continue
         for s in r.value or []:
+            domain = f"{s.domain} ({s.uuid})" if s.domain else "-"
             table.add_row(
-                host, s.name, s.runstate, str(s.pid or "-"), s.layer or "-", s.state or "-"
+                host, s.name, s.runstate, str(s.pid or "-"), s.layer or "-", s.state or "-", domain
             )
     console.print(table)
 
@@ -111,7 +112,10 @@ def _render_status(results: dict[str, HostResult[Any]]) -> None:
 @json_option
 @with_caller
 async def status(caller: GroupCaller, as_json: bool) -> None:
-    """Show every host's VMs: runstate, pid, active layer, state they came from."""
+    """Show every host's VMs: runstate, pid, active layers, state they came from, libvirt domain.
+
+    With --json a libvirt domain's live XML too (as `virsh dumpxml` shows it).
+    """
     results = await caller.status()
     data = {
         "hosts": {h: [vars(s) for s in (r.value or [])] for h, r in results.items()},

@@ -448,6 +448,8 @@ class DomainReplacement(Replacement):
         """Delete the domain saved aside; point the domain's definition at its new layers."""
         self.aside.unlink(missing_ok=True)
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self.old is not None and self.old is not self.new:
+            await self.driver.close(self.old)  # its caller thread; the domain is the new one
         self.old, self.old_runtime = None, None
         new = self.new
         if new is None:
