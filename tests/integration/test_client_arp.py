@@ -18,28 +18,20 @@ import time
 from contextlib import suppress
 
 from lockstep.errors import LockstepError
-from lockstep.proc import arun
-from tests.helpers.net import ping_argv
+from lockstep.lab.client import client_mac, client_ping
 from tests.integration.conftest import Lab
 
 VIP_INDEX = 200  # the virtual address: .200 of the VM subnet (guests are .11 up, the client .2)
 POLL = 0.02  # s between looks at the client's ARP cache
 
 
-async def client_mac(client: str, address: str) -> str | None:
-    """The MAC the client's ARP cache holds for ``address`` (None: no usable entry)."""
-    out = await arun(["ip", "-n", client, "-j", "neigh", "show", address], check=False)
-    entries = json.loads(out.stdout or b"[]")
-    return str(entries[0]["lladdr"]) if entries and "lladdr" in entries[0] else None
-
-
-async def until_mac(client: str, address: str, mac: str, timeout: float) -> float:
-    """Wait until the client sends ``address`` to ``mac``; when it first did (wall clock)."""
+async def until_mac(lab: str, address: str, mac: str, timeout: float) -> float:
+    """Wait until lab ``lab``'s client sends ``address`` to ``mac``; when it first did (wall clock)."""
     deadline = time.monotonic() + timeout
-    while await client_mac(client, address) != mac:
+    while await client_mac(lab, address) != mac:
         assert time.monotonic() < deadline, (
             f"after {timeout:g} s the client still sends {address} to"
-            f" {await client_mac(client, address)}, not {mac}"
+            f" {await client_mac(lab, address)}, not {mac}"
         )
         await asyncio.sleep(POLL)
     return time.time()
@@ -55,24 +47,24 @@ def test_client_arp_entry_points_back_at_the_restored_owner_within_1s(fresh: Lab
     """
     options = json.loads((fresh.data / "lab.json").read_text())["options"]
     vip = str(ipaddress.ip_network(options["vm_subnet"])[VIP_INDEX])
-    client = f"{fresh.name}-client"
+    lab = fresh.name
     p1_mac, s1_mac = (fresh.group.vms[vm].nics[0].mac for vm in ("p1", "s1"))
     state = f"arp-{secrets.token_hex(3)}"
 
     async def scenario() -> tuple[float, float, float]:
         try:
             await fresh.sh("p1", f"ip addr add {vip}/24 dev eth0")
-            await arun(["ip", "netns", "exec", client, *ping_argv(vip)], timeout=10)
-            assert await client_mac(client, vip) == p1_mac
+            assert await client_ping(lab, vip)
+            assert await client_mac(lab, vip) == p1_mac
             async with fresh.caller() as caller:
                 await caller.save(state)
                 await fresh.sh("p1", f"ip addr del {vip}/24 dev eth0")
                 await fresh.sh(
                     "s1", f"ip addr add {vip}/24 dev eth0 && arping -U -c 1 -I eth0 {vip}"
                 )
-                await until_mac(client, vip, s1_mac, timeout=5)
-                await arun(["ip", "netns", "exec", client, *ping_argv(vip)], timeout=10)
-                watch = asyncio.create_task(until_mac(client, vip, p1_mac, timeout=30))
+                await until_mac(lab, vip, s1_mac, timeout=5)
+                assert await client_ping(lab, vip)
+                watch = asyncio.create_task(until_mac(lab, vip, p1_mac, timeout=30))
                 report = await caller.restore(state)
                 returned = time.time()
                 seen = await watch

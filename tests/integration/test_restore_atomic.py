@@ -19,6 +19,7 @@ import pytest
 
 from lockstep.errors import OperationFailed
 from lockstep.lab.lab import host_root
+from lockstep.vm.machine import ANNOUNCE_ROUNDS
 from tests.integration.conftest import Lab
 from tests.integration.test_faults import armed
 
@@ -167,10 +168,17 @@ def test_a_prepared_vm_says_nothing_on_the_network_before_the_switch_over(
     running one, that would teach the bridge the running VM's MAC on the new,
     frozen tap. So lockstep turns that announcement off and announces each VM
     after its resume instead: a capture on h1's VM bridge over a restore sees
-    every RARP of h1's VMs after their resume, and at least one each.
+    every RARP of h1's VMs after their resume, and at least one each (the
+    running VMs' own announcement after the save, from the same MACs, is over
+    before the capture starts).
     """
     state = f"ann-{secrets.token_hex(3)}"
     _save(fresh, state)
+    # The save announced the running VMs after their resume, from the same MACs:
+    # the capture starts once those rounds are over.
+    r = ANNOUNCE_ROUNDS
+    gaps = [min(r["initial"] + i * r["step"], r["max"]) for i in range(r["rounds"])]
+    time.sleep(sum(gaps) / 1000 + 1.0)
     bridge = fresh.group.networks["lan"].bridge
     assert bridge is not None
     macs = {spec.nics[0].mac: vm for vm, spec in fresh.group.vms.items() if spec.host == "h1"}

@@ -203,6 +203,22 @@ def test_crm_mon_after_a_node_was_lost() -> None:
     assert status.to_json()["resources"]["web"] == {"role": "Starting", "on": ["s1"]}
 
 
+def test_crm_mon_with_the_cib_root_after_it_gives_the_cib_version() -> None:
+    """The view command's second part (the CIB's root element) gives admin_epoch.epoch.num_updates.
+
+    Without it, or with a root element missing a counter, the version is None.
+    """
+    root = (
+        '<cib crm_feature_set="3.16.2" validate-with="pacemaker-3.9" epoch="7"'
+        ' num_updates="23" admin_epoch="0" cib-last-written="Wed Dec  2 05:59:31 2026"'
+        ' update-origin="p1" have-quorum="1" dc-uuid="2">'
+    )
+    assert parse_crm_mon(CRM_MON_AFTER_KILL + root + "\n").cib == "0.7.23"
+    assert parse_crm_mon(CRM_MON_AFTER_KILL).cib is None
+    assert parse_crm_mon(CRM_MON_AFTER_KILL + '<cib epoch="7" admin_epoch="0">').cib is None
+    assert parse_crm_mon(CRM_MON_AFTER_KILL + root).to_json()["cib"] == "0.7.23"
+
+
 def test_crm_mon_of_a_formed_cluster_without_resources() -> None:
     """Both nodes online with a DC: formed; no group runs anywhere yet."""
     status = parse_crm_mon("Some noise before\n" + CRM_MON_FORMED)

@@ -52,7 +52,9 @@ __all__ = [
 
 COROSYNC_CONF = "/etc/corosync/corosync.conf"
 KEEPALIVED_CONF = "/etc/keepalived/keepalived.conf"
-CRM_MON = "crm_mon --output-as=xml"
+# crm_mon's view, then the local CIB's root element: its version (admin_epoch.
+# epoch.num_updates) changes with every write, a transition's results included.
+CRM_MON = "crm_mon --output-as=xml; cibadmin --query --local 2>/dev/null | head -n 1"
 ADDRESSES = "ip -4 -o addr show dev eth0"
 POLL_S = 2.0  # between looks at a forming cluster (each look costs the guests CPU under TCG)
 STEP_TIMEOUT_S = 60.0  # one command in a guest (crm_mon under TCG takes about a second)

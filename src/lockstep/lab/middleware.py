@@ -183,6 +183,7 @@ class CrmStatus:
     nodes: dict[str, bool]  # node -> online
     resources: dict[str, tuple[str, ...]]  # resource -> nodes it runs on (active ones)
     roles: dict[str, str]  # resource -> role ("Started", "Stopped", ...)
+    cib: str | None = None  # the node's CIB version, admin_epoch.epoch.num_updates
 
     def formed(self, members: Sequence[str]) -> bool:
         """A DC is elected and every one of ``members`` is online."""
@@ -220,11 +221,29 @@ class CrmStatus:
             "resources": {
                 r: {"role": self.roles[r], "on": list(n)} for r, n in self.resources.items()
             },
+            "cib": self.cib,
         }
+
+
+_CIB_ROOT = re.compile(r"<cib\s[^>]*>")
+_CIB_VERSION = ("admin_epoch", "epoch", "num_updates")
+
+
+def cib_version(text: str) -> str | None:
+    """The CIB version in a ``<cib ...>`` root element found in ``text`` (``0.7.12``), or None."""
+    root = _CIB_ROOT.search(text)
+    if root is None:
+        return None
+    attrs = dict(re.findall(r'(\w+)="([^"]*)"', root.group(0)))
+    parts = [attrs.get(a) for a in _CIB_VERSION]
+    return ".".join(p for p in parts if p) if all(p and p.isdigit() for p in parts) else None
 
 
 def parse_crm_mon(text: str) -> CrmStatus:
     """crm_mon's XML (``--output-as=xml``) as a :class:`CrmStatus`.
+
+    Text after crm_mon's XML may hold the CIB's root element (see
+    :data:`lockstep.lab.cluster.CRM_MON`): its version is the status's ``cib``.
 
     Raises:
         ValueError: the text is not crm_mon's XML (crm_mon could not reach the
@@ -233,9 +252,12 @@ def parse_crm_mon(text: str) -> CrmStatus:
     start = text.find("<pacemaker-result")
     if start < 0:
         raise ValueError(f"not crm_mon XML: {text.strip()[:120]!r}")
+    close = "</pacemaker-result>"
+    end = text.find(close, start)
+    end = len(text) if end < 0 else end + len(close)
     try:
         # The XML comes from a lab guest lockstep made, not from a stranger.
-        root = ET.fromstring(text[start:])  # noqa: S314
+        root = ET.fromstring(text[start:end])  # noqa: S314
     except ET.ParseError as exc:
         raise ValueError(f"crm_mon XML does not parse: {exc}") from exc
     dc = root.find("summary/current_dc")
@@ -254,6 +276,7 @@ def parse_crm_mon(text: str) -> CrmStatus:
         nodes=nodes,
         resources=resources,
         roles=roles,
+        cib=cib_version(text[end:]),
     )
 
 

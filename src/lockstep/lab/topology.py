@@ -83,6 +83,7 @@ __all__ = [
     "LinkState",
     "NetlinkDriver",
     "ObjectStatus",
+    "client_netns",
     "Op",
     "SetMaster",
     "SetUp",
@@ -134,6 +135,11 @@ class HostPlan:
     ns_veth: str  # the host's end, "lan0"
     vm_bridge: str  # "lsvm": VM taps are added to it
     vxlan: str  # "vx0", enslaved to vm_bridge
+
+
+def client_netns(lab: str) -> str:
+    """The namespace of lab ``lab``'s client, the machine outside the group."""
+    return f"{lab}-client"
 
 
 @dataclass(frozen=True)
@@ -217,7 +223,7 @@ def plan_lab(
     if vms.num_addresses - 1 <= GUEST_OFFSET:
         raise ConfigError(f"the VM subnet {vms} has no room for guests at .11 and up")
     client = ClientPlan(
-        netns=f"{name}-client",
+        netns=client_netns(name),
         ip=str(vms[CLIENT_OFFSET]),
         prefixlen=vms.prefixlen,
         nic=CLIENT_NIC,
