@@ -93,12 +93,10 @@ async def list_links(*, netns: str | None = None) -> list[str]:
     return sorted(n for n in names if OUR_LINK.match(n))
 
 
-async def create_tap(name: str, bridge: str | None, *, netns: str | None = None) -> None:
+async def create_tap(name: str, bridge: str, *, netns: str | None = None) -> None:
     """Create persistent tap ``name`` with a ``clsact`` qdisc, enslave it to ``bridge``, set it up.
 
-    Without a ``bridge`` it is left out of any (libvirt puts the taps it
-    opens into their bridges itself). An existing tap of that name is reused
-    (an execd restarted mid-way). The
+    An existing tap of that name is reused (an execd restarted mid-way). The
     clsact qdisc is the freeze's hook (:mod:`lockstep.net.freeze`). It comes
     with the tap, before any traffic, because adding or removing a qdisc on a
     running link makes the kernel swap in its drop-all qdisc for a moment
@@ -108,20 +106,15 @@ async def create_tap(name: str, bridge: str | None, *, netns: str | None = None)
         NetError: the bridge is missing or the tap could not be made.
     """
     async with netlink(netns) as ipr:
-        br = await ipr.link_lookup(ifname=bridge) if bridge is not None else [0]
+        br = await ipr.link_lookup(ifname=bridge)
         if not br:
-            raise NetError(
-                f"bridge {_where(str(bridge), netns)} does not exist (is the host set up?)"
-            )
+            raise NetError(f"bridge {_where(bridge, netns)} does not exist (is the host set up?)")
         try:
             if not await ipr.link_lookup(ifname=name):
                 await ipr.link("add", ifname=name, kind="tuntap", mode="tap")
             index = (await ipr.link_lookup(ifname=name))[0]
             await ensure_clsact(ipr, index)
-            if bridge is None:
-                await ipr.link("set", ifname=name, state="up")
-            else:
-                await ipr.link("set", ifname=name, master=br[0], state="up")
+            await ipr.link("set", ifname=name, master=br[0], state="up")
         except NetlinkError as exc:
             raise NetError(f"cannot create tap {_where(name, netns)} on {bridge}: {exc}") from exc
 
