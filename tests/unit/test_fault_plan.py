@@ -68,6 +68,22 @@ def test_a_vm_on_both_sides_is_refused() -> None:
     assert [v.name for v in cut.a] == ["p1", "p2"] and [v.name for v in cut.b] == ["s1", "s2"]
 
 
+def test_a_partition_naming_a_libvirt_domain_is_refused_other_faults_are_not() -> None:
+    """A libvirt domain's MACs are not in the group file, so no partition can name its frames.
+
+    The refusal says which VM and what works on it instead; a loss or a kill
+    of it is planned as for any VM (they act on its taps or its QEMU).
+    """
+    group = _group()
+    db = group.vms["s2"].model_copy(update={"driver": "libvirt", "kernel": None, "nics": []})
+    group = group.model_copy(update={"vms": {**group.vms, "s2": db}})
+    with pytest.raises(ConfigError, match=r"^VM s2 is a libvirt domain, .* loss work on it\)$"):
+        partition(group, "p1", "h2")
+    assert partition(group, "p1", "s1").b == (FaultVm("s1", ("52:54:00:00:00:03",)),)
+    assert hosts_for(group, Loss("s2", 10)) == ["h2"]
+    assert hosts_for(group, Kill("s2")) == ["h2"]
+
+
 def test_each_fault_goes_to_the_hosts_concerned_only() -> None:
     """Kill, freeze, loss: the VM's host; a partition: the hosts of its VMs; heal, list: all with VMs."""
     group = _group()

@@ -85,12 +85,19 @@ def partition(group: GroupSpec, a: str, b: str) -> Partition:
     """The partition between the VMs ``a`` names and those ``b`` names (see :func:`side`).
 
     Raises:
-        ConfigError: as :func:`side`, or a VM is on both sides.
+        ConfigError: as :func:`side`, a VM is on both sides, or one is a libvirt domain.
     """
     side_a, side_b = side(group, a), side(group, b)
     both = sorted({v.name for v in side_a} & {v.name for v in side_b})
     if both:
         raise ConfigError(f"VM {', '.join(both)} is on both sides of the partition")
+    # A partition knows the other side's frames by the MACs the group file gives.
+    domains = sorted(v.name for v in (*side_a, *side_b) if group.vms[v.name].driver == "libvirt")
+    if domains:
+        raise ConfigError(
+            f"VM {', '.join(domains)} is a libvirt domain, whose MACs the group file does not"
+            " give: a partition cannot name its frames (kill, freeze and loss work on it)"
+        )
     return Partition(side_a, side_b)
 
 
