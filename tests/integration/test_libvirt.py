@@ -76,6 +76,7 @@ def _figures(report: OperationReport) -> str:
     lines += [f"switch-over {report.switch_over_ms} ms"]
     lines += [
         f"{v.name}: held {v.frames_held} delivered {v.frames_delivered} dropped {v.frames_dropped}"
+        f" clock moved {v.clock_correction_ms} ms {v.clock_note}"
         for v in report.vms
     ]
     return "; ".join(lines)
@@ -89,7 +90,8 @@ def test_domains_come_back_with_both_disks_as_the_same_domains(lvlab: Lab) -> No
     read the saved markers from both disks (page cache dropped). After the
     restore each domain has the name and UUID it had (``lockstep status``
     gives what ``virsh list`` and ``virsh dumpxml`` show), and its live XML
-    differs only in its disks, now on fresh overlays in lockstep's layers.
+    differs only in its disks, now on fresh overlays in lockstep's layers;
+    each guest's wall clock was set through libvirt's guest agent calls.
     Every frame held at the instants was delivered, none dropped; since the
     restore the guests' streams lost nothing and no role changed.
     """
@@ -129,6 +131,8 @@ def test_domains_come_back_with_both_disks_as_the_same_domains(lvlab: Lab) -> No
     for report in (saved, restored):
         for line in report.vms:
             assert line.frames_dropped == 0, figures
+    # Each guest's wall clock set to true time through libvirt's guest agent calls.
+    assert all(line.clock_correction_ms is not None for line in restored.vms), figures
     for report in (saved,):
         assert sum(v.frames_held for v in report.vms) == sum(
             v.frames_delivered for v in report.vms
