@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import math
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lockstep.caller.connect import clients_for
-from lockstep.caller.orchestrator import GroupCaller
+from lockstep.caller.orchestrator import SKEW_BUDGET, GroupCaller
 from lockstep.group import load_group
 from lockstep.lab.lab import LabOptions, bring_up, take_down
 from lockstep.proc import run
@@ -102,13 +103,15 @@ def say(line: str) -> None:
 
 
 @asynccontextmanager
-async def lab_caller(opts: LabOptions, *, keep: bool = False) -> AsyncIterator[GroupCaller]:
+async def lab_caller(
+    opts: LabOptions, *, keep: bool = False, skew_budget: float = SKEW_BUDGET
+) -> AsyncIterator[GroupCaller]:
     """Bring a lab up, yield a caller on its group, take the lab down after."""
     await bring_up(opts, say)
     group = load_group(opts.group_file)
     clients = clients_for(group)
     try:
-        yield GroupCaller(group, clients)
+        yield GroupCaller(group, clients, skew_budget=skew_budget)
     finally:
         for c in clients.values():
             await c.close()
@@ -116,3 +119,17 @@ async def lab_caller(opts: LabOptions, *, keep: bool = False) -> AsyncIterator[G
             await take_down(opts.name)
             with contextlib.suppress(OSError):  # lab_options' folder, empty once the lab is down
                 opts.group_file.parent.rmdir()
+
+
+async def put_back(caller: GroupCaller, wrong: Sequence[str], state: str, wait: float) -> int:
+    """1, and the group restored to ``state`` (then ``wait`` s), if ``wrong`` names a difference.
+
+    A benchmark's cycle that left the cluster otherwise than at ``state`` has
+    failed: putting it back keeps one failure from carrying into every later cycle.
+    """
+    if not wrong:
+        return 0
+    say(f"  the cycle failed ({'; '.join(wrong)}): restoring {state}")
+    await caller.restore(state)
+    await asyncio.sleep(wait)
+    return 1

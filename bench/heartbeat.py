@@ -20,6 +20,26 @@ transitions and zero split brains at every setting.
 
     python -m bench.heartbeat [--cycles 20] [--settings 1s/3s,100ms/300ms,30ms/100ms]
                               [--json out.json]
+
+With ``--cluster pacemaker`` or ``keepalived`` the rows are the real
+middleware's instead (``lab up --cluster``; the lab's agent runs beside it
+with no streams, and is not counted): one lab per setting (``--token`` in ms
+for Corosync, ``--advert`` in ms for VRRP; ``MS:CYCLES`` gives one setting its
+own cycle count), 2 VMs by default (one Pacemaker cluster of both, or one VRRP
+pair). What each method caused is what the middleware itself logged in its
+window (``lab verify`` from a mark): Corosync token losses, new memberships,
+Pacemaker transitions and resources placed anew, VRRP state changes. After
+each operation the bench waits just long enough for the middleware to notice
+(token + consensus, or VRRP's master-down interval, plus 1 s); a cycle after
+which the middleware's own view (crm_mon on every node, or who holds each
+virtual address) differs from the one saved as ``origin`` has failed and is
+put back to ``origin`` with lockstep. An idle window (``--idle`` s, nothing
+done) is the control. Goal (issue 13): lockstep causes 0 token losses,
+membership changes, transitions and VRRP state changes at token 1000 ms and at
+advert 100 ms.
+
+    python -m bench.heartbeat --cluster pacemaker --token 3000:10,1000,300 --cycles 20
+    python -m bench.heartbeat --cluster keepalived --advert 1000:10,100 --cycles 20 [--vms 4]
 """
 
 from __future__ import annotations
@@ -35,13 +55,29 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.common import lab_options, percentile, say
+from bench.common import lab_caller, lab_options, machine, machine_line, percentile, put_back, say
 from bench.naive import naive_restore, naive_save
 from lockstep.caller.connect import clients_for
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.errors import LabError, LockstepError
+from lockstep.lab.clusterconf import (
+    PACEMAKER_MIN_MEMORY,
+    ClusterKind,
+    ClusterSpec,
+    totem_timings,
+    vrrp_advert_ms,
+)
 from lockstep.lab.lab import bring_up, take_down
-from lockstep.lab.verify import EVERYTHING, LAST_RESTORE, Since, log_marks, verify_lab
+from lockstep.lab.observe import cluster_view, placement
+from lockstep.lab.verify import (
+    EVERYTHING,
+    LAST_RESTORE,
+    Since,
+    VerifyReport,
+    log_marks,
+    verify_lab,
+)
+from lockstep.units import format_size
 
 LAB = "lshb"
 DEFAULT_SETTINGS = "1s/3s,100ms/300ms,30ms/100ms"
@@ -195,13 +231,7 @@ async def one_setting(heartbeat: float, timeout: float, cycles: int) -> dict[str
 
             async def back_to_origin() -> int:
                 """1 (and the lab restored to origin) if the cycle left a guest in another role."""
-                wrong = wrong_roles(LAB)
-                if not wrong:
-                    return 0
-                say(f"  the cycle failed ({'; '.join(wrong)}): restoring origin")
-                await caller.restore("origin")
-                await asyncio.sleep(wait)
-                return 1
+                return await put_back(caller, wrong_roles(LAB), "origin", wait)
 
             async def run_cycles(method: str, key: str, one: Cycle) -> dict[str, Any]:
                 """``one`` cycle after another: the max of its ms figure, silences, failures."""
@@ -344,21 +374,370 @@ def _p50_max(figures: dict[str, float | None] | None) -> str:
     return f"{figures['p50']:.3f} {figures['max']:.3f}"
 
 
+# -- the real middleware's rows (--cluster pacemaker|keepalived) -------------------------
+
+MIDDLEWARE_LAB = "lsbh"
+MIDDLEWARE_COUNTS = (
+    "token_losses",
+    "membership_changes",
+    "pacemaker_transitions",
+    "resource_moves",
+    "vrrp_changes",
+    "token_warnings",
+)
+MARGIN_S = 1.0  # after the middleware's own timeouts: a TCG guest catching up, a log line
+WHOLE_LIMIT_S = 120.0  # for a middleware lab to settle into one whole cluster after lab up
+SHOWN_LINES = 6  # lines per window shown under the table, for what lockstep caused
+
+
+def parse_row_settings(text: str, cycles: int) -> list[tuple[int, int]]:
+    """``3000:10,1000,300`` as [(ms, cycles), ...]; a setting without ``:CYCLES`` gets ``cycles``.
+
+    Raises:
+        ValueError: an item is not MS or MS:CYCLES with positive integers.
+    """
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        ms, _, n = item.partition(":")
+        try:
+            row = (int(ms), int(n) if n else cycles)
+        except ValueError:
+            raise ValueError(
+                f"setting {item!r} is not MS or MS:CYCLES, e.g. 1000 or 3000:10"
+            ) from None
+        if row[0] <= 0 or row[1] <= 0:
+            raise ValueError(f"setting {item!r}: both numbers must be positive")
+        out.append(row)
+    return out
+
+
+def middleware_label(spec: ClusterSpec) -> str:
+    """A middleware setting as ``pacemaker token 1000 ms`` or ``keepalived advert 100 ms``."""
+    if spec.kind == ClusterKind.PACEMAKER:
+        return f"pacemaker token {spec.token_ms} ms"
+    return f"keepalived advert {spec.advert_ms} ms"
+
+
+def notice_s(spec: ClusterSpec, vms: int) -> float:
+    """How long the middleware takes to act on a silence: then a change shows in its log.
+
+    Corosync: the token, then the consensus to form a new membership.
+    VRRPv3: the backup's master-down interval, 3 adverts plus its skew
+    ((256 - priority 100) / 256 of an advert).
+    """
+    if spec.kind == ClusterKind.PACEMAKER:
+        t = totem_timings(spec, vms)
+        return (t.token_ms + t.consensus_ms) / 1000
+    advert = vrrp_advert_ms(spec) / 1000
+    return (3 + 156 / 256) * advert
+
+
+def agrees(view: dict[str, Any], origin: dict[str, Any]) -> list[str]:
+    """How ``view`` differs from the ``origin`` view (empty: the cluster is as saved).
+
+    Pacemaker: every node must answer, see every node online and place every
+    resource where ``origin`` did; keepalived: each address held by its
+    holders at ``origin`` alone.
+    """
+    if view.get("kind") == "keepalived":
+        now, then = placement(view), placement(origin)
+        return [
+            f"{vip} on {now.get(vip) or 'nobody'}, not {then[vip]}"
+            for vip in then
+            if now.get(vip) != then[vip]
+        ]
+    then = placement(origin)
+    wrong = []
+    for vm, node_view in view.get("nodes", {}).items():
+        if "error" in node_view:
+            wrong.append(f"{vm}: {node_view['error']}")
+            continue
+        offline = sorted(n for n, up in node_view.get("nodes", {}).items() if not up)
+        if offline:
+            wrong.append(f"{vm} sees {', '.join(offline)} offline")
+        placed = {r: list(v["on"]) for r, v in node_view.get("resources", {}).items()}
+        wrong += [
+            f"{vm} sees {r} on {', '.join(placed.get(r, [])) or 'no node'}, not {', '.join(on)}"
+            for r, on in then.items()
+            if placed.get(r) != on
+        ]
+    return wrong
+
+
+def middleware_counts(report: VerifyReport) -> dict[str, Any]:
+    """What the middleware logged in a window: each count and the lines that show them."""
+    totals = report.middleware
+    lines = {k: v for k, v in totals.lines_json().items() if v}
+    return {k: totals.count(k) for k in MIDDLEWARE_COUNTS} | {
+        "noticed": totals.noticed,
+        "lines": lines,
+    }
+
+
+def not_whole(view: dict[str, Any]) -> list[str]:
+    """Why the middleware's ``view`` is not one whole cluster (empty: it is).
+
+    Every node must see every node online and the same placement, and each
+    resource or address must be on exactly one node.
+    """
+    wrong = agrees(view, view)
+    where = placement(view)
+    wrong += [f"{k} on {', '.join(on) or 'no node'}" for k, on in where.items() if len(on) != 1]
+    return wrong if where else [*wrong, "nothing placed"]
+
+
+async def whole_view(wait: float, limit: float = WHOLE_LIMIT_S) -> tuple[dict[str, Any], float]:
+    """The middleware's view once it is one whole cluster, and how long that took.
+
+    A cluster that has just formed can still split and merge again (at a short
+    token on this loaded machine): the first save must not catch it so.
+
+    Raises:
+        RuntimeError: it was not whole for ``limit`` seconds (the message says why).
+    """
+    t0 = time.monotonic()
+    while True:
+        await asyncio.sleep(wait)
+        view = await cluster_view(MIDDLEWARE_LAB)
+        wrong = not_whole(view)
+        if not wrong:
+            return view, time.monotonic() - t0
+        if time.monotonic() - t0 > limit:
+            raise RuntimeError(
+                f"the cluster was not whole within {limit:g} s of lab up: {'; '.join(wrong)}"
+            )
+        say(f"  not whole yet: {'; '.join(wrong)}")
+
+
+async def one_middleware(spec: ClusterSpec, cycles: int, vms: int, idle_s: float) -> dict[str, Any]:
+    """Bring a middleware lab up at this setting, run both methods' cycles, take it down."""
+    pacemaker = spec.kind == ClusterKind.PACEMAKER
+    memory = format_size(PACEMAKER_MIN_MEMORY) if pacemaker else "256M"
+    opts = lab_options(
+        MIDDLEWARE_LAB, (170, 200), vms=vms, memory=memory, stream_rate=0, cluster=spec
+    )
+    wait = notice_s(spec, vms) + MARGIN_S
+    tail = wait + (4.0 if pacemaker else 1.0)  # Pacemaker's scheduler logs a few s after
+    name = middleware_label(spec)
+    say(
+        f"{name}: lab {MIDDLEWARE_LAB} ({vms} VMs, {memory}) on {opts.vm_subnet};"
+        f" {wait:.2f} s after each operation"
+    )
+    result: dict[str, Any] = {
+        "cluster": spec.kind,
+        "token_ms": spec.token_ms,
+        "advert_ms": spec.advert_ms,
+        "cycles": cycles,
+        "vms": vms,
+        "wait_s": round(wait, 2),
+    }
+    started = time.monotonic()
+    async with lab_caller(opts, skew_budget=SKEW_BUDGET) as caller:
+        result["formed_s"] = round(time.monotonic() - started, 1)
+        group, clients = caller.group, caller.links
+        origin, whole_s = await whole_view(wait)
+        result["whole_after_s"] = round(whole_s, 1)
+        where = placement(origin)
+        say(f"  placement at origin ({whole_s:.1f} s after lab up): {where}")
+        await caller.save("origin")
+        await asyncio.sleep(wait)
+
+        async def back_to_origin() -> int:
+            """1 (and the lab restored to origin) if the middleware's view is not origin's."""
+            wrong = agrees(await cluster_view(MIDDLEWARE_LAB), origin)
+            return await put_back(caller, wrong, "origin", wait)
+
+        async def window(
+            method: str, one: Callable[[int], Awaitable[float | None]], count: int = cycles
+        ) -> dict[str, Any]:
+            """``count`` runs of ``one``; what the middleware logged, until ``tail`` s after."""
+            marks = log_marks(MIDDLEWARE_LAB)
+            t0 = time.monotonic()
+            figures: list[float] = []
+            failed = 0
+            for i in range(count):
+                figure = await one(i)
+                if figure is not None:
+                    figures.append(figure)
+                failed += await back_to_origin()
+                seen = verify_lab(MIDDLEWARE_LAB, EVERYTHING, marks).middleware
+                say(
+                    f"  {method} cycle {i + 1}/{count}:"
+                    f" {'-' if figure is None else f'{figure:.3f}'} ms; so far"
+                    f" {seen.count('token_losses')} token losses,"
+                    f" {seen.count('membership_changes')} memberships,"
+                    f" {seen.count('pacemaker_transitions')} transitions,"
+                    f" {seen.count('vrrp_changes')} VRRP changes; {failed} failed"
+                )
+            await asyncio.sleep(tail)
+            report = verify_lab(MIDDLEWARE_LAB, EVERYTHING, marks)
+            return middleware_counts(report) | {
+                "failed_cycles": failed,
+                "max_ms": max(figures) if figures else None,
+                "window_s": round(time.monotonic() - t0, 1),
+            }
+
+        async def lockstep_cycle(i: int) -> float | None:
+            saved = await caller.save(f"hb-{i}")
+            await asyncio.sleep(wait)
+            restored = await caller.restore(f"hb-{i}")
+            await asyncio.sleep(wait)
+            skews = [k for k in (saved.resume_skew_ms, restored.resume_skew_ms) if k is not None]
+            return max(skews) if skews else None
+
+        async def naive_cycle(i: int) -> float | None:
+            est = await caller.sync()
+            await naive_save(group, clients, est, f"nv{i}")
+            # Every VM is down now: nothing more to notice until the restores.
+            est = await caller.sync()
+            run = await naive_restore(group, clients, est, f"nv{i}")
+            await asyncio.sleep(wait)
+            at = run.resumed_at.values()
+            return (max(at) - min(at)) * 1000 if at else None
+
+        async def nothing(_: int) -> float | None:
+            await asyncio.sleep(idle_s)
+            return None
+
+        result["lockstep"] = await window("lockstep", lockstep_cycle)
+        if idle_s > 0:
+            result["idle"] = await window("idle", nothing, 1) | {"idle_s": idle_s}
+        await caller.restore("origin")
+        await asyncio.sleep(wait)
+        result["naive"] = await window("naive", naive_cycle)
+        result["placement_at_origin"] = where
+    return result
+
+
+async def run_middleware(
+    specs: list[tuple[ClusterSpec, int]], vms: int, idle_s: float
+) -> dict[str, Any]:
+    """Every middleware setting in turn (one lab each); the machine before and after."""
+    before = machine()
+    rows = []
+    for spec, cycles in specs:
+        try:
+            rows.append(await one_middleware(spec, cycles, vms, idle_s))
+        except (LockstepError, RuntimeError) as exc:
+            say(f"{middleware_label(spec)} failed: {exc}")
+            rows.append(
+                {
+                    "cluster": spec.kind,
+                    "token_ms": spec.token_ms,
+                    "advert_ms": spec.advert_ms,
+                    "cycles": cycles,
+                    "vms": vms,
+                    "error": str(exc),
+                }
+            )
+    return {"machine": before, "loadavg_after": os.getloadavg(), "rows": rows}
+
+
+def middleware_table(result: dict[str, Any]) -> str:
+    """The figures of :func:`run_middleware` as a text table, the goal's verdict, and the lines."""
+    lines = [
+        "what the middleware logged over N save+restore cycles (one lab per setting)",
+        machine_line(),
+        f"{'setting':31} {'method':9} {'cycles':>6} {'failed':>6} {'token':>6} {'member-':>7}"
+        f" {'trans-':>6} {'moves':>5} {'VRRP':>5} {'token':>6}  {'skew/spread':>11}",
+        f"{'':31} {'':9} {'':>6} {'cycles':>6} {'losses':>6} {'ships':>7}"
+        f" {'itions':>6} {'':>5} {'chgs':>5} {'warns':>6}  {'max (ms)':>11}",
+    ]
+    goal: bool | None = None
+    shown: list[str] = []
+    for r in result["rows"]:
+        spec = ClusterSpec(r["cluster"], token_ms=r.get("token_ms"), advert_ms=r.get("advert_ms"))
+        name = f"{middleware_label(spec)}, {r['vms']} VMs"
+        if "error" in r:
+            lines.append(f"{name:31} failed: {r['error']}")
+            continue
+        for method in ("idle", "lockstep", "naive"):
+            m = r.get(method)
+            if m is None:
+                continue
+            n = f"{m['idle_s']:g} s" if method == "idle" else str(r["cycles"])
+            v = m.get("max_ms")
+            lines.append(
+                f"{name:31} {method:9} {n:>6} {'-' if method == 'idle' else m['failed_cycles']:>6}"
+                f" {m['token_losses']:6d} {m['membership_changes']:7d}"
+                f" {m['pacemaker_transitions']:6d} {m['resource_moves']:5d} {m['vrrp_changes']:5d}"
+                f" {m['token_warnings']:6d}  {'-' if v is None else f'{v:11.3f}':>11}"
+            )
+            if method == "lockstep":
+                for kind, events in m["lines"].items():
+                    shown += [
+                        f"  {name}, lockstep, {kind}: {e['vm']}: {e['line']}"
+                        for e in events[:SHOWN_LINES]
+                    ]
+        key = (r["cluster"], r.get("token_ms"), r.get("advert_ms"))
+        if key in (("pacemaker", 1000, None), ("keepalived", None, 100)):
+            goal = (goal is not False) and r["lockstep"]["noticed"] == 0
+    if goal is not None:
+        lines.append(
+            "goal: lockstep causes 0 token losses, memberships, transitions, VRRP changes"
+            f" at token 1000 ms / advert 100 ms: {'met' if goal else 'NOT met'}"
+        )
+    la = result["loadavg_after"]
+    lines.append(f"load average after {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
+    if shown:
+        lines += ["what lockstep's cycles caused, as the middleware logged it:", *shown]
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Run the benchmark and print its table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--cycles", type=int, default=20)
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help="HEARTBEAT/TIMEOUT,...")
+    ap.add_argument(
+        "--cluster",
+        default=ClusterKind.AGENT.value,
+        help="agent (the lab's own, --settings), or pacemaker and/or keepalived, comma-separated",
+    )
+    ap.add_argument(
+        "--token", default="3000,1000,300", help="pacemaker: Corosync tokens, MS[:CYCLES],..."
+    )
+    ap.add_argument(
+        "--advert", default="1000,100", help="keepalived: VRRP adverts, MS[:CYCLES],..."
+    )
+    ap.add_argument("--vms", type=int, default=2, help="pacemaker, keepalived: VMs per lab")
+    ap.add_argument(
+        "--idle", type=float, default=60.0, help="pacemaker, keepalived: idle control (s)"
+    )
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
-    try:
-        settings = parse_settings(args.settings)
-    except ValueError as exc:
-        ap.error(str(exc))
     if args.cycles < 1:
         ap.error("--cycles must be at least 1")
-    result = asyncio.run(run(settings, args.cycles))
-    print(table(result))
+    kinds = [k.strip() for k in args.cluster.split(",") if k.strip()]
+    if kinds == [ClusterKind.AGENT.value]:
+        try:
+            settings = parse_settings(args.settings)
+        except ValueError as exc:
+            ap.error(str(exc))
+        result = asyncio.run(run(settings, args.cycles))
+        print(table(result))
+    else:
+        specs: list[tuple[ClusterSpec, int]] = []
+        try:
+            for kind in kinds:
+                if kind == ClusterKind.PACEMAKER:
+                    specs += [
+                        (ClusterSpec(kind, token_ms=ms), n)
+                        for ms, n in parse_row_settings(args.token, args.cycles)
+                    ]
+                elif kind == ClusterKind.KEEPALIVED:
+                    specs += [
+                        (ClusterSpec(kind, advert_ms=ms), n)
+                        for ms, n in parse_row_settings(args.advert, args.cycles)
+                    ]
+                else:
+                    ap.error(f"--cluster {kind}: use agent alone, or pacemaker and/or keepalived")
+            for spec, _ in specs:
+                notice_s(spec, args.vms)  # a timing the middleware refuses fails here
+        except (ValueError, LabError) as exc:
+            ap.error(str(exc))
+        result = asyncio.run(run_middleware(specs, args.vms, args.idle))
+        print(middleware_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

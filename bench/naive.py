@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from lockstep.caller.clock import ClockEstimate, to_caller, to_host
+from lockstep.caller.links import HostLink
 from lockstep.group import GroupSpec
-from lockstep.rpc import HostClient
 
 __all__ = ["NaiveRun", "naive_restore", "naive_save"]
 
@@ -43,7 +43,7 @@ def _state(prefix: str, vm: str) -> str:
 
 async def naive_save(
     group: GroupSpec,
-    clients: Mapping[str, HostClient],
+    clients: Mapping[str, HostLink],
     est: Mapping[str, ClockEstimate],
     prefix: str,
     gap: float = 0.0,
@@ -72,7 +72,7 @@ async def naive_save(
         at = reports[0].paused_at
         if at is not None:
             paused[name] = to_caller(at, est[host])
-        saved = await link.save_memory(op, keep_running=False)
+        saved = await link.save_memory(op, keep_running=False, progress=None)
         size += sum(r.memory_bytes for r in saved)
         await link.drain(op, 0.05, 1.0)
         await link.commit(op)
@@ -82,7 +82,7 @@ async def naive_save(
 
 async def naive_restore(
     group: GroupSpec,
-    clients: Mapping[str, HostClient],
+    clients: Mapping[str, HostLink],
     est: Mapping[str, ClockEstimate],
     prefix: str,
     gap: float = 0.0,

@@ -10,6 +10,8 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
 from lockstep.caller.clock import SyncPolicy
 from lockstep.caller.orchestrator import GroupCaller
 from lockstep.group import GroupSpec
@@ -120,11 +122,19 @@ def test_ctrl_c_stops_the_case_and_puts_the_group_back(tmp_path: Path) -> None:
     assert _restores(hosts) == 2, "one restore for the case, one to put the group back"
 
 
-def test_the_case_environment_names_the_group_its_hosts_and_vms(tmp_path: Path) -> None:
-    """A case finds the group file, the state and every host and VM in its environment."""
+def test_the_case_environment_names_the_group_its_hosts_and_vms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A case finds the group file, the state and every host and VM in its environment.
+
+    ``$LOCKSTEP_STATE`` (where lockstep keeps the labs) stays what it was, so
+    ``lockstep lab exec`` and ``lab verify`` work inside a case.
+    """
+    monkeypatch.setenv("LOCKSTEP_STATE", str(tmp_path / "state"))
     env = case_env(_group(), tmp_path / "g.toml", "origin", Case("x", tmp_path / "x"), None)
     assert env["LOCKSTEP_GROUP"] == str((tmp_path / "g.toml").resolve())
-    assert (env["LOCKSTEP_STATE"], env["LOCKSTEP_CASE"]) == ("origin", "x")
+    assert (env["LOCKSTEP_FROM_STATE"], env["LOCKSTEP_CASE"]) == ("origin", "x")
+    assert env["LOCKSTEP_STATE"] == str(tmp_path / "state")
     assert (env["LOCKSTEP_HOSTS"], env["LOCKSTEP_VMS"]) == ("h1 h2", "p1 s1")
     assert env["LOCKSTEP_HOST_H2"] == "10.0.0.2:7443"
     assert (env["LOCKSTEP_VM_S1_HOST"], env["LOCKSTEP_VM_S1_MAC"]) == ("h2", "52:54:00:00:00:02")

@@ -80,10 +80,10 @@ def test_a_case_runs_with_its_environment_and_its_lines_stamped(tmp_path: Path) 
         "hello",
         _script(
             tmp_path / "hello",
-            'echo "state $LOCKSTEP_STATE"; echo "action: kill p1"; echo oops >&2; exit 3',
+            'echo "state $LOCKSTEP_FROM_STATE"; echo "action: kill p1"; echo oops >&2; exit 3',
         ),
     )
-    env = dict(os.environ, LOCKSTEP_STATE="origin")
+    env = dict(os.environ, LOCKSTEP_FROM_STATE="origin")
     out = asyncio.run(execute(case, env, timeout=10))
     assert out.exit_code == 3 and not out.timed_out
     assert [(x.stream, x.text) for x in out.lines] == [

@@ -107,7 +107,7 @@ def run(
     every case the group is restored to STATE (a case never runs on a
     half-restored group: if the restore fails, the case is an error). The case
     runs with the group's details in its environment: LOCKSTEP_GROUP (so
-    `lockstep` commands work in it), LOCKSTEP_STATE, LOCKSTEP_HOSTS,
+    `lockstep` commands work in it), LOCKSTEP_FROM_STATE, LOCKSTEP_HOSTS,
     LOCKSTEP_VMS, LOCKSTEP_VM_<VM>_HOST and _MAC (on the lab also _IP). It
     passes when it exits 0. A line it prints as `action: TEXT` marks one of its
     actions on the report's timeline. Ctrl-C stops the case, puts the group

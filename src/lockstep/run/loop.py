@@ -63,7 +63,7 @@ def case_env(
     """The environment a case runs in: this process's, plus the group's details.
 
     ``LOCKSTEP_GROUP`` (the group file: ``lockstep`` commands work as they
-    are), ``LOCKSTEP_STATE``, ``LOCKSTEP_CASE``, ``LOCKSTEP_HOSTS`` and
+    are), ``LOCKSTEP_FROM_STATE``, ``LOCKSTEP_CASE``, ``LOCKSTEP_HOSTS`` and
     ``LOCKSTEP_VMS`` (space-separated), ``LOCKSTEP_HOST_<H>`` (its execd's
     address), ``LOCKSTEP_VM_<VM>_HOST`` and ``LOCKSTEP_VM_<VM>_MAC`` (its first
     NIC); on the lab also ``LOCKSTEP_LAB`` and ``LOCKSTEP_VM_<VM>_IP``. Names
@@ -73,7 +73,7 @@ def case_env(
     env.update(
         {
             "LOCKSTEP_GROUP": str(group_file.resolve()),
-            "LOCKSTEP_STATE": state,
+            "LOCKSTEP_FROM_STATE": state,
             "LOCKSTEP_CASE": case.name,
             "LOCKSTEP_HOSTS": " ".join(sorted(group.hosts)),
             "LOCKSTEP_VMS": " ".join(sorted(group.vms)),
