@@ -104,11 +104,22 @@ def say(line: str) -> None:
 
 @asynccontextmanager
 async def lab_caller(
-    opts: LabOptions, *, keep: bool = False, skew_budget: float = SKEW_BUDGET
+    opts: LabOptions,
+    *,
+    keep: bool = False,
+    skew_budget: float = SKEW_BUDGET,
+    guest_time: str | None = None,
 ) -> AsyncIterator[GroupCaller]:
-    """Bring a lab up, yield a caller on its group, take the lab down after."""
+    """Bring a lab up, yield a caller on its group, take the lab down after.
+
+    ``guest_time`` ("true" or "saved"): every VM's guest_time for this caller
+    (default: the group file's).
+    """
     await bring_up(opts, say)
     group = load_group(opts.group_file)
+    if guest_time is not None:
+        vms = {n: v.model_copy(update={"guest_time": guest_time}) for n, v in group.vms.items()}
+        group = group.model_copy(update={"guest_time": guest_time, "vms": vms})
     clients = clients_for(group)
     try:
         yield GroupCaller(group, clients, skew_budget=skew_budget)

@@ -509,7 +509,9 @@ async def whole_view(wait: float, limit: float = WHOLE_LIMIT_S) -> tuple[dict[st
         say(f"  not whole yet: {'; '.join(wrong)}")
 
 
-async def one_middleware(spec: ClusterSpec, cycles: int, vms: int, idle_s: float) -> dict[str, Any]:
+async def one_middleware(
+    spec: ClusterSpec, cycles: int, vms: int, idle_s: float, guest_time: str = "true"
+) -> dict[str, Any]:
     """Bring a middleware lab up at this setting, run both methods' cycles, take it down."""
     pacemaker = spec.kind == ClusterKind.PACEMAKER
     memory = format_size(PACEMAKER_MIN_MEMORY) if pacemaker else "256M"
@@ -532,7 +534,8 @@ async def one_middleware(spec: ClusterSpec, cycles: int, vms: int, idle_s: float
         "wait_s": round(wait, 2),
     }
     started = time.monotonic()
-    async with lab_caller(opts, skew_budget=SKEW_BUDGET) as caller:
+    result["guest_time"] = guest_time
+    async with lab_caller(opts, skew_budget=SKEW_BUDGET, guest_time=guest_time) as caller:
         result["formed_s"] = round(time.monotonic() - started, 1)
         group, clients = caller.group, caller.links
         origin, whole_s = await whole_view(wait)
@@ -610,14 +613,14 @@ async def one_middleware(spec: ClusterSpec, cycles: int, vms: int, idle_s: float
 
 
 async def run_middleware(
-    specs: list[tuple[ClusterSpec, int]], vms: int, idle_s: float
+    specs: list[tuple[ClusterSpec, int]], vms: int, idle_s: float, guest_time: str = "true"
 ) -> dict[str, Any]:
     """Every middleware setting in turn (one lab each); the machine before and after."""
     before = machine()
     rows = []
     for spec, cycles in specs:
         try:
-            rows.append(await one_middleware(spec, cycles, vms, idle_s))
+            rows.append(await one_middleware(spec, cycles, vms, idle_s, guest_time))
         except (LockstepError, RuntimeError) as exc:
             say(f"{middleware_label(spec)} failed: {exc}")
             rows.append(
@@ -630,13 +633,20 @@ async def run_middleware(
                     "error": str(exc),
                 }
             )
-    return {"machine": before, "loadavg_after": os.getloadavg(), "rows": rows}
+    return {
+        "machine": before,
+        "loadavg_after": os.getloadavg(),
+        "guest_time": guest_time,
+        "rows": rows,
+    }
 
 
 def middleware_table(result: dict[str, Any]) -> str:
     """The figures of :func:`run_middleware` as a text table, the goal's verdict, and the lines."""
     lines = [
-        "what the middleware logged over N save+restore cycles (one lab per setting)",
+        "what the middleware logged over N save+restore cycles (one lab per setting);"
+        f" guests' wall clocks after a restore: {result.get('guest_time', 'true')}"
+        " (true: set to true time, saved: kept)",
         machine_line(),
         f"{'setting':31} {'method':9} {'cycles':>6} {'failed':>6} {'token':>6} {'member-':>7}"
         f" {'trans-':>6} {'moves':>5} {'VRRP':>5} {'token':>6}  {'skew/spread':>11}",
@@ -704,6 +714,13 @@ def main() -> None:
     ap.add_argument(
         "--idle", type=float, default=60.0, help="pacemaker, keepalived: idle control (s)"
     )
+    ap.add_argument(
+        "--guest-time",
+        choices=("true", "saved"),
+        default="true",
+        help="pacemaker, keepalived: set the guests' wall clocks after each restore (true,"
+        " the default) or keep the saved time",
+    )
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     if args.cycles < 1:
@@ -736,7 +753,7 @@ def main() -> None:
                 notice_s(spec, args.vms)  # a timing the middleware refuses fails here
         except (ValueError, LabError) as exc:
             ap.error(str(exc))
-        result = asyncio.run(run_middleware(specs, args.vms, args.idle))
+        result = asyncio.run(run_middleware(specs, args.vms, args.idle, args.guest_time))
         print(middleware_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
