@@ -14,6 +14,7 @@ import time
 from click.testing import CliRunner
 
 from lockstep.cli.main import main
+from tests.helpers.signals import sigint_default
 from tests.integration.conftest import Lab
 
 LOCKSTEP = [sys.executable, "-c", "from lockstep.cli.main import main; main()"]
@@ -56,6 +57,7 @@ def test_console_follows_the_guest_live_until_ctrl_c(fresh: Lab) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=os.environ,
+        preexec_fn=sigint_default,
     )
     assert follow.stdout is not None
     seen = b""

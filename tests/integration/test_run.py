@@ -19,6 +19,7 @@ from typing import Any
 from lockstep.lab.verify import verify_lab
 from lockstep.run.report import ROLE_COLOURS
 from tests.helpers.browser import bands_of, screenshot
+from tests.helpers.signals import sigint_default
 from tests.integration.conftest import LOCKSTEP, Lab
 
 
@@ -108,8 +109,7 @@ def test_ctrl_c_stops_the_case_and_puts_the_group_back(fresh: Lab, tmp_path: Pat
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-        # A Ctrl-C reaches it even where this test runs with SIGINT ignored (a background job).
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=sigint_default,
     )
     deadline = time.monotonic() + 300
     while not _all_down(fresh):
