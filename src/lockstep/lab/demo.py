@@ -128,10 +128,9 @@ def _listed(cibs: dict[str, str | None]) -> str:
 def _holds(view: dict[str, Any], vm: str) -> bool:
     """Every node that answers puts the whole resource group, started, on ``vm``."""
     nodes = [n for n in view["nodes"].values() if "error" not in n]
+    groups = [n["resources"].values() for n in nodes]
     return bool(nodes) and all(
-        all(r["on"] == [vm] and r["role"] == "Started" for r in n["resources"].values())
-        and n["resources"]
-        for n in nodes
+        g and all(r["on"] == [vm] and r["role"] == "Started" for r in g) for g in groups
     )
 
 
@@ -140,8 +139,9 @@ def _wait_view(done: Callable[[dict[str, Any]], bool], bound: float) -> tuple[di
     deadline = time.monotonic() + bound
     while True:
         view = _view()
-        if done(view) or time.monotonic() > deadline:
-            return view, done(view)
+        ok = done(view)
+        if ok or time.monotonic() > deadline:
+            return view, ok
         time.sleep(POLL_S)
 
 

@@ -21,9 +21,9 @@ import json
 import secrets
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from lockstep.aio import AsyncClosing
 from lockstep.errors import LabError
 
 __all__ = ["GuestControl", "parse_answer"]
@@ -66,7 +66,7 @@ class _ChannelClosedError(LabError):
     """The channel closed while requests were waiting for their answers."""
 
 
-class GuestControl:
+class GuestControl(AsyncClosing):
     """Client of the guest's control agent over the VM's serial channel (a unix socket QEMU serves).
 
     Create it anywhere; it connects on first use, inside the running loop. QEMU
@@ -84,17 +84,6 @@ class GuestControl:
         self._connect_lock: asyncio.Lock | None = None
         self._ready = False  # the agent answered a ping on this connection
         self._ready_lock: asyncio.Lock | None = None
-
-    async def __aenter__(self) -> GuestControl:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # The timeout is an argument, not the caller's asyncio.timeout(): the guest must know it.
     async def run(self, command: str, *, timeout: float = 30.0) -> tuple[int, str]:

@@ -22,12 +22,12 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
-from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
 
+from lockstep.aio import AsyncClosing
 from lockstep.errors import HostTimeout, HostUnreachable, RemoteError, RpcError
 from lockstep.execd.model import (
     FaultAction,
@@ -84,7 +84,7 @@ Rep = TypeVar("Rep", bound=Message)
 _TLS_MARKERS = ("andshake", "Socket closed", "certificate", "Hostname Verification")
 
 
-class HostClient:
+class HostClient(AsyncClosing):
     """An mTLS gRPC client for one execd; every method may raise :class:`RpcError`.
 
     ``address`` is ``HOST:PORT`` as dialled. ``target_name`` overrides the name the
@@ -122,17 +122,6 @@ class HostClient:
 
     def __repr__(self) -> str:
         return f"HostClient({self.host!r}, {self.address!r})"
-
-    async def __aenter__(self) -> HostClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the channel, cancelling calls still running; idempotent."""

@@ -20,9 +20,9 @@ import contextlib
 import json
 import secrets
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from lockstep.aio import AsyncClosing
 from lockstep.errors import GuestAgentError
 
 __all__ = ["GuestAgent"]
@@ -31,7 +31,7 @@ _SENTINEL = b"\xff"
 _LIMIT = 1 << 20  # bytes of one reply
 
 
-class GuestAgent:
+class GuestAgent(AsyncClosing):
     """One connection to the guest agent of VM ``vm`` on ``socket_path``."""
 
     def __init__(self, vm: str, socket_path: Path) -> None:
@@ -39,17 +39,6 @@ class GuestAgent:
         self.socket_path = Path(socket_path)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-
-    async def __aenter__(self) -> GuestAgent:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the connection, if any."""
