@@ -8,12 +8,12 @@ cd "$(dirname "$0")/.."
 # nftables: the tests block the clock-probe path with a real firewall rule;
 # xfsprogs: the memory benchmark makes a reflink-capable xfs on a loop device;
 # chromium: a test opens `lockstep run`'s HTML report in it, headless, and checks what it draws;
-# libvirt-daemon, libvirt-daemon-driver-qemu: libvirt's QEMU driver, embedded in the lab's
-# execds (`lab up --driver libvirt`); libvirt-dev, pkg-config, gcc, python3-dev: libvirt-python
-# builds against them.
+# libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients: a libvirtd per lab host
+# (`lab up --driver libvirt`) and virsh; libvirt-dev, pkg-config, gcc, python3-dev:
+# libvirt-python builds against them.
 PACKAGES=(qemu-system-x86 qemu-utils debootstrap e2fsprogs busybox-static iproute2
           cpio tcpdump procps ca-certificates nftables xfsprogs chromium
-          libvirt-daemon libvirt-daemon-driver-qemu libvirt-dev pkg-config gcc python3-dev)
+          libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc python3-dev)
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
@@ -33,6 +33,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# libvirtd's QEMU driver will not start without its user, even when its qemu.conf runs QEMU
+# as root (the lab's does); Debian's libvirt-daemon-system makes it so.
+if ! getent passwd libvirt-qemu >/dev/null; then
+    echo "setup: adding the system user libvirt-qemu (libvirtd's QEMU driver wants it)"
+    useradd --system --user-group --no-create-home --home-dir /var/lib/libvirt \
+        --shell /usr/sbin/nologin libvirt-qemu
 fi
 
 stamp="$VENV/.lockstep-installed"

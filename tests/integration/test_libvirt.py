@@ -1,7 +1,7 @@
 """A group of libvirt domains saved and restored: the lab in libvirt mode (``--driver libvirt``).
 
 One lab for this module: 2 hosts, p1 on h1 and s1 on h2, each a domain of
-its host's embedded libvirt (in the execd) with two disks of its own (a
+its host's own libvirtd (started by the lab) with two disks of its own (a
 qcow2 root over the guest image, an empty qcow2 data disk), h2's execd
 clock 2.5 s wrong. Its name ("lslv" + 3 letters) and subnets are its own.
 It is always taken down; on failure the console and execd logs are kept in
@@ -70,6 +70,12 @@ def _not_devices(xml: str) -> list[bytes]:
     return [ET.tostring(e) for e in ET.fromstring(xml) if e.tag not in ("devices", "seclabel")]
 
 
+def _virsh(lab: Lab, vm: str, *args: str) -> str:
+    """``virsh`` on the libvirtd of ``vm``'s host, as a user would run it there."""
+    uri = lab.group.hosts[lab.group.vms[vm].host].libvirt
+    return run_in(["virsh", "-c", uri, *args]).stdout.decode()
+
+
 def _figures(report: OperationReport) -> str:
     lines = [f"{report.operation} {report.state}: {report.duration_s:.2f} s"]
     lines += [f"pause skew {report.pause_skew_ms} ms, resume skew {report.resume_skew_ms} ms"]
@@ -88,9 +94,10 @@ def test_domains_come_back_with_both_disks_as_the_same_domains(lvlab: Lab) -> No
     Each guest writes a marker on its root and its data disk, the group is
     saved, the markers are overwritten, the group is restored: the guests
     read the saved markers from both disks (page cache dropped). After the
-    restore each domain has the name and UUID it had (``lockstep status``
-    gives what ``virsh list`` and ``virsh dumpxml`` show), and its live XML
-    differs only in its disks, now on fresh overlays in lockstep's layers;
+    restore each domain has the name and UUID it had, in ``lockstep status``
+    and in ``virsh list`` and ``virsh dumpxml`` on its host's libvirtd, where
+    it runs; its live XML differs only in its disks, now on fresh overlays
+    in lockstep's layers;
     each guest's wall clock was set through libvirt's guest agent calls.
     Every frame held at the instants was delivered, none dropped; since the
     restore the guests' streams lost nothing and no role changed.
@@ -128,6 +135,10 @@ def test_domains_come_back_with_both_disks_as_the_same_domains(lvlab: Lab) -> No
             n is not None and n != o and "layers" in str(n) for o, n in zip(old, new, strict=True)
         )
         assert _not_devices(xml2) == _not_devices(xml), vm
+        assert name in _virsh(lvlab, vm, "list", "--name", "--state-running").split(), vm
+        dumped = _virsh(lvlab, vm, "dumpxml", name)
+        assert identity(dumped) == (name, uuid.lower()), vm
+        assert [d.source for d in disks(dumped)] == new, vm
     for report in (saved, restored):
         for line in report.vms:
             assert line.frames_dropped == 0, figures

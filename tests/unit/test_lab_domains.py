@@ -5,7 +5,14 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from lockstep.lab.domains import EMBED_QEMU_CONF, domain_xml, embed_uri, lab_tap, write_embed_root
+from lockstep.lab.domains import (
+    LIBVIRT_QEMU_CONF,
+    domain_xml,
+    lab_tap,
+    libvirt_uri,
+    libvirtd_argv,
+    write_libvirt_root,
+)
 from lockstep.vm import domainxml
 
 
@@ -72,11 +79,30 @@ def test_serial_ports_and_agent_are_where_the_lab_looks_for_them() -> None:
     assert agent.find("source").get("path") == "/lab/hosts/h1/root/run/p1/agent.sock"  # type: ignore[union-attr]
 
 
-def test_embedded_root_runs_qemu_as_root_without_daemons(tmp_path: Path) -> None:
-    """The root's qemu.conf: root, no security driver, no virtlogd, no cgroups; its URI names it."""
-    write_embed_root(tmp_path / "lv")
-    assert (tmp_path / "lv" / "etc" / "qemu.conf").read_text() == EMBED_QEMU_CONF
+def test_a_hosts_libvirtd_has_its_own_files_and_runs_qemu_as_root(tmp_path: Path) -> None:
+    """A host's libvirtd: its own config, folders and socket; QEMU as root with nothing else.
+
+    The qemu.conf asks for root, no security driver, no virtlogd, no cgroups
+    and no private /dev; the daemon's socket is in the host's folder and its
+    URI names it; the command runs in the host's namespace, mounts the
+    host's folders over libvirt's (with a fresh /run) and ends as libvirtd.
+    """
+    root = tmp_path / "lv"
+    write_libvirt_root(root)
+    assert (root / "etc" / "qemu.conf").read_text() == LIBVIRT_QEMU_CONF
     for line in ('user = "root"', 'security_driver = "none"', 'stdio_handler = "file"'):
-        assert line in EMBED_QEMU_CONF
-    assert embed_uri(tmp_path / "lv") == f"qemu:///embed?root={tmp_path / 'lv'}"
+        assert line in LIBVIRT_QEMU_CONF
+    assert "namespaces = [ ]" in LIBVIRT_QEMU_CONF
+    conf = (root / "libvirtd.conf").read_text()
+    assert f'unix_sock_dir = "{root / "sock"}"' in conf
+    assert libvirt_uri(root) == f"qemu:///system?socket={root}/sock/libvirt-sock"
+    for d in ("etc", "lib", "cache", "log", "sock"):
+        assert (root / d).is_dir()
+    argv = libvirtd_argv("lab-h1", root)
+    assert argv[:5] == ["ip", "netns", "exec", "lab-h1", "sh"]
+    script = argv[-1]
+    assert script.index("mount -t tmpfs lockstep-libvirt /run") < script.index("exec libvirtd")
+    assert f"mount --bind {root / 'lib'} /var/lib/libvirt" in script
+    assert f"mount --bind {root / 'etc'} /etc/libvirt" in script
+    assert script.endswith(f"exec libvirtd -f {root / 'libvirtd.conf'}")
     assert len(lab_tap("p12", 3)) <= 15

@@ -9,7 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
-# libvirt's embedded driver forks in this process (a QEMU probed or started):
+# libvirt's embedded driver (a group may name qemu:///embed?root=DIR) forks in
+# this process (a QEMU probed or started):
 # gRPC's fork handlers then abort the child ("epoll_wait error: Bad file
 # descriptor", libvirt closes every descriptor before exec). The execd never
 # uses gRPC in a child process, so it turns them off before gRPC starts.

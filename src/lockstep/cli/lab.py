@@ -145,8 +145,9 @@ def lab() -> None:
     default=LabOptions.driver,
     show_default=True,
     type=click.Choice(["qemu", "libvirt"]),
-    help="qemu: the execds start the VMs' QEMU; libvirt: the VMs are domains of an embedded"
-    " libvirt in each host's execd (needs libvirt-python: pip install 'lockstep[libvirt]').",
+    help="qemu: the execds start the VMs' QEMU; libvirt: the VMs are domains of a libvirtd"
+    " the lab starts on each host, for virsh too (needs libvirt-python: pip install"
+    " 'lockstep[libvirt]').",
 )
 @click.option(
     "--clock-offset",

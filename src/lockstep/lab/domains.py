@@ -1,10 +1,17 @@
 """The lab in libvirt mode (``lockstep lab up --driver libvirt``): its VMs are libvirt domains.
 
-Each lab host's execd runs libvirt's embedded QEMU driver in its own process
-(``qemu:///embed?root=DIR``, one root per host): no daemon to start, and the
-domains' QEMUs and taps are in the host's namespace, as the execd is. The
-root's ``etc/qemu.conf`` runs QEMU as root without a security driver, cgroups
-or virtlogd (the lab's namespaces have none of them).
+Each lab host runs a libvirtd of its own, started by the lab in the host's
+namespace, so the domains' QEMUs and taps are there, as the execd's VMs
+are. Its files are the host's alone: in a mount namespace of its own it has
+a fresh ``/run`` and the lab host's folders over ``/etc/libvirt``,
+``/var/lib/libvirt``, ``/var/cache/libvirt`` and ``/var/log/libvirt`` (empty
+mount points are made on the machine where they are missing, as Debian's
+``libvirt-daemon-system`` has them), and its socket in the host's folder:
+the execd, ``virsh`` and any other libvirt client reach it at
+:func:`libvirt_uri`. Its ``qemu.conf`` runs QEMU as root without a security
+driver, cgroups, private ``/dev`` or virtlogd (the lab's namespaces have
+none of them); libvirt still wants its ``libvirt-qemu`` user to exist (set-up
+makes it, as that package would).
 
 The domains are defined from the same guest image as the QEMU driver's VMs
 (kernel, initrd, command line; the root disk a qcow2 over the image's rootfs,
@@ -17,6 +24,7 @@ they name (``<target dev=...>``), so a restored domain has the same taps.
 
 from __future__ import annotations
 
+import shlex
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,10 +32,17 @@ from pathlib import Path
 from lockstep.vm.argv import QEMU_BINARY
 from lockstep.vm.domainxml import AGENT_CHANNEL
 
-__all__ = ["EMBED_QEMU_CONF", "domain_xml", "embed_uri", "lab_tap", "write_embed_root"]
+__all__ = [
+    "LIBVIRT_QEMU_CONF",
+    "domain_xml",
+    "lab_tap",
+    "libvirt_uri",
+    "libvirtd_argv",
+    "write_libvirt_root",
+]
 
-# qemu.conf of a lab host's embedded libvirt (see the module docstring).
-EMBED_QEMU_CONF = """\
+# qemu.conf of a lab host's libvirtd (see the module docstring).
+LIBVIRT_QEMU_CONF = """\
 user = "root"
 group = "root"
 security_driver = "none"
@@ -35,18 +50,54 @@ dynamic_ownership = 0
 remember_owner = 0
 stdio_handler = "file"
 cgroup_controllers = [ ]
+namespaces = [ ]
 """
 
+# Each folder of a host's root and the machine's folder it stands for in its libvirtd.
+_MOUNTS = {
+    "etc": "/etc/libvirt",
+    "lib": "/var/lib/libvirt",
+    "cache": "/var/cache/libvirt",
+    "log": "/var/log/libvirt",
+}
 
-def embed_uri(root: Path) -> str:
-    """The URI of libvirt's embedded QEMU driver with its files under ``root``."""
-    return f"qemu:///embed?root={root}"
+
+def _socket(root: Path) -> Path:
+    return root / "sock" / "libvirt-sock"
 
 
-def write_embed_root(root: Path) -> None:
-    """Make ``root`` a root for libvirt's embedded driver, configured for the lab."""
-    (root / "etc").mkdir(parents=True, exist_ok=True)
-    (root / "etc" / "qemu.conf").write_text(EMBED_QEMU_CONF)
+def libvirt_uri(root: Path) -> str:
+    """The URI of the libvirtd whose files are under ``root``, for any libvirt client."""
+    return f"qemu:///system?socket={_socket(root)}"
+
+
+def write_libvirt_root(root: Path) -> None:
+    """Make ``root`` the folders and configuration of one lab host's libvirtd."""
+    for d in (*_MOUNTS, "sock"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "qemu.conf").write_text(LIBVIRT_QEMU_CONF)
+    (root / "libvirtd.conf").write_text(
+        f'unix_sock_dir = "{_socket(root).parent}"\n'
+        'unix_sock_rw_perms = "0700"\n'
+        'auth_unix_rw = "none"\n'
+        'auth_unix_ro = "none"\n'
+        'log_outputs = "3:stderr"\n'
+    )
+
+
+def libvirtd_argv(netns: str, root: Path) -> list[str]:
+    """The command that runs the libvirtd of ``root`` in ``netns`` (see the module docstring).
+
+    ``ip netns exec`` gives it a mount namespace of its own, where the
+    host's folders are mounted over libvirt's; it ends as libvirtd itself
+    (same pid).
+    """
+    steps = ["set -e", "mount -t tmpfs lockstep-libvirt /run"]
+    for d, target in _MOUNTS.items():
+        steps.append(f"mkdir -p {target}")
+        steps.append(f"mount --bind {shlex.quote(str(root / d))} {target}")
+    steps.append(f"exec libvirtd -f {shlex.quote(str(root / 'libvirtd.conf'))}")
+    return ["ip", "netns", "exec", netns, "sh", "-c", "; ".join(steps)]
 
 
 def lab_tap(vm: str, index: int) -> str:
@@ -74,7 +125,7 @@ def domain_xml(
     ``disks`` are its qcow2 files (vda, vdb...); ``console`` and ``channel``
     its first and second serial ports (a log file, a unix socket QEMU serves),
     ``agent`` the guest agent's socket (libvirt's own path for it, under the
-    embedded root, can be longer than a unix socket's path may be).
+    host's root, can be longer than a unix socket's path may be).
     """
     dom = ET.Element("domain", {"type": "qemu"})
     ET.SubElement(dom, "name").text = name

@@ -36,7 +36,13 @@ from lockstep.lab.clusterconf import (
     ClusterSpec,
     Member,
 )
-from lockstep.lab.domains import domain_xml, embed_uri, lab_tap, write_embed_root
+from lockstep.lab.domains import (
+    domain_xml,
+    lab_tap,
+    libvirt_uri,
+    libvirtd_argv,
+    write_libvirt_root,
+)
 from lockstep.lab.guestctl import GuestControl
 from lockstep.lab.image import GuestImage, build_image
 from lockstep.lab.ledger import Ledger, PathEntry, ProcessEntry, lab_ledger_path
@@ -45,6 +51,7 @@ from lockstep.proc import arun
 from lockstep.rpc import HostClient, issue, make_ca
 from lockstep.units import format_size, parse_size
 from lockstep.vm.argv import VmPaths
+from lockstep.vm.domain import libvirt_module
 
 __all__ = [
     "EXECD_PORT",
@@ -221,8 +228,47 @@ async def _make_data_disks(data: Path, count: int) -> list[Path]:
 
 
 def libvirt_root(data: Path, host: str) -> Path:
-    """The root of lab host ``host``'s embedded libvirt (libvirt mode)."""
+    """The folder of lab host ``host``'s libvirtd (libvirt mode)."""
     return data / "hosts" / host / "libvirt"
+
+
+def _start_libvirtd(netns: str, root: Path) -> int:
+    """Start the libvirtd of ``root`` in ``netns`` (:mod:`lockstep.lab.domains`); its pid."""
+    write_libvirt_root(root)
+    with open(root / "libvirtd.log", "ab") as out:
+        proc = subprocess.Popen(
+            libvirtd_argv(netns, root),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+async def _wait_libvirtd(host: str, root: Path, pid: int, timeout: float = 30.0) -> None:
+    """Wait until lab host ``host``'s libvirtd answers at its URI.
+
+    Raises:
+        LabError: it exited, or did not answer in ``timeout`` seconds (its log is named).
+    """
+    lv = libvirt_module()
+    deadline = time.monotonic() + timeout
+    log = root / "libvirtd.log"
+    while True:
+        try:
+            conn = await asyncio.to_thread(lv.open, libvirt_uri(root))
+        except lv.libvirtError as exc:
+            gone = not Path(f"/proc/{pid}").exists()
+            if gone or time.monotonic() > deadline:
+                why = "exited" if gone else f"did not answer in {timeout:g} s"
+                raise LabError(
+                    f"libvirtd of lab host {host} {why}: {str(exc).strip()} (its log: {log})"
+                ) from exc
+            await asyncio.sleep(0.2)
+        else:
+            conn.close()
+            return
 
 
 def domain_disks(data: Path, vm: str, count: int) -> list[Path]:
@@ -234,8 +280,6 @@ async def _define_domains(
     opts: LabOptions, plan: LabPlan, image: GuestImage, vms: Sequence[LabVm], data: Path
 ) -> dict[str, Path]:
     """Each lab VM's domain XML file and disks (libvirt mode); the XML files by VM."""
-    for h in plan.hosts:
-        write_embed_root(libvirt_root(data, h.name))
     bridges = {h.name: h.vm_bridge for h in plan.hosts}
     bases = [image.rootfs, *data_disks(data, opts.disks)]
     out = {}
@@ -292,7 +336,7 @@ def _group_document(
     }
     if domains:
         for h in plan.hosts:
-            hosts[h.name]["libvirt"] = embed_uri(libvirt_root(data, h.name))
+            hosts[h.name]["libvirt"] = libvirt_uri(libvirt_root(data, h.name))
     return {
         "name": opts.name,
         "tls": {
@@ -535,7 +579,13 @@ async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
         await _make_data_disks(data, opts.disks)
         domains = {}
         if opts.driver == "libvirt":
-            say("libvirt: an embedded libvirt in each host's execd; the VMs defined as domains")
+            say("libvirt: a libvirtd on each host; the VMs defined as domains")
+            for h in plan.hosts:
+                root = libvirt_root(data, h.name)
+                pid = _start_libvirtd(h.netns, root)
+                ledger.record(ProcessEntry.of(pid, f"libvirtd {h.name}"))
+                await _wait_libvirtd(h.name, root, pid)
+                say(f"libvirtd on {h.name} (pid {pid}): {libvirt_uri(root)}")
             domains = await _define_domains(opts, plan, image, vms, data)
         document = _group_document(opts, plan, image, vms, data, domains)
         group_file.write_text(tomli_w.dumps(document))
