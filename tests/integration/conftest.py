@@ -2,7 +2,9 @@
 
 One lab per test session: 2 hosts as namespaces, 4 VMs (p1, p2 on h1; s1, s2
 on h2) with two disks each (the root disk and an empty data disk), h2's execd with its clock 2.5 s wrong so every operation exercises clock
-sync. Its name and subnets are picked anew for each session (free ones), so it
+sync; and, once a test asks for it, one in libvirt mode (``lvlab``: p1 and
+s1 as domains of a libvirtd per host). Tests that hold for both drivers take
+``any_driver`` and run on each lab. A lab's name and subnets are picked anew for each session (free ones), so it
 never touches a user's lab nor another test session's. It is always
 taken down (unless ``LOCKSTEP_KEEP_LAB=1``, for debugging), and on any failure
 the guests' console logs and execd logs are copied to ``build/test-logs/``.
@@ -11,6 +13,7 @@ the guests' console logs and execd logs are copied to ``build/test-logs/``.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -79,10 +82,9 @@ class Lab:
                 await c.close()
 
     def ip(self, vm: str) -> str:
-        """Guest ``vm``'s address on the VM network (its kernel command line's ``ls.ip``)."""
-        cmdline = self.group.vms[vm].cmdline
-        ips = [p.split("=", 1)[1].split("/")[0] for p in cmdline.split() if p.startswith("ls.ip=")]
-        return ips[0]
+        """Guest ``vm``'s address on the VM network, as the lab planned it (either driver)."""
+        planned = json.loads((self.data / "lab.json").read_text())["vms"]
+        return next(str(v["ip"]) for v in planned if v["name"] == vm)
 
     def guest(self, vm: str) -> GuestControl:
         """The control channel of guest ``vm``."""
@@ -166,10 +168,21 @@ def lab_of(request: pytest.FixtureRequest, prefix: str, **options: Any) -> Itera
         shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.fixture
-def fresh(lab: Lab) -> Lab:
-    """The lab with every VM running (tests may stop or replace VMs)."""
+@pytest.fixture(scope="session")
+def lvlab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """The session's libvirt lab: p1 on h1 and s1 on h2, domains of a libvirtd per host.
 
+    Each domain has two disks of its own (a qcow2 root over the guest image,
+    an empty qcow2 data disk); h2's execd clock is 2.5 s wrong.
+    """
+    _skip_unless_lab_possible()
+    if importlib.util.find_spec("libvirt") is None:
+        pytest.skip("libvirt-python is not installed (run `make setup`)")
+    options = {"vms": 2, "disks": 2, "driver": "libvirt", "clock_offsets": {"h2": 2.5}}
+    yield from lab_of(request, "lslv", **options)
+
+
+def _every_vm_up(lab: Lab) -> Lab:
     async def up() -> None:
         async with lab.caller() as caller:
             await caller.up()
@@ -177,6 +190,18 @@ def fresh(lab: Lab) -> Lab:
 
     asyncio.run(up())
     return lab
+
+
+@pytest.fixture
+def fresh(lab: Lab) -> Lab:
+    """The lab with every VM running (tests may stop or replace VMs)."""
+    return _every_vm_up(lab)
+
+
+@pytest.fixture(params=["qemu", "libvirt"])
+def any_driver(request: pytest.FixtureRequest) -> Lab:
+    """The QEMU driver's lab, then the libvirt one, every VM running: a test for both drivers."""
+    return _every_vm_up(request.getfixturevalue("lab" if request.param == "qemu" else "lvlab"))
 
 
 def runtime_of(lab: Lab, vm: str) -> dict[str, object]:

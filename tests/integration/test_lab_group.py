@@ -16,15 +16,16 @@ from lockstep.rpc.generated import execd_pb2, execd_pb2_grpc
 from tests.integration.conftest import Lab
 
 
-def test_save_and_restore_four_vms_in_step_despite_a_wrong_clock(fresh: Lab) -> None:
-    """4 VMs on 2 hosts with h2's clock 2.5 s off save and restore in step.
+def test_save_and_restore_in_step_despite_a_wrong_clock(any_driver: Lab) -> None:
+    """The VMs on 2 hosts with h2's clock 2.5 s off save and restore in step, on either driver.
 
     Every VM is reported paused and resumed, and the skews (from QEMU's own
-    event timestamps, in the caller's timebase) are far below the offset:
-    sync compensated it.
+    event timestamps, in the caller's timebase; passed on by libvirt for
+    its domains) are far below the offset: sync compensated it.
 
     The ≤ 1 ms goal itself is measured by bench/skew.py, not asserted here.
     """
+    fresh = any_driver
 
     async def run() -> None:
         async with fresh.caller() as caller:
@@ -34,7 +35,7 @@ def test_save_and_restore_four_vms_in_step_despite_a_wrong_clock(fresh: Lab) -> 
             saved = await caller.save("in-step")
             restored = await caller.restore("in-step")
         for report in (saved, restored):
-            assert sorted(v.name for v in report.vms) == ["p1", "p2", "s1", "s2"]
+            assert sorted(v.name for v in report.vms) == sorted(fresh.group.vms)
             assert all(v.resumed_at is not None for v in report.vms)
             assert report.resume_skew_ms is not None and report.resume_skew_ms < 50
         assert all(v.paused_at is not None for v in saved.vms)
@@ -86,7 +87,7 @@ def test_restarted_execd_reattaches_and_still_restores(fresh: Lab) -> None:
     async def restore() -> None:
         async with fresh.caller() as caller:
             report = await caller.restore("before-crash")
-            assert sorted(v.name for v in report.vms) == ["p1", "p2", "s1", "s2"]
+            assert sorted(v.name for v in report.vms) == sorted(fresh.group.vms)
             states = await caller.states()
             assert all(
                 "while-down" not in {s.name for s in (r.value or [])} for r in states.values()

@@ -1,15 +1,33 @@
-"""Faults planned, pure: the caller's reading of VM and host names, the hosts it asks, each host's drops."""
+"""Faults planned: the caller's reading of names (a domain's MACs from a stub host), the hosts it asks, each host's drops."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+from typing import Any
 
 import pytest
 
-from lockstep.caller.faults import fault_id, hosts_for, kind_of, partition, side
-from lockstep.errors import ConfigError
+from lockstep.caller.faults import (
+    fault_id,
+    hosts_for,
+    kind_of,
+    partition,
+    side,
+    with_domain_macs,
+)
+from lockstep.errors import ConfigError, OperationFailed, RpcError
 from lockstep.execd.inject import drops
-from lockstep.execd.model import FaultVm, Freeze, Heal, Kill, ListFaults, Loss, Partition
+from lockstep.execd.model import (
+    FaultVm,
+    Freeze,
+    Heal,
+    Kill,
+    ListFaults,
+    Loss,
+    Partition,
+    VmStatus,
+)
 from lockstep.group import GroupSpec, parse_group
 from lockstep.net.nft import Drop
 
@@ -68,18 +86,63 @@ def test_a_vm_on_both_sides_is_refused() -> None:
     assert [v.name for v in cut.a] == ["p1", "p2"] and [v.name for v in cut.b] == ["s1", "s2"]
 
 
-def test_a_partition_naming_a_libvirt_domain_is_refused_other_faults_are_not() -> None:
-    """A libvirt domain's MACs are not in the group file, so no partition can name its frames.
+def _with_domain(group: GroupSpec, vm: str) -> GroupSpec:
+    """``group`` with ``vm`` a libvirt domain (no MACs in the group file)."""
+    db = group.vms[vm].model_copy(update={"driver": "libvirt", "kernel": None, "nics": []})
+    return group.model_copy(update={"vms": {**group.vms, vm: db}})
 
-    The refusal says which VM and what works on it instead; a loss or a kill
-    of it is planned as for any VM (they act on its taps or its QEMU).
+
+_DOMAIN_XML = """<domain type='qemu'><name>s2</name><devices>
+<interface type='bridge'><mac address='52:54:00:aa:00:01'/><target dev='vnet3'/></interface>
+<interface type='bridge'><mac address='52:54:00:aa:00:02'/><target dev='vnet4'/></interface>
+</devices></domain>"""
+
+
+class _StatusLink:
+    """A host that answers status only: its VMs, or an error."""
+
+    def __init__(self, vms: list[VmStatus] | None) -> None:
+        self.vms = vms
+        self.asked = 0
+
+    async def status(self) -> list[VmStatus]:
+        self.asked += 1
+        if self.vms is None:
+            raise RpcError("host h2 is not answering")
+        return self.vms
+
+
+def _links(h2: _StatusLink) -> dict[str, Any]:
+    return {"h2": h2}
+
+
+def test_a_libvirt_domains_macs_come_from_its_live_xml_on_its_host() -> None:
+    """A partition naming a libvirt domain asks its host for the domain's live XML, once.
+
+    Every NIC's MAC of the domain goes on its side; VMs of the group file
+    keep theirs and their hosts are not asked. A host that cannot say, or a
+    domain that does not run, is one sentence naming it. Other faults are
+    planned for a domain as for any VM.
     """
-    group = _group()
-    db = group.vms["s2"].model_copy(update={"driver": "libvirt", "kernel": None, "nics": []})
-    group = group.model_copy(update={"vms": {**group.vms, "s2": db}})
-    with pytest.raises(ConfigError, match=r"^VM s2 is a libvirt domain, .* loss work on it\)$"):
-        partition(group, "p1", "h2")
-    assert partition(group, "p1", "s1").b == (FaultVm("s1", ("52:54:00:00:00:03",)),)
+    group = _with_domain(_group(), "s2")
+    cut = partition(group, "p1", "h2")
+    assert cut.b == (FaultVm("s1", ("52:54:00:00:00:03",)), FaultVm("s2", ()))
+    h2 = _StatusLink([VmStatus("s1", "running"), VmStatus("s2", "running", xml=_DOMAIN_XML)])
+    h1 = _StatusLink([])
+    links: dict[str, Any] = {"h1": h1, "h2": h2}
+    filled = asyncio.run(with_domain_macs(group, links, cut))
+    assert filled.a == cut.a
+    assert filled.b == (
+        FaultVm("s1", ("52:54:00:00:00:03",)),
+        FaultVm("s2", ("52:54:00:aa:00:01", "52:54:00:aa:00:02")),
+    )
+    assert (h1.asked, h2.asked) == (0, 1)
+    plain = partition(group, "p1", "s1")
+    assert asyncio.run(with_domain_macs(group, links, plain)) is plain
+    with pytest.raises(OperationFailed, match=r"^fault partition: VM s2 is no running libvirt"):
+        asyncio.run(with_domain_macs(group, _links(_StatusLink([])), cut))
+    with pytest.raises(OperationFailed, match=r"could not be read on host h2: .*not answering"):
+        asyncio.run(with_domain_macs(group, _links(_StatusLink(None)), cut))
     assert hosts_for(group, Loss("s2", 10)) == ["h2"]
     assert hosts_for(group, Kill("s2")) == ["h2"]
 

@@ -100,3 +100,19 @@ def test_what_nft_must_never_read_is_refused(drop: Drop, message: str) -> None:
 def test_both_tap_sets_of_a_vm_are_lockstep_taps() -> None:
     """A VM's usual and spare taps (a restore's) are both accepted as lockstep's own."""
     assert P1_SPARE in ruleset("lab", [Drop("x", out_ports=(P1, P1_SPARE))])
+
+
+def test_a_hosts_vm_taps_given_are_the_only_ports_a_drop_may_name() -> None:
+    """With the host's VM taps given (libvirt's ``vnet3`` among them), only those are accepted.
+
+    A libvirt domain's taps are libvirt's names; the execd passes the taps
+    of its VMs, and a drop naming any other port (the host's uplink) or a
+    name nft would misread is still refused.
+    """
+    text = ruleset("lab", [Drop("x", out_ports=("vnet3", P1))], ports={"vnet3", P1})
+    first, second = sorted([P1, "vnet3"])
+    assert f'oifname {{ "{first}", "{second}" }} counter drop' in text
+    with pytest.raises(ValueError, match="'eth0' is not a tap of this host's VMs"):
+        ruleset("lab", [Drop("x", out_ports=("eth0",))], ports={"vnet3"})
+    with pytest.raises(ValueError, match="is not a tap of this host's VMs"):
+        ruleset("lab", [Drop("x", in_ports=('vnet3" }',))], ports={'vnet3" }'})

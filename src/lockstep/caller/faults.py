@@ -6,7 +6,9 @@ pure part here turns it into the execd's terms and picks the hosts concerned:
 - kill, freeze, loss: the host of the VM;
 - partition: every host that runs a VM of either side, each given both sides'
   VMs with their MACs (a host cuts at its own VMs' taps: frames of another
-  host's VMs are told apart by their source MAC);
+  host's VMs are told apart by their source MAC). A libvirt domain's MACs
+  are in its live XML, not the group file: its host is asked for them first
+  (:func:`with_domain_macs`);
 - heal, list: every host that runs a VM of the group.
 
 :func:`inject` asks them all at once and gets one result per host (Ganeti
@@ -33,8 +35,17 @@ from lockstep.execd.model import (
     Partition,
 )
 from lockstep.group import GroupSpec, validate_name
+from lockstep.vm import domainxml
 
-__all__ = ["fault_id", "hosts_for", "inject", "kind_of", "partition", "side"]
+__all__ = [
+    "fault_id",
+    "hosts_for",
+    "inject",
+    "kind_of",
+    "partition",
+    "side",
+    "with_domain_macs",
+]
 
 
 def kind_of(action: FaultAction) -> str:
@@ -84,21 +95,52 @@ def side(group: GroupSpec, text: str) -> tuple[FaultVm, ...]:
 def partition(group: GroupSpec, a: str, b: str) -> Partition:
     """The partition between the VMs ``a`` names and those ``b`` names (see :func:`side`).
 
+    A libvirt domain's side has no MACs yet (see :func:`with_domain_macs`).
+
     Raises:
-        ConfigError: as :func:`side`, a VM is on both sides, or one is a libvirt domain.
+        ConfigError: as :func:`side`, or a VM is on both sides.
     """
     side_a, side_b = side(group, a), side(group, b)
     both = sorted({v.name for v in side_a} & {v.name for v in side_b})
     if both:
         raise ConfigError(f"VM {', '.join(both)} is on both sides of the partition")
-    # A partition knows the other side's frames by the MACs the group file gives.
-    domains = sorted(v.name for v in (*side_a, *side_b) if group.vms[v.name].driver == "libvirt")
-    if domains:
-        raise ConfigError(
-            f"VM {', '.join(domains)} is a libvirt domain, whose MACs the group file does not"
-            " give: a partition cannot name its frames (kill, freeze and loss work on it)"
-        )
     return Partition(side_a, side_b)
+
+
+async def with_domain_macs(
+    group: GroupSpec, links: Mapping[str, HostLink], cut: Partition
+) -> Partition:
+    """``cut`` with each libvirt domain's MACs, as its live XML has them on its host.
+
+    Raises:
+        OperationFailed: a domain's host could not say, or the domain is not running.
+    """
+    domains = [v.name for v in (*cut.a, *cut.b) if group.vms[v.name].driver == "libvirt"]
+    if not domains:
+        return cut
+    hosts = {group.vms[n].host for n in domains}
+    results = await fanout({h: links[h] for h in hosts}, lambda _h, link: link.status())
+    failed = failures(results)
+    if failed:
+        said = "; ".join(f"on host {r.host}: {r.error}" for r in failed)
+        raise OperationFailed(f"fault partition: the domains' MACs could not be read {said}")
+    xml = {s.name: s.xml for r in results.values() for s in r.value or [] if s.xml}
+    missing = sorted(n for n in domains if n not in xml)
+    if missing:
+        raise OperationFailed(
+            f"fault partition: VM {', '.join(missing)} is no running libvirt domain on its host"
+            " (its MACs are read from its live XML); `lockstep up` it first"
+        )
+
+    def filled(vms: tuple[FaultVm, ...]) -> tuple[FaultVm, ...]:
+        return tuple(
+            FaultVm(v.name, tuple(nic.mac for nic in domainxml.nics(xml[v.name])))
+            if v.name in xml
+            else v
+            for v in vms
+        )
+
+    return Partition(filled(cut.a), filled(cut.b))
 
 
 def hosts_for(group: GroupSpec, action: FaultAction) -> list[str]:
@@ -133,6 +175,8 @@ async def inject(
     if isinstance(action, Heal):
         for name in action.ids:
             validate_name("fault", name)
+    if isinstance(action, Partition):
+        action = await with_domain_macs(group, links, action)
     hosts = {h: links[h] for h in hosts_for(group, action)}
     new = not isinstance(action, Heal | ListFaults)
     fid = fault_id(action) if new else ""

@@ -146,9 +146,9 @@ async def partition(caller: GroupCaller, a: str, b: str, as_json: bool) -> None:
     name that is both means the VM). Every frame between a VM of A and a VM
     of B is dropped, unicast and broadcast, on one host or across hosts; the
     VMs on each side still reach each other and every VM outside the cut.
-    Frames are told apart by their NICs' MACs in the group file (and by
-    port on one host): a VM that sends from another MAC (a VRRP virtual MAC)
-    is cut only from the VMs of its own host.
+    Frames are told apart by their NICs' MACs in the group file (a libvirt
+    domain's: in its live XML) and by port on one host: a VM that sends from
+    another MAC (a VRRP virtual MAC) is cut only from the VMs of its own host.
     """
     await _act(caller, faults.partition(caller.group, a, b), as_json)
 

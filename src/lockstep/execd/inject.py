@@ -193,7 +193,8 @@ class FaultBook:
         """
         if wanted == self._applied.get(group, []):
             return
-        await nft.apply(group, wanted, netns=self.netns)
+        taps = {t for vm in self.vms.vms.values() for t in vm.runtime.taps}
+        await nft.apply(group, wanted, ports=taps, netns=self.netns)
         self._applied[group] = wanted
 
     def _has_net(self, group: str) -> bool:

@@ -133,6 +133,10 @@ class LibvirtDriver(VmDriver):
     async def up(self, group: str, spec: VmSpec) -> HostVm:
         """Start the domain unless it runs (defining it first from ``spec.define`` if need be).
 
+        A domain this host ran before keeps what lockstep knows of its disks
+        (the layers of the states under them), so no state it stands on can
+        be deleted from under it.
+
         Raises:
             LibvirtError: there is no such domain (and nothing to define it
                 from), or libvirt could not start it.
@@ -152,7 +156,11 @@ class LibvirtDriver(VmDriver):
             dom = await hub.define(xml, spec.name)
         if not dom.alive():
             await dom.start()
-        vm = await self._vm(VmRuntime(spec=spec, group=group, taps=[]), dom)
+        runtime = VmRuntime(spec=spec, group=group, taps=[])
+        known = self.host.vms.get(spec.name)
+        if known is not None:  # stopped here before: its disks still stand on lockstep's layers
+            runtime.disks, runtime.state = known.runtime.disks, known.runtime.state
+        vm = await self._vm(runtime, dom)
         self.host.vms.register(vm)
         self.host.vms.persist(vm)
         return vm

@@ -38,6 +38,7 @@ __all__ = [
     "lab_tap",
     "libvirt_uri",
     "libvirtd_argv",
+    "socket_path",
     "write_libvirt_root",
 ]
 
@@ -62,13 +63,14 @@ _MOUNTS = {
 }
 
 
-def _socket(root: Path) -> Path:
+def socket_path(root: Path) -> Path:
+    """The socket of the libvirtd whose files are under ``root``."""
     return root / "sock" / "libvirt-sock"
 
 
 def libvirt_uri(root: Path) -> str:
     """The URI of the libvirtd whose files are under ``root``, for any libvirt client."""
-    return f"qemu:///system?socket={_socket(root)}"
+    return f"qemu:///system?socket={socket_path(root)}"
 
 
 def write_libvirt_root(root: Path) -> None:
@@ -77,7 +79,7 @@ def write_libvirt_root(root: Path) -> None:
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "etc" / "qemu.conf").write_text(LIBVIRT_QEMU_CONF)
     (root / "libvirtd.conf").write_text(
-        f'unix_sock_dir = "{_socket(root).parent}"\n'
+        f'unix_sock_dir = "{socket_path(root).parent}"\n'
         'unix_sock_rw_perms = "0700"\n'
         'auth_unix_rw = "none"\n'
         'auth_unix_ro = "none"\n'

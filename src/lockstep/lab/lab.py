@@ -41,6 +41,7 @@ from lockstep.lab.domains import (
     lab_tap,
     libvirt_uri,
     libvirtd_argv,
+    socket_path,
     write_libvirt_root,
 )
 from lockstep.lab.guestctl import GuestControl
@@ -247,28 +248,31 @@ def _start_libvirtd(netns: str, root: Path) -> int:
 
 
 async def _wait_libvirtd(host: str, root: Path, pid: int, timeout: float = 30.0) -> None:
-    """Wait until lab host ``host``'s libvirtd answers at its URI.
+    """Wait until lab host ``host``'s libvirtd answers at its URI (its socket first).
 
     Raises:
         LabError: it exited, or did not answer in ``timeout`` seconds (its log is named).
     """
-    lv = libvirt_module()
     deadline = time.monotonic() + timeout
     log = root / "libvirtd.log"
+    why = ""
     while True:
-        try:
-            conn = await asyncio.to_thread(lv.open, libvirt_uri(root))
-        except lv.libvirtError as exc:
-            gone = not Path(f"/proc/{pid}").exists()
-            if gone or time.monotonic() > deadline:
-                why = "exited" if gone else f"did not answer in {timeout:g} s"
-                raise LabError(
-                    f"libvirtd of lab host {host} {why}: {str(exc).strip()} (its log: {log})"
-                ) from exc
-            await asyncio.sleep(0.2)
-        else:
-            conn.close()
-            return
+        if not Path(f"/proc/{pid}").exists():
+            raise LabError(f"libvirtd of lab host {host} exited{why} (its log: {log})")
+        if time.monotonic() > deadline:
+            raise LabError(
+                f"libvirtd of lab host {host} did not answer in {timeout:g} s{why} (its log: {log})"
+            )
+        if socket_path(root).exists():
+            lv = libvirt_module()
+            try:
+                conn = await asyncio.to_thread(lv.open, libvirt_uri(root))
+            except lv.libvirtError as exc:
+                why = f": {str(exc).strip()}"
+            else:
+                conn.close()
+                return
+        await asyncio.sleep(0.2)
 
 
 def domain_disks(data: Path, vm: str, count: int) -> list[Path]:

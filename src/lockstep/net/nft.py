@@ -19,7 +19,7 @@ lockstep's command runner, in the host's namespace.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from lockstep.errors import CommandError, NetError
@@ -39,7 +39,8 @@ class Drop:
     """Frames to drop: those that match every field given (None: any), ``percent`` of them.
 
     ``out_ports``: the bridge port the frame leaves by; ``in_ports``: the one
-    it came in by; ``macs``: its source MAC. Ports are lockstep's own taps. An
+    it came in by; ``macs``: its source MAC. Ports are VMs' taps (lockstep's
+    own, or those libvirt made for a domain: :func:`ruleset`'s ``ports``). An
     empty tuple matches no frame (the drop is left out of the table); a drop
     must name ports, or it would cut every VM of the host.
     """
@@ -56,11 +57,17 @@ def table_name(group: str) -> str:
     return f"{TABLE_PREFIX}{group}"
 
 
-def _ports(ports: tuple[str, ...]) -> str:
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+def _ports(ports: tuple[str, ...], allowed: Collection[str] | None) -> str:
     for port in ports:
-        m = OUR_LINK.fullmatch(port)
-        if m is None or m.group(1) != "t":
-            raise ValueError(f"{port!r} is not one of lockstep's taps; faults cut only those")
+        if allowed is None:
+            m = OUR_LINK.fullmatch(port)
+            if m is None or m.group(1) != "t":
+                raise ValueError(f"{port!r} is not one of lockstep's taps; faults cut only those")
+        elif port not in allowed or not _IFNAME.fullmatch(port):
+            raise ValueError(f"{port!r} is not a tap of this host's VMs; faults cut only those")
     return "{ " + ", ".join(f'"{p}"' for p in sorted(set(ports))) + " }"
 
 
@@ -79,7 +86,7 @@ def _macs(macs: tuple[str, ...]) -> str:
     return "{ " + ", ".join(sorted({_mac(m) for m in macs})) + " }"
 
 
-def _rule(drop: Drop) -> str | None:
+def _rule(drop: Drop, allowed: Collection[str] | None) -> str | None:
     """One drop as an nft rule; None if it can match no frame."""
     if drop.out_ports is None and drop.in_ports is None:
         raise ValueError(f"drop {drop.comment!r} names no port: it would cut every VM here")
@@ -91,9 +98,9 @@ def _rule(drop: Drop) -> str | None:
         return None
     match = []
     if drop.in_ports is not None:
-        match.append(f"iifname {_ports(drop.in_ports)}")
+        match.append(f"iifname {_ports(drop.in_ports, allowed)}")
     if drop.out_ports is not None:
-        match.append(f"oifname {_ports(drop.out_ports)}")
+        match.append(f"oifname {_ports(drop.out_ports, allowed)}")
     if drop.macs is not None:
         match.append(f"ether saddr {_macs(drop.macs)}")
     if drop.percent < 100:
@@ -101,17 +108,20 @@ def _rule(drop: Drop) -> str | None:
     return " ".join([*match, "counter", "drop", f'comment "{drop.comment}"'])
 
 
-def ruleset(group: str, drops: Sequence[Drop]) -> str:
+def ruleset(group: str, drops: Sequence[Drop], *, ports: Collection[str] | None = None) -> str:
     """``nft -f`` input that makes ``group``'s table hold exactly ``drops`` (none: no table).
 
+    ``ports``: the taps of the host's VMs, the only ports a drop may name
+    (None: lockstep's own taps, by their names).
+
     Raises:
-        ValueError: a drop names no port, something not a lockstep tap, a bad
-            MAC, a share outside 1..100 %, or a comment nft cannot take.
+        ValueError: a drop names no port, a port not allowed, a bad MAC, a
+            share outside 1..100 %, or a comment nft cannot take.
     """
     table = f"bridge {table_name(group)}"
     # Declaring the table first makes the delete succeed when there is none.
     head = [f"table {table}", f"delete table {table}"]
-    rules = [rule for drop in drops if (rule := _rule(drop)) is not None]
+    rules = [rule for drop in drops if (rule := _rule(drop, ports)) is not None]
     if not rules:
         return "\n".join(head) + "\n"
     body = [
@@ -125,14 +135,20 @@ def ruleset(group: str, drops: Sequence[Drop]) -> str:
     return "\n".join(head + body) + "\n"
 
 
-async def apply(group: str, drops: Sequence[Drop], *, netns: str | None = None) -> None:
+async def apply(
+    group: str,
+    drops: Sequence[Drop],
+    *,
+    ports: Collection[str] | None = None,
+    netns: str | None = None,
+) -> None:
     """Make ``group``'s fault table on this host hold exactly ``drops`` (none: remove it).
 
     Raises:
-        ValueError: as :func:`ruleset`.
+        ValueError: as :func:`ruleset` (``ports`` as there).
         NetError: nft is missing or refused the rules (its own words follow).
     """
-    text = ruleset(group, drops)
+    text = ruleset(group, drops, ports=ports)
     try:
         await arun(["nft", "-f", "-"], input=text.encode(), netns=netns, timeout=_NFT_TIMEOUT)
     except CommandError as exc:
