@@ -246,26 +246,34 @@ def reload(lab: Lab) -> GroupSpec:
     return load_group(lab.group_file)
 
 
-def _uses_shared_lab(item: pytest.Item) -> bool:
-    """Whether ``item`` runs on the session's lab (this module's ``lab`` fixture)."""
+def _session_lab(item: pytest.Item) -> str | None:
+    """Which session lab ``item`` runs on: "lab" (QEMU), "lvlab" (libvirt), or None (its own)."""
+    callspec: Any = getattr(item, "callspec", None)
+    driver = callspec.params.get("any_driver") if callspec is not None else None
+    if driver is not None:
+        return "lab" if driver == "qemu" else "lvlab"
     info: Any = getattr(item, "_fixtureinfo", None)
-    defs: Any = info.name2fixturedefs.get("lab") if info is not None else None
-    return bool(defs) and defs[-1].func is getattr(lab, "__wrapped__", lab)
+    for name, fixture in (("lab", lab), ("lvlab", lvlab)):
+        defs: Any = info.name2fixturedefs.get(name) if info is not None else None
+        if defs and defs[-1].func is getattr(fixture, "__wrapped__", fixture):
+            return name
+    return None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Everything in this folder needs the real lab: mark it `integration`.
 
-    Tests that bring their own VMs (or none) run before the session's lab comes
-    up: this machine has 2 cores, and two labs of TCG guests on them at once
-    would each see the other's load (a lab under test starved by another's
-    guests is not what any test means to measure).
+    Tests that bring their own VMs (or none) run before the session's labs
+    come up, then those on the QEMU lab, then those on the libvirt lab: this
+    machine has 2 cores, and two labs of TCG guests on them at once would
+    each see the other's load (a lab under test starved by another's guests
+    is not what any test means to measure). The QEMU lab stays up (a
+    session's) while the libvirt lab's few tests run.
     """
     here = Path(__file__).parent
     ours = [item for item in items if here in Path(str(item.fspath)).parents]
     for item in ours:
         item.add_marker(pytest.mark.integration)
-    first = [item for item in ours if not _uses_shared_lab(item)]
-    if first:
-        rest = [item for item in items if item not in first]
-        items[:] = first + rest
+    order = {None: 0, "lab": 1, "lvlab": 2}
+    rank = {id(item): order[_session_lab(item)] for item in ours}
+    items[:] = sorted(items, key=lambda item: rank.get(id(item), 1))

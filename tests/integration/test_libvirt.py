@@ -5,7 +5,7 @@ on h2, each a domain of its host's own libvirtd (started by the lab) with
 two disks of its own. What holds for both drivers (skew, frames, atomic
 restore, faults) is tested on both labs where it is (``any_driver``); this
 module has what is libvirt's own: the domains' identity, their disks, their
-taps.
+taps, and a group of both drivers (a lab of its own, ``--driver mixed``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 
 import pytest
 
@@ -27,7 +28,7 @@ from lockstep.lab.verify import LAST_RESTORE, Since, verify_lab
 from lockstep.net.freeze import in_netns
 from lockstep.proc import run as run_in
 from lockstep.vm.domainxml import disks, identity, nics
-from tests.integration.conftest import Lab
+from tests.integration.conftest import Lab, lab_of
 from tests.integration.test_disks import _READ, _WRITE
 from tests.integration.test_faults_injected import _held, _reaches
 from tests.integration.test_freeze import _raw_socket
@@ -74,6 +75,25 @@ def _figures(report: OperationReport) -> str:
     return "; ".join(lines)
 
 
+async def _disks_saved_and_restored(
+    lab: Lab, state: str
+) -> tuple[OperationReport, OperationReport]:
+    """Markers on both disks of every guest, saved, overwritten, restored: the saved ones read."""
+    vms = sorted(lab.group.vms)
+    await wait_guests(lab.group, lab.data)
+    for vm in vms:
+        await lab.sh(vm, _WRITE.format(text=f"saved-{vm}"))
+    async with lab.caller() as caller:
+        saved = await caller.save(state)
+        for vm in vms:
+            await lab.sh(vm, _WRITE.format(text=f"later-{vm}"))
+            assert (await lab.sh(vm, _READ)).split() == [f"later-{vm}"] * 2
+        restored = await caller.restore(state)
+        for vm in vms:
+            assert (await lab.sh(vm, _READ)).split() == [f"saved-{vm}"] * 2, vm
+    return saved, restored
+
+
 def test_domains_come_back_with_both_disks_as_the_same_domains(lvlab: Lab) -> None:
     """A group of two domains, two disks each, saved and restored: the same domains, their data.
 
@@ -89,23 +109,8 @@ def test_domains_come_back_with_both_disks_as_the_same_domains(lvlab: Lab) -> No
     restore the guests' streams lost nothing and no role changed.
     """
     vms = sorted(lvlab.group.vms)
-
-    async def run() -> tuple[OperationReport, OperationReport]:
-        await wait_guests(lvlab.group, lvlab.data)
-        for vm in vms:
-            await lvlab.sh(vm, _WRITE.format(text=f"saved-{vm}"))
-        async with lvlab.caller() as caller:
-            saved = await caller.save("two-disks")
-            for vm in vms:
-                await lvlab.sh(vm, _WRITE.format(text=f"later-{vm}"))
-                assert (await lvlab.sh(vm, _READ)).split() == [f"later-{vm}"] * 2
-            restored = await caller.restore("two-disks")
-            for vm in vms:
-                assert (await lvlab.sh(vm, _READ)).split() == [f"saved-{vm}"] * 2, vm
-        return saved, restored
-
     before = asyncio.run(_status(lvlab))
-    saved, restored = asyncio.run(run())
+    saved, restored = asyncio.run(_disks_saved_and_restored(lvlab, "two-disks"))
     after = asyncio.run(_status(lvlab))
     figures = f"{_figures(saved)} | {_figures(restored)}"
     print(figures)
@@ -265,3 +270,40 @@ def test_a_partition_cuts_domains_apart_by_the_macs_in_their_live_xml(lvlab: Lab
             assert await _held(caller) == {"h1": [], "h2": []}, fid
 
     asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def mixed(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """A lab of one group in both drivers: p1 a QEMU VM on h1, s1 a libvirt domain on h2."""
+    options = {"vms": 2, "disks": 2, "driver": "mixed", "clock_offsets": {"h2": 2.5}}
+    yield from lab_of(request, "lsmx", **options)
+
+
+def test_a_mixed_group_of_a_qemu_vm_and_a_domain_saves_and_restores_as_one(mixed: Lab) -> None:
+    """p1 (lockstep's QEMU driver) and s1 (a libvirt domain) are saved and restored together.
+
+    Both guests write a marker on both disks, the group is saved, the
+    markers are overwritten, the group is restored: both read the saved
+    markers. ``lockstep status`` gives each VM its driver; both VMs are in
+    both reports with their pause and resume instants; since the restore
+    the guests lost nothing and no role changed.
+    """
+    vms = sorted(mixed.group.vms)
+    assert {vm: mixed.group.vms[vm].driver for vm in vms} == {"p1": "qemu", "s1": "libvirt"}
+
+    async def run() -> tuple[OperationReport, OperationReport, dict[str, str]]:
+        saved, restored = await _disks_saved_and_restored(mixed, "mixed")
+        async with mixed.caller() as caller:
+            status = await caller.status()
+        drivers = {s.name: s.driver for r in status.values() for s in r.value or []}
+        return saved, restored, drivers
+
+    saved, restored, drivers = asyncio.run(run())
+    print(f"{_figures(saved)} | {_figures(restored)}")
+    assert drivers == {"p1": "qemu", "s1": "libvirt"}
+    for report in (saved, restored):
+        assert sorted(v.name for v in report.vms) == vms
+        assert all(v.resumed_at is not None and v.frames_dropped == 0 for v in report.vms)
+    assert all(v.paused_at is not None for v in saved.vms)
+    since = verify_lab(mixed.name, Since(LAST_RESTORE)).to_json()
+    assert (since["lost"], since["transitions"], since["split_brain"]) == (0, 0, 0), since

@@ -156,11 +156,57 @@ def test_busy_step_holds_off_expiry(tmp_path: Path) -> None:
     async def run() -> None:
         service = _service(tmp_path)
         op = await _open(service, "op3", 0.1)
-        with op.step():
+        async with op.step():
             await asyncio.sleep(0.4)
             assert "op3" in service.ops
         await asyncio.sleep(0.2)
         assert "op3" not in service.ops
+        await service.close()
+
+    asyncio.run(run())
+
+
+@root_only
+def test_an_abort_waits_for_the_running_step_and_a_waiting_step_finds_it_ended(
+    tmp_path: Path,
+) -> None:
+    """Never two things at once on an operation: step, abort and expiry take turns.
+
+    A caller whose step timed out sends an abort while the execd still runs
+    the step: the abort waits for it (both resuming the same VMs once made
+    QEMU answer a second ``cont`` with no RESUME event, a 20 s hang). A step
+    that arrives while the dead-man's timer ends the operation waits, then
+    is refused in one sentence.
+    """
+
+    async def run() -> None:
+        service = _service(tmp_path)
+        op = await _open(service, "op5", 30.0)
+        seen: list[str] = []
+
+        async def step() -> None:
+            async with op.step():
+                seen.append("step")
+                await asyncio.sleep(0.3)
+                seen.append("step done")
+
+        running = asyncio.create_task(step())
+        await asyncio.sleep(0.05)
+        assert not op.due
+        await service.abort("op5", None)
+        seen.append("aborted")
+        await running
+        assert seen == ["step", "step done", "aborted"]
+        assert op.history == [OpPhase.OPEN, OpPhase.ABORTED]
+
+        late = await _open(service, "op6", 0.2)
+        async with late.ending():  # as the timer holds it while it expires
+            waiting = asyncio.create_task(service.drain("op6", 0.01, 0.1))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            await late.abort(None)
+        with pytest.raises(OperationError, match=r"^host h1: operation op6 has ended \(aborted"):
+            await waiting
         await service.close()
 
     asyncio.run(run())

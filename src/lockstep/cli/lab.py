@@ -144,10 +144,10 @@ def lab() -> None:
     "--driver",
     default=LabOptions.driver,
     show_default=True,
-    type=click.Choice(["qemu", "libvirt"]),
+    type=click.Choice(["qemu", "libvirt", "mixed"]),
     help="qemu: the execds start the VMs' QEMU; libvirt: the VMs are domains of a libvirtd"
     " the lab starts on each host, for virsh too (needs libvirt-python: pip install"
-    " 'lockstep[libvirt]').",
+    " 'lockstep[libvirt]'); mixed: the standbys are domains, the primaries QEMU VMs.",
 )
 @click.option(
     "--clock-offset",
@@ -201,7 +201,7 @@ def lab_up(
             name=name, hosts=hosts, vms=vms, memory=memory,
             heartbeat=parse_duration(heartbeat), timeout=parse_duration(fail_timeout),
             stream_rate=stream_rate, disks=disks,
-            driver="libvirt" if driver == "libvirt" else "qemu",
+            driver="libvirt" if driver == "libvirt" else "mixed" if driver == "mixed" else "qemu",
             clock_offsets=_offsets(offsets), extra_packages=packages,
             start=_starts(starts), group_file=group_file_path(group_opt), cluster=spec,
         )  # fmt: skip

@@ -12,9 +12,10 @@ operations are :class:`lockstep.execd.save.SaveOperation` and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -153,7 +154,8 @@ class Operation:
         # Found on disk after an execd restart: it can only be aborted or expire.
         self.orphan = orphan
         self.life = Lifecycle(op, self.kind, f"{self.kind.value} {state!r}")
-        self._busy = 0
+        # One thing at a time: a step, an abort or the dead-man's expiry.
+        self._turn = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.id!r}, {self.state!r}, {self.phase.value})"
@@ -182,26 +184,39 @@ class Operation:
 
     @property
     def due(self) -> bool:
-        """Whether the dead-man's timer may end it now: not ended, no step of it running."""
-        return not self.ended and self._busy == 0
+        """Whether the dead-man's timer may end it now: not ended, nothing of it running."""
+        return not self.ended and not self._turn.locked()
 
-    @contextlib.contextmanager
-    def step(self) -> Iterator[None]:
-        """Run one step of it: the dead-man's timer never expires it meanwhile.
+    @contextlib.asynccontextmanager
+    async def step(self) -> AsyncIterator[None]:
+        """Run one step of it, once nothing else of it runs; the timer never expires it meanwhile.
+
+        A step that waited while the operation was aborted or expired finds
+        it ended and is refused.
 
         Raises:
-            OperationError: it was found after an execd restart (only abort ends it).
+            OperationError: it was found after an execd restart (only abort
+                ends it), or it ended while the step waited its turn.
         """
         if self.orphan:
             raise OperationError(
                 f"host {self.host.name}: execd restarted during operation {self.id}; it can"
                 " only be aborted (its VMs resume at its deadline)"
             )
-        self._busy += 1
-        try:
+        async with self._turn:
+            if self.ended:
+                raise OperationError(
+                    f"host {self.host.name}: operation {self.id} has ended"
+                    f" ({self.phase.value}: aborted, or its deadline passed with no word"
+                    " from the caller)"
+                )
             yield
-        finally:
-            self._busy -= 1
+
+    @contextlib.asynccontextmanager
+    async def ending(self) -> AsyncIterator[None]:
+        """End it (abort, expiry) once no step of it runs: never two things at once on its VMs."""
+        async with self._turn:
+            yield
 
     def advance(self, new: OpPhase) -> None:
         """Move on to ``new`` and keep the journal's record in step.

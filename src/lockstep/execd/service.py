@@ -315,7 +315,8 @@ class HostService:
                 self._recent.popitem(last=False)
 
     async def _expire(self, operation: Any) -> None:
-        await operation.expire()
+        async with operation.ending():
+            await operation.expire()
         self._close(operation)
 
     async def pause(
@@ -341,7 +342,7 @@ class HostService:
         await self.host.fault.at("pause:before")
         operation = SaveOperation.open(self.host, op, state, vms, deadline)
         self.ops[op] = operation
-        with operation.step():
+        async with operation.step():
             return await operation.pause(at)
 
     async def save_memory(
@@ -354,7 +355,7 @@ class HostService:
             VmError: memory could not be written (disk full, QEMU died...).
         """
         operation = self._op(op, SaveOperation)
-        with operation.step():
+        async with operation.step():
             return await operation.save_memory(keep_running, progress)
 
     async def drain(self, op: str, quiet: float, limit: float) -> list[VmReport]:
@@ -364,7 +365,7 @@ class HostService:
             OperationError: the operation's memory is not saved yet.
         """
         operation = self._op(op, SaveOperation)
-        with operation.step():
+        async with operation.step():
             return await operation.drain(quiet, limit)
 
     async def resume(
@@ -382,7 +383,7 @@ class HostService:
         operation = self._op(op, Operation)
         if not isinstance(operation, SaveOperation | RestoreOperation):
             raise OperationError(f"operation {op} cannot resume")
-        with operation.step():
+        async with operation.step():
             if isinstance(operation, RestoreOperation):
                 return await operation.resume(at, guest_time)
             return await operation.resume(at)
@@ -394,7 +395,7 @@ class HostService:
             OperationError: the save is not committed, or keeps its VMs running.
         """
         operation = self._op(op, SaveOperation)
-        with operation.step():
+        async with operation.step():
             reports = await operation.stop()
         self._ended(operation)
         return reports
@@ -407,7 +408,7 @@ class HostService:
             StoreError: the state could not be committed (the caller aborts).
         """
         operation = self._op(op, Operation)
-        with operation.step():
+        async with operation.step():
             if isinstance(operation, RestoreOperation):
                 await operation.commit()
                 info = None
@@ -433,7 +434,8 @@ class HostService:
         if operation is None:
             return []
         try:
-            return await operation.abort(resume_at)
+            async with operation.ending():  # after a step still running (a caller's timeout)
+                return await operation.abort(resume_at)
         finally:
             if operation.ended:
                 self._close(operation)
@@ -454,7 +456,7 @@ class HostService:
             VmError, NetError: the switch failed (the caller aborts: it swaps back).
         """
         operation = self._op(op, RestoreOperation)
-        with operation.step():
+        async with operation.step():
             return await operation.switch(at)
 
     async def prepare_restore(self, op: str, state: str, deadline: float) -> list[VmReport]:
@@ -472,7 +474,7 @@ class HostService:
         operation = RestoreOperation.open(self.host, op, state, deadline)
         self.ops[op] = operation
         try:
-            with operation.step():
+            async with operation.step():
                 return await operation.prepare()
         finally:
             self._ended(operation)

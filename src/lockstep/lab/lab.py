@@ -112,7 +112,8 @@ class LabOptions:
     timeout: float = 3.0
     stream_rate: int = 20  # packets per second from every guest to every other guest
     disks: int = 1  # per VM: the root disk, then empty data disks (/dev/vdb...)
-    driver: Literal["qemu", "libvirt"] = "qemu"  # libvirt: the VMs are domains (lab.domains)
+    # libvirt: the VMs are domains (lab.domains); mixed: the standbys are, the primaries are not
+    driver: Literal["qemu", "libvirt", "mixed"] = "qemu"
     clock_offsets: Mapping[str, float] = field(default_factory=dict)
     extra_packages: Sequence[str] = ()
     start: Mapping[str, str] = field(default_factory=dict)  # VM name -> extra start command
@@ -280,14 +281,22 @@ def domain_disks(data: Path, vm: str, count: int) -> list[Path]:
     return [data / "domains" / vm / f"vd{chr(ord('a') + i)}.qcow2" for i in range(count)]
 
 
+_DOMAINS = {"libvirt": "the VMs", "mixed": "the standbys (the primaries are QEMU VMs)"}
+
+
 async def _define_domains(
-    opts: LabOptions, plan: LabPlan, image: GuestImage, vms: Sequence[LabVm], data: Path
+    opts: LabOptions,
+    plan: LabPlan,
+    image: GuestImage,
+    defined: Sequence[LabVm],
+    vms: Sequence[LabVm],
+    data: Path,
 ) -> dict[str, Path]:
-    """Each lab VM's domain XML file and disks (libvirt mode); the XML files by VM."""
+    """The domain XML file and disks of each VM of ``defined``, by VM (``vms``: all of them)."""
     bridges = {h.name: h.vm_bridge for h in plan.hosts}
     bases = [image.rootfs, *data_disks(data, opts.disks)]
     out = {}
-    for vm in vms:
+    for vm in defined:
         files = domain_disks(data, vm.name, opts.disks)
         files[0].parent.mkdir(parents=True, exist_ok=True)
         for base, file in zip(bases, files, strict=True):
@@ -353,7 +362,7 @@ def _group_document(
         "vms": {
             vm.name: (
                 {"host": vm.host, "driver": "libvirt", "define": str(domains[vm.name])}
-                if domains
+                if vm.name in domains
                 else {
                     "host": vm.host,
                     "memory": opts.memory,
@@ -582,15 +591,16 @@ async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
             say(f"execd on {h.name} (pid {pid}{f', clock offset {offset:+g} s' if offset else ''})")
         await _make_data_disks(data, opts.disks)
         domains = {}
-        if opts.driver == "libvirt":
-            say("libvirt: a libvirtd on each host; the VMs defined as domains")
+        if opts.driver != "qemu":
+            say(f"libvirt: a libvirtd on each host; {_DOMAINS[opts.driver]} defined as domains")
             for h in plan.hosts:
                 root = libvirt_root(data, h.name)
                 pid = _start_libvirtd(h.netns, root)
                 ledger.record(ProcessEntry.of(pid, f"libvirtd {h.name}"))
                 await _wait_libvirtd(h.name, root, pid)
                 say(f"libvirtd on {h.name} (pid {pid}): {libvirt_uri(root)}")
-            domains = await _define_domains(opts, plan, image, vms, data)
+            defined = [vm for vm in vms if opts.driver == "libvirt" or vm.role == "standby"]
+            domains = await _define_domains(opts, plan, image, defined, vms, data)
         document = _group_document(opts, plan, image, vms, data, domains)
         group_file.write_text(tomli_w.dumps(document))
         group = load_group(group_file)
