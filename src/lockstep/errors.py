@@ -115,7 +115,7 @@ class StateDamaged(StoreError):
 
 
 class StateInUse(StoreError):
-    """The state cannot be deleted: other states or running VMs depend on its layers."""
+    """The state cannot be deleted: other states or VMs depend on its layers."""
 
 
 class LabError(LockstepError):

@@ -490,7 +490,9 @@ def test_delete_refused_while_a_running_vm_depends_on_it(store: StateStore) -> N
     """A state restored into running VMs cannot be deleted; the VMs are named."""
     save(store, "base", {"p1": ["a1"], "s1": ["b1"]})
     active = {"p1": ["a1", "r1"], "s1": ["b1", "r2"], "x9": ["zz"]}
-    with pytest.raises(StateInUse, match=r"running VMs 'p1', 's1' depend.*stop those VMs first"):
+    with pytest.raises(
+        StateInUse, match=r"VMs 'p1', 's1' depend.*stop those VMs or restore another state into"
+    ):
         store.delete("base", active)
     assert store.show("base").name == "base"
 
@@ -502,7 +504,7 @@ def test_delete_names_both_states_and_vms(store: StateStore) -> None:
     save(store, "c2", {"p1": ["a1", "a3"]})
     with pytest.raises(
         StateInUse,
-        match=r"states 'c1', 'c2' and running VMs 'p1' depend.*delete those states and stop",
+        match=r"states 'c1', 'c2' and VMs 'p1' depend.*delete those states and stop",
     ):
         store.delete("base", {"p1": ["a1", "a3", "a4"]})
 

@@ -452,10 +452,11 @@ class StateStore:
     ) -> builtins.list[str]:
         """Delete state ``name`` and return the layer ids no one uses any more.
 
-        ``active_chains`` maps each running VM to its chain of layer ids. The
-        deletion is refused while another state's chain or a running VM's chain
-        uses a layer this state froze. The returned layers (from this state's
-        chains, used by no remaining state and no running VM) are garbage: the
+        ``active_chains`` maps each VM the host holds (a running one, or a
+        libvirt domain shut off on its layers) to its chain of layer ids. The
+        deletion is refused while another state's chain or a VM's chain uses
+        a layer this state froze. The returned layers (from this state's
+        chains, used by no remaining state and no VM) are garbage: the
         caller removes their files. A state whose manifest is unreadable is
         deleted too, but frees no layers (its chains are unknown).
 
@@ -483,7 +484,7 @@ class StateStore:
                 (f"{kind} {_quoted(names)}", todo)
                 for kind, names, todo in (
                     ("states", states, "delete those states"),
-                    ("running VMs", vms, "stop those VMs"),
+                    ("VMs", vms, "stop those VMs or restore another state into them"),
                 )
                 if names
             ]
