@@ -6,7 +6,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import click
 from rich.table import Table
@@ -201,7 +201,7 @@ def lab_up(
             name=name, hosts=hosts, vms=vms, memory=memory,
             heartbeat=parse_duration(heartbeat), timeout=parse_duration(fail_timeout),
             stream_rate=stream_rate, disks=disks,
-            driver="libvirt" if driver == "libvirt" else "mixed" if driver == "mixed" else "qemu",
+            driver=cast(Literal["qemu", "libvirt", "mixed"], driver),  # click's Choice
             clock_offsets=_offsets(offsets), extra_packages=packages,
             start=_starts(starts), group_file=group_file_path(group_opt), cluster=spec,
         )  # fmt: skip

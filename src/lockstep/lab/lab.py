@@ -248,7 +248,9 @@ def _start_libvirtd(netns: str, root: Path) -> int:
     return proc.pid
 
 
-async def _wait_libvirtd(host: str, root: Path, pid: int, timeout: float = 30.0) -> None:
+async def _wait_libvirtd(
+    host: str, root: Path, daemon: ProcessEntry, timeout: float = 30.0
+) -> None:
     """Wait until lab host ``host``'s libvirtd answers at its URI (its socket first).
 
     Raises:
@@ -256,16 +258,16 @@ async def _wait_libvirtd(host: str, root: Path, pid: int, timeout: float = 30.0)
     """
     deadline = time.monotonic() + timeout
     log = root / "libvirtd.log"
+    lv = libvirt_module()
     why = ""
     while True:
-        if not Path(f"/proc/{pid}").exists():
+        if not daemon.alive():  # a zombie too: nobody reaps the lab's daemons
             raise LabError(f"libvirtd of lab host {host} exited{why} (its log: {log})")
         if time.monotonic() > deadline:
             raise LabError(
                 f"libvirtd of lab host {host} did not answer in {timeout:g} s{why} (its log: {log})"
             )
         if socket_path(root).exists():
-            lv = libvirt_module()
             try:
                 conn = await asyncio.to_thread(lv.open, libvirt_uri(root))
             except lv.libvirtError as exc:
@@ -595,10 +597,10 @@ async def bring_up(opts: LabOptions, say: Say = _quiet) -> GroupSpec:
             say(f"libvirt: a libvirtd on each host; {_DOMAINS[opts.driver]} defined as domains")
             for h in plan.hosts:
                 root = libvirt_root(data, h.name)
-                pid = _start_libvirtd(h.netns, root)
-                ledger.record(ProcessEntry.of(pid, f"libvirtd {h.name}"))
-                await _wait_libvirtd(h.name, root, pid)
-                say(f"libvirtd on {h.name} (pid {pid}): {libvirt_uri(root)}")
+                daemon = ProcessEntry.of(_start_libvirtd(h.netns, root), f"libvirtd {h.name}")
+                ledger.record(daemon)
+                await _wait_libvirtd(h.name, root, daemon)
+                say(f"libvirtd on {h.name} (pid {daemon.pid}): {libvirt_uri(root)}")
             defined = [vm for vm in vms if opts.driver == "libvirt" or vm.role == "standby"]
             domains = await _define_domains(opts, plan, image, defined, vms, data)
         document = _group_document(opts, plan, image, vms, data, domains)
