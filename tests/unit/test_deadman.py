@@ -234,6 +234,50 @@ def test_restarted_execd_finds_the_operation_and_expires_it(tmp_path: Path) -> N
 
 
 @root_only
+def test_a_save_found_resumed_ends_at_start_and_a_held_vm_is_refused_to_another_save(
+    tmp_path: Path,
+) -> None:
+    """An operation on VMs another live operation holds is refused, naming the holder.
+
+    A killed execd's save that had resumed its VMs ends as the next execd
+    starts: kept until its deadline, its expiry once resumed the VMs of the
+    next save mid-way (that save's drain then failed on an assertion). A save
+    still pausing its VMs holds them until it ends.
+    """
+
+    async def run() -> None:
+        first = _service(tmp_path)
+        resumed = await _open(first, "op7", 30.0)
+        resumed.vms = ["p1"]
+        for phase in (OpPhase.PAUSED, OpPhase.SAVED, OpPhase.DRAINED, OpPhase.RESUMED):
+            resumed.advance(phase)
+        held = await _open(first, "op8", 30.0)
+        held.vms = ["p2"]
+        held.advance(OpPhase.PAUSED)
+        await first.close()
+
+        second = _service(tmp_path)
+        await second.start()
+        assert "op7" not in second.ops
+        assert second.ops["op8"].orphan
+        assert sorted(p.name for p in (tmp_path / "run" / "ops").iterdir()) == ["op8.json"]
+        at = second.clock.now() + 1.0
+        with pytest.raises(
+            OperationError,
+            match=r"^host h1: VM p2 is held by operation op8 \(save 'state-op8', paused\);"
+            r" it ends .* at its deadline in \d+\.\d s$",
+        ):
+            await second.pause("op9", "s9", at, ["p2"], at + 30.0)
+        assert "op9" not in second.ops
+        await second.abort("op8", None)
+        with pytest.raises(OperationError, match="runs no VM 'p2'"):
+            await second.pause("op9", "s9", at, ["p2"], at + 30.0)
+        await second.close()
+
+    asyncio.run(run())
+
+
+@root_only
 def test_committed_save_stop_whose_caller_died_stops_its_vms_at_the_deadline(
     tmp_path: Path,
 ) -> None:

@@ -105,9 +105,10 @@ class HostService:
         still runs is driven again, and every operation on record comes back
         as an orphan: a restore's new VMs are discarded (or, switched over,
         kept), paused VMs of a save resume at its deadline (a common instant
-        with the other hosts). Paused VMs of no operation resume now (a VM
-        frozen by a fault too), and the fault rules of the VMs' groups go: a
-        restarted execd holds no fault.
+        with the other hosts); a save that had resumed its VMs ends at once.
+        Paused VMs of no operation resume now (a VM frozen by a fault too),
+        and the fault rules of the VMs' groups go: a restarted execd holds no
+        fault.
         """
         for folder in (self.vms.rundir, self.store.layers_dir, self.vms.restoring):
             folder.mkdir(parents=True, exist_ok=True)
@@ -158,6 +159,12 @@ class HostService:
         else:
             operation = RestoreOperation(self.host, op, state, vms, deadline, orphan=True)
         operation.life.found_in(phase)
+        if isinstance(operation, SaveOperation) and phase is OpPhase.RESUMED:
+            # Its VMs run and its staging is gone: nothing is left to undo or
+            # wait for. Kept, it would act on the VMs at its deadline.
+            operation.advance(OpPhase.ABORTED)
+            log.info("operation %s had resumed its VMs; it ends (no state %r)", op, state)
+            return
         self.ops[op] = operation
         if isinstance(operation, RestoreOperation):
             new = data.get("new") or {}
@@ -295,6 +302,26 @@ class HostService:
         if op in self.ops or op in self._recent:
             raise OperationError(f"host {self.config.host}: operation {op} exists already")
 
+    def _refuse_held(self, names: Sequence[str]) -> None:
+        """Refuse to open an operation on a VM that another one still holds.
+
+        An operation left by a killed execd holds its VMs until its deadline:
+        at its end it resumes or swaps back what it holds, and would undo a
+        newer operation's work on the same VMs.
+
+        Raises:
+            OperationError: a VM of ``names`` is held (the holder named).
+        """
+        for other in self.ops.values():
+            shared = sorted(set(names) & set(other.vms))
+            if shared and not other.ended:
+                left = max(0.0, other.deadline - self.clock.now())
+                raise OperationError(
+                    f"host {self.config.host}: VM {shared[0]} is held by operation {other.id}"
+                    f" ({other.kind.value} {other.state!r}, {other.phase.value}); it ends when"
+                    f" its caller finishes or aborts it, or at its deadline in {left:.1f} s"
+                )
+
     def _close(self, operation: Any) -> None:
         """Forget an operation that ended (committed, aborted, expired or failed)."""
         self.ops.pop(operation.id, None)
@@ -332,6 +359,7 @@ class HostService:
         """
         validate_name("state", state)
         self._refuse_existing(op)
+        self._refuse_held(list(vms) or sorted(self.vms.vms))
         frozen = self.faults.frozen()
         if frozen:
             vm = min(frozen)
@@ -471,6 +499,7 @@ class HostService:
         """
         validate_name("state", state)
         self._refuse_existing(op)
+        self._refuse_held(sorted(self.store.show(state).vms))
         operation = RestoreOperation.open(self.host, op, state, deadline)
         self.ops[op] = operation
         try:
