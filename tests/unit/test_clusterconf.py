@@ -21,6 +21,7 @@ from lockstep.lab.clusterconf import (
     Member,
     Totem,
     cib_commands,
+    cib_seed,
     corosync_conf,
     keepalived_conf,
     keepalived_start,
@@ -124,12 +125,16 @@ def _xml_of(command: str) -> ET.Element:
 
 
 def test_cib_commands_configure_no_fencing_and_the_group() -> None:
-    """Three cibadmin calls: options (no fencing, no re-check), the group, its location."""
+    """Three cibadmin calls: options (no fencing, no re-check, a DC soon), the group, its location."""
     service = pacemaker_service("10.124.0.0/24", MEMBERS)
     assert (service.vip, service.prefix, service.preferred) == ("10.124.0.100", 24, "p1")
     options, group, location = (_xml_of(c) for c in cib_commands(service))
     nv = {n.get("name"): n.get("value") for n in options.iter("nvpair")}
-    assert nv == {"stonith-enabled": "false", "cluster-recheck-interval": "0"}
+    assert nv == {
+        "stonith-enabled": "false",
+        "cluster-recheck-interval": "0",
+        "dc-deadtime": "5s",
+    }
     assert group.tag == "group" and group.get("id") == "service"
     prims = group.findall("primitive")
     assert [(p.get("id"), p.get("type")) for p in prims] == [
@@ -149,6 +154,19 @@ def test_cib_commands_configure_no_fencing_and_the_group() -> None:
     )
     ids = [e.get("id") for root in (options, group, location) for e in root.iter() if e.get("id")]
     assert len(ids) == len(set(ids)), "ids in a CIB are unique"
+
+
+def test_the_cib_is_built_offline_from_those_commands_and_given_to_pacemaker() -> None:
+    """The seed: an empty CIB, each cibadmin call on it (CIB_file), then it is Pacemaker's own."""
+    service = pacemaker_service("10.124.0.0/24", MEMBERS)
+    steps = cib_seed(service).split(" && ")
+    assert steps[0] == "cibadmin --empty > /run/lockstep-cib.xml"
+    assert steps[1:4] == [f"CIB_file=/run/lockstep-cib.xml {c}" for c in cib_commands(service)]
+    assert steps[4:] == [
+        "install -o hacluster -g haclient -m 600 /run/lockstep-cib.xml"
+        " /var/lib/pacemaker/cib/cib.xml",
+        "rm -f /run/lockstep-cib.xml",
+    ]
 
 
 def test_a_subnet_without_room_for_the_address_is_refused() -> None:

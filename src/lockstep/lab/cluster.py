@@ -28,7 +28,7 @@ from lockstep.lab.clusterconf import (
     Member,
     PacemakerService,
     VrrpPeer,
-    cib_commands,
+    cib_seed,
     corosync_conf,
     corosync_start,
     keepalived_conf,
@@ -185,8 +185,9 @@ async def _form_pacemaker(
         lambda: _all_ok(shells, names, "corosync-cfgtool -s"),
         lambda: f"Corosync did not answer in every guest within {timeout:g} s",
     )
-    say("cluster: Corosync runs in every guest; starting Pacemaker")
-    await _everywhere(shells, names, pacemaker_start())
+    say("cluster: Corosync runs in every guest; starting Pacemaker, configured")
+    service = plan.service()
+    await _everywhere(shells, names, f"{cib_seed(service)} && {pacemaker_start()}")
     first = names[0]
     last: list[CrmStatus | str] = ["crm_mon never answered"]
 
@@ -200,10 +201,7 @@ async def _form_pacemaker(
         members_online,
         lambda: f"the Pacemaker cluster did not form within {timeout:g} s: {_said(first, last[0])}",
     )
-    say(f"cluster: every node online, DC {_dc(last[0])}; configuring the resource group")
-    service = plan.service()
-    for command in cib_commands(service):
-        await _sh(shells, first, command)
+    say(f"cluster: every node online, DC {_dc(last[0])}; starting the resource group")
 
     async def group_started() -> bool:
         last[0] = await _crm_status(shells[first])

@@ -41,6 +41,7 @@ __all__ = [
     "Totem",
     "VrrpPeer",
     "cib_commands",
+    "cib_seed",
     "corosync_conf",
     "corosync_start",
     "keepalived_conf",
@@ -240,6 +241,28 @@ def pacemaker_service(vm_subnet: str, members: Sequence[Member]) -> PacemakerSer
     )
 
 
+CIB_XML = "/var/lib/pacemaker/cib/cib.xml"
+
+
+def cib_seed(service: PacemakerService) -> str:
+    """A guest shell command that writes the lab's whole CIB before Pacemaker starts.
+
+    cibadmin builds it offline (``CIB_file``) from an empty one with
+    :func:`cib_commands`; it is put where Pacemaker's CIB manager reads it at
+    start, as its own. Every node gets the same: the cluster starts
+    configured, and its first transition starts the group.
+    """
+    draft = "/run/lockstep-cib.xml"
+    return " && ".join(
+        [
+            f"cibadmin --empty > {draft}",
+            *(f"CIB_file={draft} {command}" for command in cib_commands(service)),
+            f"install -o hacluster -g haclient -m 600 {draft} {CIB_XML}",
+            f"rm -f {draft}",
+        ]
+    )
+
+
 def _nvpairs(owner: str, pairs: Sequence[tuple[str, str]]) -> str:
     return "".join(
         f"<nvpair id={quoteattr(f'{owner}-{name}')} name={quoteattr(name)} value={quoteattr(v)}/>"
@@ -251,14 +274,16 @@ def cib_commands(service: PacemakerService) -> list[str]:
     """Shell commands (Pacemaker's cibadmin) that configure the lab cluster, run on one node.
 
     Cluster options: no fencing (a lab has none; a lost node is taken as down),
-    no periodic re-check (an idle cluster then computes no transition at all).
+    no periodic re-check (an idle cluster then computes no transition at all),
+    a DC elected 5 s after start-up (Pacemaker's default waits 20 s for one;
+    the lab's nodes all start together).
     The group: the address, then the service bound to it; it prefers
     ``service.preferred`` (score 50) but stays where it runs (stickiness 100),
     so a node coming back does not pull it back.
     """
     options = _nvpairs(
         "cib-bootstrap-options",
-        [("stonith-enabled", "false"), ("cluster-recheck-interval", "0")],
+        [("stonith-enabled", "false"), ("cluster-recheck-interval", "0"), ("dc-deadtime", "5s")],
     )
     crm_config = (
         f'<crm_config><cluster_property_set id="cib-bootstrap-options">{options}'
