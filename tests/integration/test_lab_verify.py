@@ -1,8 +1,9 @@
 """The cluster agent in real lab guests, and ``lockstep lab verify`` reading what they said.
 
-Each test brings up a lab of its own: a unique name ("lsv" + 3 letters) and
-free subnets in 10.200-10.250, so it never meets a user's or another session's
-lab. A fixture finalizer always takes it down; on failure the guests' console
+Each test brings up a lab of its own (but for the 1 s/3 s lab, which the
+save/restore test and then the idle test share): a unique name ("lsv" + 3
+letters) and free subnets in 10.200-10.250, so it never meets a user's or
+another session's lab. A fixture finalizer always takes it down; on failure the guests' console
 logs are first copied to ``build/test-logs/<lab>/`` and their agent lines are
 in the assertion message. Labs are brought up one at a time (2 cores).
 """
@@ -127,38 +128,59 @@ def _unused_name() -> str:
     pytest.skip("found no unused lab name")
 
 
+def _bring_up(folder: Path, **options: Any) -> OwnLab:
+    """A lab of these options, under an unused name and free subnets."""
+    name = _unused_name()
+    lan, vms = free_subnets()
+    opts = LabOptions(
+        name=name, lan_subnet=lan, vm_subnet=vms, group_file=folder / f"{name}.toml", **options
+    )
+    group = asyncio.run(bring_up(opts))
+    return OwnLab(name, opts, group, lab_data_dir(name))
+
+
+def _take_down(name: str, *, keep_logs: bool) -> None:
+    """Take lab ``name`` down (if it was made); with ``keep_logs`` its consoles are kept first."""
+    data = lab_data_dir(name)
+    if keep_logs and data.exists():
+        dest = LOGS / name
+        shutil.rmtree(dest, ignore_errors=True)
+        for log in data.glob("hosts/*/root/run/*/console.log"):
+            target = dest / log.relative_to(data)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(log, target)
+    if data.parent.exists():
+        asyncio.run(take_down(name))
+
+
 @pytest.fixture
 def own_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., OwnLab]]:
     """Factory: bring up a lab with these options; always taken down, logs kept on failure."""
-    made: list[str] = []
+    made: list[OwnLab] = []
     failed_before = request.session.testsfailed
 
     def make(**options: Any) -> OwnLab:
-        name = _unused_name()
-        lan, vms = free_subnets()
-        opts = LabOptions(
-            name=name,
-            lan_subnet=lan,
-            vm_subnet=vms,
-            group_file=tmp_path / f"{name}.toml",
-            **options,
-        )
-        made.append(name)
-        group = asyncio.run(bring_up(opts))
-        return OwnLab(name, opts, group, lab_data_dir(name))
+        made.append(_bring_up(tmp_path, **options))
+        return made[-1]
 
     yield make
-    for name in made:
-        data = lab_data_dir(name)
-        if request.session.testsfailed > failed_before and data.exists():
-            dest = LOGS / name
-            shutil.rmtree(dest, ignore_errors=True)
-            for log in data.glob("hosts/*/root/run/*/console.log"):
-                target = dest / log.relative_to(data)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(log, target)
-        if data.parent.exists():
-            asyncio.run(take_down(name))
+    for lab in made:
+        _take_down(lab.name, keep_logs=request.session.testsfailed > failed_before)
+
+
+@pytest.fixture(scope="module")
+def steady_lab(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OwnLab]:
+    """The lab at the agent's 1 s/3 s, for the tests of this module in order.
+
+    The save/restore test has it first; the idle test kills a primary at
+    its end, last. One boot instead of two.
+    """
+    failed_before = request.session.testsfailed
+    lab = _bring_up(tmp_path_factory.mktemp("steady"), heartbeat=1.0, timeout=3.0)
+    yield lab
+    _take_down(lab.name, keep_logs=request.session.testsfailed > failed_before)
 
 
 def _wait_for(
@@ -173,11 +195,39 @@ def _wait_for(
         time.sleep(0.5)
 
 
+def test_save_and_restore_go_unnoticed(steady_lab: OwnLab) -> None:
+    """A save (VMs go on) and a restore to it, at 1 s/3 s: the guests notice nothing.
+
+    Since the restore: nothing at all (``lab verify`` says ok). Over the whole
+    log, the save included: no takeover, no split brain, no stream packet lost
+    or duplicated. (The lab's first test: its whole log is this test's.)
+    """
+    lab = steady_lab
+    time.sleep(10)
+    saved = lab.group_operation("save", "base")
+    time.sleep(5)
+    restored = lab.group_operation("restore", "base")
+    time.sleep(10)
+    everything, since = lab.verify(), lab.verify(Since(LAST_RESTORE))
+    print(f"\n{saved}\n{restored}")
+    print(f"whole log: {_figures(everything)}\nsince the restore: {_figures(since)}")
+    why = f"{saved}\n{restored}\n{lab.explain(since)}"
+    assert all(v["restores"] == 1 for v in since["vms"]), why
+    assert since["ok"], why
+    # Over the save's own window too: nothing lost, duplicated or taken over.
+    # (A packet or two reordered at the freeze's lift is reported, not failed.)
+    noticed = {k: everything[k] for k in ("transitions", "split_brain", "lost", "duplicated")}
+    assert set(noticed.values()) == {0}, f"the save's freeze: {_figures(everything)}; {saved}"
+
+
 @pytest.mark.parametrize(
     ("heartbeat", "timeout"), [(1.0, 3.0), (0.1, 0.3)], ids=["1s-3s", "100ms-300ms"]
 )
 def test_idle_lab_notices_nothing_then_a_killed_primary_is_taken_over(
-    own_lab: Callable[..., OwnLab], heartbeat: float, timeout: float
+    request: pytest.FixtureRequest,
+    own_lab: Callable[..., OwnLab],
+    heartbeat: float,
+    timeout: float,
 ) -> None:
     """Control case, then a real failure, both as the guests tell it.
 
@@ -188,8 +238,12 @@ def test_idle_lab_notices_nothing_then_a_killed_primary_is_taken_over(
     is not idle while guests still boot (seen here: a 0.39 s heartbeat gap while
     another lab booted on the same 2 cores). Then p1's QEMU is killed: its
     standby s1 takes over after the timeout, and nothing else changes role.
+    At 1 s/3 s the lab is the one the save/restore test used before.
     """
-    lab = own_lab(heartbeat=heartbeat, timeout=timeout)
+    if (heartbeat, timeout) == (1.0, 3.0):
+        lab: OwnLab = request.getfixturevalue("steady_lab")
+    else:
+        lab = own_lab(heartbeat=heartbeat, timeout=timeout)
     _wait_for(lab, lambda d: all(v["lines"] for v in d["vms"]), 120)
     time.sleep(SETTLE_S)
     window = Since("time", time.time())  # guests' clocks follow the host's until a pause
@@ -221,28 +275,3 @@ def test_idle_lab_notices_nothing_then_a_killed_primary_is_taken_over(
     s1 = next(v for v in after["vms"] if v["name"] == "s1")
     # The agent takes over once the silence reaches the timeout, and logs it in ms.
     assert s1["transitions"][0]["silent_s"] >= timeout, why
-
-
-def test_save_and_restore_go_unnoticed(own_lab: Callable[..., OwnLab]) -> None:
-    """A save (VMs go on) and a restore to it, at 1 s/3 s: the guests notice nothing.
-
-    Since the restore: nothing at all (``lab verify`` says ok). Over the whole
-    log, the save included: no takeover, no split brain, no stream packet lost
-    or duplicated.
-    """
-    lab = own_lab(heartbeat=1.0, timeout=3.0)
-    time.sleep(10)
-    saved = lab.group_operation("save", "base")
-    time.sleep(5)
-    restored = lab.group_operation("restore", "base")
-    time.sleep(10)
-    everything, since = lab.verify(), lab.verify(Since(LAST_RESTORE))
-    print(f"\n{saved}\n{restored}")
-    print(f"whole log: {_figures(everything)}\nsince the restore: {_figures(since)}")
-    why = f"{saved}\n{restored}\n{lab.explain(since)}"
-    assert all(v["restores"] == 1 for v in since["vms"]), why
-    assert since["ok"], why
-    # Over the save's own window too: nothing lost, duplicated or taken over.
-    # (A packet or two reordered at the freeze's lift is reported, not failed.)
-    noticed = {k: everything[k] for k in ("transitions", "split_brain", "lost", "duplicated")}
-    assert set(noticed.values()) == {0}, f"the save's freeze: {_figures(everything)}; {saved}"
