@@ -47,7 +47,8 @@ def test_argv_opens_every_disk_in_order_layers_and_left_alone_ones() -> None:
 
     The first keeps the ids a one-disk VM always had (drive0, vd0), so a state
     saved before VMs had several disks still loads; a read-only disk is opened
-    read-only and a shareable one lets other VMs write it too.
+    read-only and a shareable one lets other VMs write it too. Every file of
+    a layered disk's chain keeps its page cache when QEMU activates it.
     """
     spec = _spec(
         disk=None,
@@ -55,15 +56,17 @@ def test_argv_opens_every_disk_in_order_layers_and_left_alone_ones() -> None:
                {"path": "/shared.img", "shareable": True}],
     )  # fmt: skip
     drives = [
-        Drive(Path("/l/a.qcow2"), "qcow2"),
-        Drive(Path("/l/b.qcow2"), "qcow2"),
+        Drive(Path("/l/a.qcow2"), "qcow2", below=1),
+        Drive(Path("/l/b.qcow2"), "qcow2", below=2),
         Drive(Path("/iso"), "raw", readonly=True),
         Drive(Path("/shared.img"), "raw", shareable=True),
     ]
     argv = qemu_argv(spec, VmPaths(Path("/r")), drives=drives, taps=["t"])
     assert _opt(argv, "-drive") == [
-        "file=/l/a.qcow2,if=none,id=drive0,format=qcow2,cache=writeback",
-        "file=/l/b.qcow2,if=none,id=drive1,format=qcow2,cache=writeback",
+        "file=/l/a.qcow2,if=none,id=drive0,format=qcow2,cache=writeback,"
+        "file.drop-cache=off,backing.file.drop-cache=off",
+        "file=/l/b.qcow2,if=none,id=drive1,format=qcow2,cache=writeback,file.drop-cache=off,"
+        "backing.file.drop-cache=off,backing.backing.file.drop-cache=off",
         "file=/iso,if=none,id=drive2,format=raw,cache=writeback,readonly=on",
         "file=/shared.img,if=none,id=drive3,format=raw,cache=writeback",
     ]

@@ -106,7 +106,8 @@ class QemuDriver(VmDriver):
         layers = self.host.store.layers_dir
         for spec, d in zip(runtime.spec.disks, runtime.disks, strict=True):
             if d.layer is not None:
-                out.append(Drive(disk.layer_path(layers, d.layer), "qcow2"))
+                path = disk.layer_path(layers, d.layer)
+                out.append(Drive(path, "qcow2", below=len(d.chain)))
                 continue
             fmt = spec.format or await disk.image_format(spec.path)
             out.append(Drive(spec.path, fmt, readonly=spec.readonly, shareable=spec.shareable))

@@ -73,6 +73,24 @@ class Drive:
     format: str  # "qcow2" for every layer
     readonly: bool = False
     shareable: bool = False
+    # A layered disk: how many files its chain has below ``path`` (its older
+    # layers and its base); their host page cache is kept (:func:`keep_cache`).
+    below: int | None = None
+
+
+def keep_cache(below: int) -> str:
+    """-drive options that keep the host page cache of a chain's files when QEMU activates them.
+
+    A save's migration leaves every disk node inactive, and ``cont``
+    activates them again before the vCPUs start. By default each file node is
+    first synced and its page cache dropped (``drop-cache``, meant for storage
+    shared with another host), so every qcow2 of the chain is read from disk
+    again before the resume: measured here, ``cont`` to QEMU's RESUME took
+    31-68 ms for two disks of 30 layers, 11-18 ms with the cache kept. The
+    option is set on the file node of ``path`` and of each of the ``below``
+    files under it.
+    """
+    return "".join(f",{'backing.' * level}file.drop-cache=off" for level in range(below + 1))
 
 
 def drive_id(index: int) -> str:
@@ -193,10 +211,11 @@ def qemu_argv(
     for i, drive in enumerate(drives):
         ro = ",readonly=on" if drive.readonly else ""
         share = ",share-rw=on" if drive.shareable else ""
+        kept = "" if drive.below is None else keep_cache(drive.below)
         argv += [
             "-drive",
             f"file={_opt(drive.path)},if=none,id={drive_id(i)},format={drive.format},"
-            f"cache=writeback{ro}",
+            f"cache=writeback{ro}{kept}",
             "-device", f"virtio-blk-pci,drive={drive_id(i)},id=vd{i}{share}",
         ]  # fmt: skip
     for i, (nic, tap) in enumerate(zip(spec.nics, taps, strict=True)):
