@@ -65,8 +65,24 @@ async def pause_at(host: Host, vms: Sequence[HostVm], at: float) -> list[VmRepor
 
     qemu = [t for vm in running for t in vm.machine.control_threads()]
     vcpus = [t for vm in running for t in vm.machine.vcpu_threads()]
-    async with host.clock.at_instant(at, qemu, vcpus):
-        return await gather_all([one(vm) for vm in running])
+    async with host.clock.at_instant(at, qemu, vcpus) as late:
+        reports = await gather_all([one(vm) for vm in running])
+    _log_if_late("pause", late, running)
+    return reports
+
+
+# An instant met later than this is logged: the skew the caller reports then
+# comes from this host being late, not from QEMU.
+LATE_S = 0.001
+
+
+def _log_if_late(action: str, late: float, vms: Sequence[HostVm]) -> None:
+    if late > LATE_S and vms:
+        log.warning(
+            "%s of VMs %s began %.1f ms after its instant: this host got the call, or finished"
+            " what comes before it, too late (a busy host?)",
+            action, ", ".join(vm.name for vm in vms), late * 1000,
+        )  # fmt: skip
 
 
 async def deliver_frames(vms: Sequence[HostVm], discard_before: float | None) -> None:
@@ -149,8 +165,10 @@ async def resume_at(
             walls[vm.name] = await vm.machine.resume()
 
     qemu = [t for vm in vms for t in vm.machine.control_threads()]
-    async with host.clock.at_instant(at if at is not None else host.clock.now(), qemu):
+    async with host.clock.at_instant(at if at is not None else host.clock.now(), qemu) as late:
         await gather_all([wake(vm) for vm in vms])
+    if at is not None:
+        _log_if_late("resume", late, [vm for vm in vms if vm.name in walls])
     await announce([vm for vm in vms if vm.name in walls])
     await lift_freezes(vms)
     reports = []
