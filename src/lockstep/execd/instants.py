@@ -30,6 +30,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# An instant met later than this is logged: the skew the caller reports then
+# comes from this host being late, not from QEMU.
+LATE_S = 0.001
+
 
 async def freeze_and_pause(host: Host, vms: Sequence[HostVm], at: float) -> list[VmReport]:
     """Freeze each VM's NICs just before ``at``, pause the VMs at ``at``.
@@ -69,11 +73,6 @@ async def pause_at(host: Host, vms: Sequence[HostVm], at: float) -> list[VmRepor
         reports = await gather_all([one(vm) for vm in running])
     _log_if_late("pause", late, running)
     return reports
-
-
-# An instant met later than this is logged: the skew the caller reports then
-# comes from this host being late, not from QEMU.
-LATE_S = 0.001
 
 
 def _log_if_late(action: str, late: float, vms: Sequence[HostVm]) -> None:

@@ -271,7 +271,7 @@ def _nvpairs(owner: str, pairs: Sequence[tuple[str, str]]) -> str:
 
 
 def cib_commands(service: PacemakerService) -> list[str]:
-    """Shell commands (Pacemaker's cibadmin) that configure the lab cluster, run on one node.
+    """Shell commands (Pacemaker's cibadmin) that configure the lab cluster (:func:`cib_seed`).
 
     Cluster options: no fencing (a lab has none; a lost node is taken as down),
     no periodic re-check (an idle cluster then computes no transition at all),

@@ -34,6 +34,7 @@ __all__ = [
     "RamFile",
     "VmPaths",
     "drive_id",
+    "keep_cache",
     "qemu_argv",
 ]
 
