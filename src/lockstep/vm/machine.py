@@ -50,7 +50,14 @@ from lockstep.vm.argv import (
 )
 from lockstep.vm.memory import discard_ram_file
 
-__all__ = ["ANNOUNCE_ROUNDS", "Machine", "MigrationProgress", "VmRunstate", "qemu_threads"]
+__all__ = [
+    "ANNOUNCE_ROUNDS",
+    "Machine",
+    "MigrationProgress",
+    "VmRunstate",
+    "event_time",
+    "qemu_threads",
+]
 
 # Unlimited for all practical purposes (QEMU 7.2 caps migration at 128 MiB/s by default).
 _MAX_BANDWIDTH = 1 << 50
@@ -138,7 +145,8 @@ MigrationProgress = Callable[[int, int], None]
 """Called with (bytes written, bytes total) while memory is saved."""
 
 
-def _event_time(event: Message) -> float:
+def event_time(event: Message) -> float:
+    """A QMP event's timestamp (host wall clock, s), as QEMU stamped it."""
     ts: dict[str, int] = event["timestamp"]  # type: ignore[assignment]
     return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
 
@@ -514,7 +522,7 @@ class Machine:
                     f"VM {self.name}: QEMU answered {cmd} but sent no {event} event"
                     f" within {self.command_timeout:g} s"
                 ) from exc
-        return _event_time(ev)
+        return event_time(ev)
 
     # -- the operations ------------------------------------------------------
 
