@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import math
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,14 +100,27 @@ class RestoreOperation(Operation):
         return {n: rep.old for n, rep in self.swaps.items() if rep.old is not None}
 
     @classmethod
-    def open(cls, host: Host, op: str, state: str, deadline: float) -> RestoreOperation:
+    def open(
+        cls,
+        host: Host,
+        op: str,
+        state: str,
+        deadline: float,
+        *,
+        refuse_held: Callable[[Sequence[str]], None],
+    ) -> RestoreOperation:
         """A new restore of ``state``; its record is on disk before any new VM starts.
+
+        ``refuse_held`` sees the state's VM names before anything is made.
 
         Raises:
             StateNotFound: the state is not (completely) on this host.
+            OperationError: ``refuse_held`` refused.
         """
         manifest = host.store.show(state)
-        operation = cls(host, op, state, sorted(manifest.vms), deadline, manifest=manifest)
+        names = sorted(manifest.vms)
+        refuse_held(names)
+        operation = cls(host, op, state, names, deadline, manifest=manifest)
         operation.save_record()
         return operation
 

@@ -82,17 +82,28 @@ class SaveOperation(Operation):
 
     @classmethod
     def open(
-        cls, host: Host, op: str, state: str, names: Sequence[str], deadline: float
+        cls,
+        host: Host,
+        op: str,
+        state: str,
+        names: Sequence[str],
+        deadline: float,
+        *,
+        refuse_held: Callable[[Sequence[str]], None],
     ) -> SaveOperation:
         """A new save of ``names`` (every VM of the host if empty); its record is on disk.
 
+        ``refuse_held`` sees the VM names before anything is made.
+
         Raises:
-            OperationError: no VM, or a VM is unknown or not running.
+            OperationError: no VM, a VM is unknown or not running, or
+                ``refuse_held`` refused.
             StateExists: the state is already on this host.
         """
         names = list(names) or sorted(host.vms.vms)
         if not names:
             raise OperationError(f"host {host.name} runs no VM to pause")
+        refuse_held(names)
         for n in names:
             vm = host.vms.get(n)
             if vm is None:

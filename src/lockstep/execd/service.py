@@ -359,7 +359,6 @@ class HostService:
         """
         validate_name("state", state)
         self._refuse_existing(op)
-        self._refuse_held(list(vms) or sorted(self.vms.vms))
         frozen = self.faults.frozen()
         if frozen:
             vm = min(frozen)
@@ -368,7 +367,9 @@ class HostService:
                 " runs again, or after `lockstep fault heal`"
             )
         await self.host.fault.at("pause:before")
-        operation = SaveOperation.open(self.host, op, state, vms, deadline)
+        operation = SaveOperation.open(
+            self.host, op, state, vms, deadline, refuse_held=self._refuse_held
+        )
         self.ops[op] = operation
         async with operation.step():
             return await operation.pause(at)
@@ -499,8 +500,9 @@ class HostService:
         """
         validate_name("state", state)
         self._refuse_existing(op)
-        self._refuse_held(sorted(self.store.show(state).vms))
-        operation = RestoreOperation.open(self.host, op, state, deadline)
+        operation = RestoreOperation.open(
+            self.host, op, state, deadline, refuse_held=self._refuse_held
+        )
         self.ops[op] = operation
         try:
             async with operation.step():
